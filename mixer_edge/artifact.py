@@ -1,0 +1,146 @@
+"""The deployable bundle: model.so + params.npz + manifest.json, written atomically.
+
+When the artifact can run on this machine it is loaded back through `mixer_edge.runtime` and
+checked against the reference (torch, or onnxruntime for an ONNX input) before it is published;
+the result is recorded in the manifest under `verification`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import tarfile
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, runtime
+from .atomic import atomic_dir, atomic_file
+from .compiler.build import Built
+from .errors import MixerEdgeError
+from .export import ModelSource, run_onnxruntime
+
+
+def versions() -> dict:
+    out = {"mixer_edge": __version__, "python": platform.python_version()}
+    for dist in ("apache-tvm", "apache-tvm-ffi", "torch", "onnx", "onnxruntime"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def manifest_for(built: Built, source: ModelSource) -> dict:
+    preset = built.preset
+    spec = source.input
+    return {
+        "format_version": runtime.FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": source.name, "config": source.config, "from": "torch" if source.torch_model else "onnx"},
+        "input": {**spec.to_dict(), "shape": [built.batch, *spec.shape[1:]]},
+        "output": {"name": "logits", "shape": [built.batch, len(source.labels)], "dtype": "float32"},
+        "preprocess": source.preprocess.to_dict(),
+        "labels": source.labels,
+        "target": {"preset": preset.name, "description": preset.description, "tvm": preset.target,
+                   "device": preset.device_requirements()},
+        "precision": {"default": "float32", "layers": {}},
+        "params": list(built.params),
+        "export": source.export,
+        "build": {"seconds": round(built.seconds, 2), "pipeline": "tvm default", "tuning_db": None},
+        "versions": versions(),
+    }
+
+
+def write_artifact(out: str | Path, built: Built, source: ModelSource, verify: bool = True, progress=print) -> dict:
+    """Write the artifact directory (or `.tar`) at `out` atomically; returns its manifest."""
+    out = Path(out)
+    if out.suffix != ".tar":
+        with atomic_dir(out) as stage:
+            return _fill(stage, built, source, verify, progress)
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = Path(tmp) / out.stem
+        stage.mkdir()
+        manifest = _fill(stage, built, source, verify, progress)
+        with atomic_file(out) as tmp_tar, tarfile.open(tmp_tar, "w") as tar:
+            tar.add(stage, arcname=out.stem)
+    return manifest
+
+
+def _fill(stage: Path, built: Built, source: ModelSource, verify: bool, progress) -> dict:
+    cross = f" with {built.preset.cross_compiler}" if built.preset.cross_compiler else ""
+    progress(f"writing {runtime.LIBRARY}{cross}")
+    try:
+        built.export_library(stage / runtime.LIBRARY)
+    except Exception as exc:
+        raise MixerEdgeError(f"linking {runtime.LIBRARY} for {built.preset.name} failed "
+                             f"({str(exc).strip().splitlines()[-1]})") from exc
+    np.savez(stage / runtime.PARAMS, **built.params)
+    manifest = manifest_for(built, source)
+    if built.cuda:
+        (stage / runtime.CUDA_KERNELS).write_bytes(built.cuda.fat_binary)
+        manifest["cuda"] = {"file": runtime.CUDA_KERNELS, "format": "fatbin", "source_sha256": built.cuda.source_sha256,
+                            "archs": list(built.preset.cuda_archs), "ptx": built.preset.cuda_ptx}
+    manifest["files"] = {p.name: runtime.sha256(p) for p in sorted(stage.iterdir())}
+    _write_manifest(stage, manifest)
+    if verify:
+        manifest["verification"] = verify_artifact(stage, source, progress)
+        _write_manifest(stage, manifest)
+    return manifest
+
+
+def _write_manifest(root: Path, manifest: dict) -> None:
+    (root / runtime.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def verify_artifact(root: Path, source: ModelSource, progress=print) -> dict:
+    """Compare the artifact with the reference model on this machine, if it can run here."""
+    try:
+        model = runtime.load(root)
+    except MixerEdgeError as exc:
+        progress(f"not verified here: {exc}")
+        return {"status": "not run on this machine", "reason": str(exc)}
+    from .data import load_inputs
+
+    if source.eval_data:
+        x, y = load_inputs(source.eval_data, source.preprocess)
+        data = source.eval_data
+    else:
+        rng = np.random.default_rng(0)
+        x, y = rng.standard_normal((8, *model.input_shape[1:])).astype(np.float32), None
+        data = "8 random inputs"
+    reference = reference_logits(source, x)
+    got = model(x)
+    report = {
+        "status": "verified",
+        "data": data,
+        "samples": len(x),
+        "top1_agreement": float((got.argmax(1) == reference.argmax(1)).mean()),
+        "max_abs_logit_diff": float(np.abs(got - reference).max()),
+        "reference": "torch" if source.torch_model else "onnxruntime",
+    }
+    if y is not None:
+        report["accuracy"] = float((got.argmax(1) == y).mean())
+        report["reference_accuracy"] = float((reference.argmax(1) == y).mean())
+    progress(f"verified on {data}: top-1 agreement {report['top1_agreement']:.2%}, "
+             f"max |logit diff| {report['max_abs_logit_diff']:.2e}")
+    return report
+
+
+def reference_logits(source: ModelSource, x: np.ndarray) -> np.ndarray:
+    """Logits of the float reference: the torch model, else onnxruntime on the ONNX graph."""
+    if source.torch_model is not None:
+        import torch
+
+        with torch.no_grad():
+            return source.torch_model(torch.from_numpy(x)).numpy()
+    batch = source.input.shape[0]
+    if not isinstance(batch, int):
+        return run_onnxruntime(source.onnx_model, x)
+    pad = -len(x) % batch  # a static-batch graph takes whole batches only
+    padded = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    chunks = [run_onnxruntime(source.onnx_model, padded[i:i + batch]) for i in range(0, len(padded), batch)]
+    return np.concatenate(chunks)[:len(x)]

@@ -1,0 +1,215 @@
+"""`mixer-edge`: a thin command line over the library. Each command parses, calls, prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import MixerEdgeError
+
+
+def say(message: str) -> None:
+    print(f"[mixer-edge] {message}", file=sys.stderr, flush=True)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (default: the bundled digits Mixer)")
+    g.add_argument("--model", help="a preset name (mixer_s16, mixer_digits, ...) or a Mixer .onnx file")
+    g.add_argument("--checkpoint", help="weights for the preset: timm .pth/.safetensors or official Flax .npz")
+    g.add_argument("--num-classes", type=int, help="classifier size, when the checkpoint's differs from the preset's")
+    g.add_argument("--batch", type=int, default=1, help="static batch size of the build (default 1)")
+
+
+def _open_model(args, dynamic_batch: bool = False):
+    from .export import open_model
+
+    if args.batch < 1:
+        raise MixerEdgeError(f"--batch must be at least 1, not {args.batch}")
+    return open_model(args.model, args.checkpoint, batch=args.batch, dynamic_batch=dynamic_batch,
+                      num_classes=args.num_classes, progress=say)
+
+
+def cmd_targets(args) -> None:
+    from .compiler.build import check_toolchain
+    from .compiler.targets import list_presets
+
+    rows = []
+    for name, preset in list_presets().items():
+        try:
+            check_toolchain(preset)
+            status = "ready"
+        except MixerEdgeError as exc:
+            status = f"unavailable: {exc}"
+        rows.append((name, preset.kind, preset.description, status))
+    width = max(len(r[0]) for r in rows)
+    for name, kind, description, status in rows:
+        print(f"{name:<{width}}  {kind:<6}  {description}\n{'':<{width}}          {status}")
+    print("\n'host' picks the best x86 preset this machine runs; --target also takes a .toml path or a JSON TVM target.")
+
+
+def cmd_export(args) -> None:
+    from .export import export_onnx
+
+    if args.model and args.model.endswith(".onnx"):
+        raise MixerEdgeError("export takes a preset (and checkpoint), not an ONNX file: it is already exported")
+    source = _open_model(args, dynamic_batch=args.dynamic_batch)
+    report = export_onnx(source.torch_model, args.output, batch=args.batch, dynamic_batch=args.dynamic_batch,
+                         simplify=not args.no_simplify)
+    print(f"wrote {args.output}: opset {report['opset']}, max |onnxruntime - torch| = {report['max_abs_diff_vs_torch']:.2e}")
+
+
+def cmd_compile(args) -> None:
+    from .compiler import compile_model, resolve_target
+
+    targets = [t for spec in args.target for t in spec.split(",") if t]
+    presets = [resolve_target(t) for t in targets]  # all target errors before any work
+    source = _open_model(args)
+    for preset in presets:
+        out = Path(args.output) if args.output and len(presets) == 1 else \
+            Path(args.output or "artifacts") / f"{source.name}-{preset.name}"
+        manifest = compile_model(source, preset, out, batch=args.batch, verify=not args.no_verify, progress=say)
+        check = manifest.get("verification", {})
+        detail = (f"top-1 agreement {check['top1_agreement']:.2%}, max |logit diff| {check['max_abs_logit_diff']:.1e}"
+                  if check.get("status") == "verified" else "not run here (" + check.get("reason", "skipped") + ")")
+        print(f"{out}: {preset.name} artifact; verification: {detail}")
+
+
+def cmd_run(args) -> None:
+    import numpy as np
+
+    from . import runtime
+    from .data import load_inputs
+
+    if args.board:
+        from . import emulator
+        from .compiler.targets import resolve_target
+        from .data import Preprocess
+
+        manifest = runtime.read_manifest(runtime.artifact_dir(args.artifact))
+        x, y = load_inputs(args.input, Preprocess.from_dict(manifest["preprocess"]))
+        cpu = resolve_target(args.board).emulator_cpu or args.board
+        logits = emulator.run_artifact(args.artifact, x, cpu)
+        labels = manifest["labels"]
+    else:
+        model = runtime.load(args.artifact)
+        x, y = load_inputs(args.input, model.preprocess)
+        logits, labels = model(x), model.labels
+    top = np.argsort(-logits, axis=1)[:, : args.top]
+    for i in range(min(len(x), args.show)):
+        guesses = ", ".join(f"{labels[j]} ({logits[i, j]:.2f})" for j in top[i])
+        truth = f"   label {labels[y[i]]}" if y is not None and y[i] >= 0 else ""
+        print(f"#{i}: {guesses}{truth}")
+    if y is not None and (y >= 0).all():
+        print(f"top-1 accuracy on {args.input}: {(top[:, 0] == y).mean():.2%} ({len(y)} samples)")
+    if args.save:
+        np.save(args.save, logits)
+
+
+def cmd_inspect(args) -> None:
+    from . import runtime
+
+    manifest = runtime.read_manifest(runtime.artifact_dir(args.artifact))
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return
+    target, model, check = manifest["target"], manifest["model"], manifest.get("verification", {})
+    print(f"artifact   {args.artifact} (format {manifest['format_version']}, files verified by sha256)")
+    print(f"model      {model['name']} (from {model['from']}), input {manifest['input']['name']} "
+          f"{manifest['input']['shape']} {manifest['input']['dtype']}, {len(manifest['labels'])} classes")
+    print(f"target     {target['preset']}: {target['description']}")
+    print(f"device     {target['device']['arch']}, needs {', '.join(target['device']['cpu_features']) or 'no extensions'}"
+          + (f"; CUDA {', '.join(manifest['cuda']['archs'])}" if "cuda" in manifest else ""))
+    print(f"precision  {manifest['precision']['default']}")
+    print(f"built      {manifest['created']} in {manifest['build']['seconds']}s with TVM {manifest['versions'].get('apache-tvm')}")
+    if check.get("status") == "verified":
+        print(f"verified   on {check['data']}: top-1 agreement {check['top1_agreement']:.2%}, "
+              f"max |logit diff| {check['max_abs_logit_diff']:.1e}")
+    for name, digest in manifest["files"].items():
+        print(f"file       {name}  sha256 {digest[:16]}...")
+
+
+def cmd_train(args) -> None:
+    from .train import save_checkpoint, train_digits
+
+    result = train_digits(epochs=args.epochs, seed=args.seed)
+    save_checkpoint(result, "mixer_digits", args.output)
+    print(f"wrote {args.output}: mixer_digits, {args.epochs} epochs, test accuracy {result.test_accuracy:.2%}")
+
+
+def cmd_emulator(args) -> None:
+    from . import emulator
+
+    root = emulator.setup(args.dir, progress=say)
+    print(root)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixer-edge", description="Compile MLP-Mixer classifiers with Apache TVM "
+                                     "for edge boards and GPUs, and run the artifacts.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("targets", help="list the target presets and whether this machine can build them")
+    p.set_defaults(func=cmd_targets)
+
+    p = sub.add_parser("export", help="export a model to ONNX (simplified, parity-checked against torch)")
+    _model_args(p)
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("--dynamic-batch", action="store_true", help="leave the batch dimension symbolic")
+    p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compile", help="compile a model into a deployable artifact for one or more targets")
+    _model_args(p)
+    p.add_argument("--target", action="append", default=None,
+                   help="preset name, host, a .toml file or a JSON TVM target; repeat or comma-separate for several")
+    p.add_argument("-o", "--output", help="artifact directory (or .tar); with several targets, their parent "
+                   "(default artifacts/MODEL-TARGET)")
+    p.add_argument("--no-verify", action="store_true", help="skip running the artifact against the reference")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="run an artifact on images, a .npy/.npz, or the digits test split")
+    p.add_argument("artifact", help="artifact directory or .tar")
+    p.add_argument("--input", default="digits-test", help="image, image folder, .npy/.npz, digits-test (default)")
+    p.add_argument("--board", help="run on the emulated ARM board of this preset (rpi4, rpi5) or qemu CPU name")
+    p.add_argument("--top", type=int, default=3, help="classes to show per input")
+    p.add_argument("--show", type=int, default=5, help="inputs to print")
+    p.add_argument("--save", help="write all logits to this .npy file")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("inspect", help="verify an artifact's hashes and print its manifest")
+    p.add_argument("artifact")
+    p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train", help="train the demo Mixer on the bundled digits (about 30 s on 2 cores)")
+    p.add_argument("-o", "--output", default="mixer_digits.safetensors")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("emulator", help="prepare the emulated aarch64 board (qemu-user + Python + TVM runtime)")
+    p.add_argument("action", choices=["setup"])
+    p.add_argument("--dir", help="where to build it (default ~/.cache/mixer-edge/..., or $MIXER_EDGE_BOARD)")
+    p.set_defaults(func=cmd_emulator)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "compile" and not args.target:
+        args.target = ["host"]
+    try:
+        args.func(args)
+    except MixerEdgeError as exc:
+        print(f"mixer-edge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mixer-edge: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""ONNX -> Relax -> deployable library, for the targets described in `targets/*.toml`."""
+
+from .build import Built, build
+from .targets import TargetPreset, list_presets, resolve_target
+
+__all__ = ["Built", "build", "compile_model", "TargetPreset", "list_presets", "resolve_target"]
+
+
+def compile_model(source, target: str | TargetPreset, out, batch: int = 1, verify: bool = True, progress=print) -> dict:
+    """Build `source` (an export.ModelSource) for `target` and write the artifact at `out`; returns its manifest."""
+    from ..artifact import write_artifact
+
+    preset = resolve_target(target) if isinstance(target, str) else target
+    progress(f"compiling {source.name} for {preset.name} ({preset.kind}, batch {batch})")
+    built = build(source.onnx_model, preset, batch)
+    progress(f"built in {built.seconds:.1f}s")
+    return write_artifact(out, built, source, verify=verify, progress=progress)

@@ -1,0 +1,140 @@
+"""ONNX -> Relax -> a compiled Relax VM executable for one target preset.
+
+CPU targets use TVM's default pipeline (cross-compiled for ARM boards); CUDA targets use the
+default GPU pipeline (DLight schedules). TVM 0.27 keeps CUDA kernels as source inside the library
+and compiles them when it is loaded; we compile them here with nvcc into a fat binary for the
+preset's architectures, shipped beside the library, so the device never needs a CUDA compiler.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import runtime
+from ..errors import MixerEdgeError
+from .targets import TargetPreset
+
+
+@dataclass
+class CudaKernels:
+    """The model's CUDA kernels compiled ahead of time; the runtime hands them to TVM at load."""
+
+    fat_binary: bytes
+    source_sha256: str  # of the CUDA source TVM will ask to compile
+
+
+@dataclass
+class Built:
+    executable: object  # tvm.relax.VMExecutable
+    params: dict[str, np.ndarray]  # in the order `main` takes them after the input
+    preset: TargetPreset
+    batch: int
+    seconds: float
+    cuda: CudaKernels | None = None
+
+    def export_library(self, path: Path) -> None:
+        """Write the shared library, with the preset's cross compiler where it has one."""
+        if self.preset.cross_compiler:
+            from tvm.support.cc import cross_compiler
+
+            self.executable.export_library(str(path), fcompile=cross_compiler(self.preset.cross_compiler))
+        else:
+            self.executable.export_library(str(path))
+
+
+def check_toolchain(preset: TargetPreset) -> None:
+    """Fail before any work when a tool or back end the preset needs is missing."""
+    import tvm
+
+    if preset.kind == "vulkan" and tvm.get_global_func("target.build.vulkan", allow_missing=True) is None:
+        raise MixerEdgeError(f"target {preset.name} needs TVM's Vulkan code generator, which this TVM build lacks "
+                             "(the PyPI wheel has none): build TVM with USE_VULKAN=ON")
+    if preset.cross_compiler and shutil.which(preset.cross_compiler) is None:
+        raise MixerEdgeError(f"target {preset.name} needs the cross compiler {preset.cross_compiler}, not on PATH: "
+                             "install it (Debian: apt-get install g++-aarch64-linux-gnu)")
+    if preset.kind == "cuda":
+        if shutil.which("nvcc") is None:
+            raise MixerEdgeError(f"target {preset.name} needs nvcc (the CUDA toolkit) on PATH to compile its kernels")
+        supported = subprocess.run(["nvcc", "--list-gpu-code"], capture_output=True, text=True).stdout.split()
+        for arch in preset.cuda_archs:
+            if arch not in supported:
+                raise MixerEdgeError(f"target {preset.name} needs {arch}, which this nvcc cannot compile for "
+                                     f"(it supports {supported[0]}..{supported[-1]}): put a CUDA toolkit that "
+                                     "supports it first on PATH (Xavier's sm_72 needs CUDA 12 or older)")
+
+
+def import_onnx(proto, batch: int):
+    """The ONNX graph as a Relax module with the batch fixed, and its weights detached."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from ..export import input_spec
+
+    spec = input_spec(proto)
+    if isinstance(spec.shape[0], int) and spec.shape[0] != batch:
+        raise MixerEdgeError(f"the model's input '{spec.name}' has a fixed batch of {spec.shape[0]}, not {batch}: "
+                             f"pass --batch {spec.shape[0]} or export with --dynamic-batch")
+    try:
+        mod = from_onnx(proto, shape_dict={spec.name: [batch, *spec.shape[1:]]}, keep_params_in_input=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MixerEdgeError(f"TVM's ONNX importer rejected the model ({first}): simplify it with onnxsim or "
+                             "replace the unsupported operator") from exc
+    mod, params = relax.frontend.detach_params(mod)
+    names = [str(p.name) for p in mod["main"].params[1:]]
+    return mod, dict(zip(names, (p.numpy() for p in params.get("main", []))))
+
+
+def cuda_source(executable) -> str:
+    """The CUDA C source of every kernel in a built executable (TVM keeps it uncompiled)."""
+    pending = [executable.mod]
+    while pending:
+        module = pending.pop()
+        if module.kind == "cuda":
+            return str(module.inspect_source())
+        pending.extend(module.imports)
+    raise MixerEdgeError("the CUDA build produced no CUDA kernels")
+
+
+def compile_fat_binary(source: str, preset: TargetPreset) -> bytes:
+    """nvcc the kernels into one fat binary: SASS for each of the preset's archs (+ PTX if asked)."""
+    from tvm.support import nvcc
+
+    gencode = []
+    for arch in preset.cuda_archs:
+        gencode += ["-gencode", f"arch=compute_{arch[3:]},code={arch}"]
+    if preset.cuda_ptx:  # PTX of the newest arch lets later GPUs JIT the kernels
+        newest = preset.cuda_archs[-1][3:]
+        gencode += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
+    try:
+        with preset.tvm_target():  # TVM's nvcc wrapper reads the current target
+            return bytes(nvcc.compile_cuda(source, target_format="fatbin", arch=gencode, compiler="nvcc"))
+    except Exception as exc:
+        raise MixerEdgeError(f"nvcc failed for {preset.name} ({str(exc).strip().splitlines()[-1]})") from exc
+
+
+def build(proto, preset: TargetPreset, batch: int = 1) -> Built:
+    """Compile an ONNX Mixer for `preset` with TVM's default pipeline for that target."""
+    import tvm
+
+    check_toolchain(preset)
+    start = time.perf_counter()
+    mod, params = import_onnx(proto, batch)
+    target = preset.tvm_target()
+    with target:
+        try:
+            executable = tvm.compile(mod, target)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise MixerEdgeError(f"TVM could not compile the model for {preset.name} ({first})") from exc
+    fat_binary = None
+    if preset.kind == "cuda":
+        source = cuda_source(executable)
+        fat_binary = CudaKernels(compile_fat_binary(source, preset), runtime.sha256_text(source))
+    return Built(executable, params, preset, batch, time.perf_counter() - start, fat_binary)

@@ -1,0 +1,172 @@
+"""Target presets: `targets/NAME.toml` files (a TVM target dict plus how to build for and find the device).
+
+`--target` takes a preset name, `host` (the best x86 preset this machine runs), a path to a
+.toml file of the same form, or a raw TVM target dict as JSON. Every preset is validated here,
+since TVM itself only logs a warning for an unknown CPU or feature and builds generic code.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import MixerEdgeError
+from ..resources import data_dir
+from ..runtime import machine_cpu_features
+
+KINDS = ("cpu", "cuda", "vulkan")
+# LLVM feature name -> the name Linux reports (x86 /proc/cpuinfo flags, arm64 HWCAP names).
+# These are the features a build may use that older CPUs of the same ISA lack.
+LLVM_TO_LINUX_FEATURE = {
+    "avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512vl": "avx512vl",
+    "avx512dq": "avx512dq", "avx512cd": "avx512cd", "avx512vnni": "avx512_vnni", "avxvnni": "avx_vnni",
+    "avx512bf16": "avx512_bf16",
+    "neon": "asimd", "fullfp16": "asimdhp", "dotprod": "asimddp", "sve": "sve", "sve2": "sve2",
+    "i8mm": "i8mm", "bf16": "bf16",
+}
+
+
+@dataclass(frozen=True)
+class TargetPreset:
+    name: str
+    kind: str
+    target: dict
+    description: str = ""
+    cross_compiler: str | None = None
+    cuda_archs: tuple[str, ...] = ()
+    cuda_ptx: bool = False
+    emulator_cpu: str | None = None
+    host_candidate: bool = False
+    source: str = ""  # the file it came from, for error messages
+
+    @property
+    def cpu_target(self) -> dict:
+        """The LLVM target that runs the host side (the whole model, for CPU targets)."""
+        return self.target if self.kind == "cpu" else self.target.get("host", {"kind": "llvm"})
+
+    @property
+    def arch(self) -> str:
+        """The device's CPU architecture as `platform.machine()` names it."""
+        triple = self.cpu_target.get("mtriple", f"{platform.machine()}-linux-gnu")
+        return triple.split("-")[0]
+
+    def tvm_target(self):
+        import tvm
+
+        return tvm.target.Target(self.target)
+
+    def cpu_features(self) -> list[str]:
+        """Linux names of the ISA extensions the generated code may use."""
+        import tvm
+        from tvm.target import codegen
+
+        llvm = codegen.llvm_get_cpu_features(tvm.target.Target(self.cpu_target))
+        return sorted(LLVM_TO_LINUX_FEATURE[f] for f in llvm if f in LLVM_TO_LINUX_FEATURE)
+
+    def device_requirements(self) -> dict:
+        """What the runtime checks before it loads an artifact built for this preset."""
+        req = {"kind": self.kind, "arch": self.arch, "cpu_features": self.cpu_features()}
+        if self.kind == "cuda":
+            req["cuda_archs"] = list(self.cuda_archs)
+            req["cuda_ptx"] = self.cuda_ptx
+        return req
+
+
+def _preset_from_dict(name: str, data: dict, source: str) -> TargetPreset:
+    if not isinstance(data.get("target"), dict):
+        raise MixerEdgeError(f"{source}: missing [target] table: give a TVM target dict, e.g. kind = \"llvm\"")
+    kind = data.get("kind") or {"llvm": "cpu", "cuda": "cuda", "vulkan": "vulkan"}.get(data["target"].get("kind"))
+    if kind not in KINDS:
+        raise MixerEdgeError(f"{source}: kind '{kind}' is not one of {', '.join(KINDS)}")
+    build, device = data.get("build", {}), data.get("device", {})
+    preset = TargetPreset(
+        name=name, kind=kind, target=data["target"], description=data.get("description", ""),
+        cross_compiler=build.get("cross_compiler"), cuda_archs=tuple(build.get("cuda_archs", ())),
+        cuda_ptx=bool(build.get("cuda_ptx", False)), emulator_cpu=device.get("emulator_cpu"),
+        host_candidate=bool(data.get("host_candidate", False)), source=source,
+    )
+    validate(preset)
+    return preset
+
+
+def validate(preset: TargetPreset) -> None:
+    """Refuse what TVM would accept with only a log line: an unknown CPU, feature or CUDA arch."""
+    import tvm
+    from tvm.target import codegen
+
+    src = preset.source
+    try:
+        tvm.target.Target(preset.target)
+    except Exception as exc:
+        raise MixerEdgeError(f"{src}: [target] is not a valid TVM target ({str(exc).splitlines()[0]})") from exc
+    llvm = preset.cpu_target
+    triple = llvm.get("mtriple", codegen.llvm_get_system_triple())
+    if "mcpu" in llvm and not codegen.llvm_is_valid_cpu(llvm["mcpu"], triple):
+        raise MixerEdgeError(f"{src}: mcpu '{llvm['mcpu']}' is not a CPU LLVM knows for {triple}: "
+                             "use a name such as cortex-a76 or skylake-avx512")
+    known = codegen.llvm_get_cpu_features(tvm.target.Target(llvm))
+    for attr in llvm.get("mattr", []):
+        if attr.startswith("+") and attr[1:] not in known:
+            raise MixerEdgeError(f"{src}: mattr '{attr}' is not a feature LLVM knows for {triple}: fix or remove it")
+    if preset.kind == "cuda":
+        archs = preset.cuda_archs or (preset.target.get("arch"),)
+        for arch in archs:
+            if not re.fullmatch(r"sm_\d+[af]?", str(arch)):
+                raise MixerEdgeError(f"{src}: CUDA arch '{arch}' should look like sm_87")
+
+
+def list_presets() -> dict[str, TargetPreset]:
+    """Every preset shipped in `targets/`, by name."""
+    presets = {}
+    for path in sorted(data_dir("targets").glob("*.toml")):
+        presets[path.stem] = load_preset_file(path)
+    return presets
+
+
+def load_preset_file(path: Path) -> TargetPreset:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise MixerEdgeError(f"target preset {path} could not be read ({exc}): fix the TOML") from exc
+    return _preset_from_dict(path.stem, data, str(path))
+
+
+def resolve_target(spec: str) -> TargetPreset:
+    """A preset from a name, `host`, a .toml path or a JSON target dict."""
+    spec = spec.strip()
+    if spec.startswith("{"):
+        try:
+            target = json.loads(spec)
+        except json.JSONDecodeError as exc:
+            raise MixerEdgeError(f"--target JSON is malformed ({exc.msg} at char {exc.pos}): "
+                                 "pass e.g. '{\"kind\": \"llvm\", \"mcpu\": \"znver4\"}'") from exc
+        if not isinstance(target, dict) or "kind" not in target:
+            raise MixerEdgeError("--target JSON must be an object with a \"kind\" (llvm, cuda, vulkan)")
+        return _preset_from_dict("custom", {"target": target}, "--target JSON")
+    if spec.endswith(".toml"):
+        path = Path(spec)
+        if not path.is_file():
+            raise MixerEdgeError(f"target preset file {path} does not exist")
+        return load_preset_file(path)
+    presets = list_presets()
+    if spec == "host":
+        return host_preset(presets)
+    if spec not in presets:
+        raise MixerEdgeError(f"unknown target '{spec}': choose one of host, {', '.join(presets)} "
+                             "(or a .toml file, or a JSON TVM target dict)")
+    return presets[spec]
+
+
+def host_preset(presets: dict[str, TargetPreset]) -> TargetPreset:
+    """The host candidate with the most CPU features that this machine has."""
+    have = machine_cpu_features()
+    runnable = [p for p in presets.values()
+                if p.host_candidate and p.arch == platform.machine() and set(p.cpu_features()) <= have]
+    if not runnable:
+        raise MixerEdgeError(f"no host preset runs on this {platform.machine()} machine: pass --target with a "
+                             "JSON target dict such as '{\"kind\": \"llvm\"}'")
+    return max(runnable, key=lambda p: len(p.cpu_features()))

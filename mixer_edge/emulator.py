@@ -1,0 +1,130 @@
+"""An emulated 64-bit ARM board: qemu-user + an arm64 Debian sysroot with Python 3.11 and the TVM runtime.
+
+`setup()` builds it from the machine's own package registries (Debian's arm64 packages through
+apt, the aarch64 TVM/numpy wheels through pip), atomically, once; `run_artifact()` runs an
+artifact there under a chosen CPU model (cortex-a72 = Raspberry Pi 4, cortex-a76 = Pi 5).
+Emulated times say nothing about a real board's speed; emulated outputs are real aarch64 results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_dir
+from .errors import MixerEdgeError
+
+QEMU = "qemu-aarch64-static"
+PYTHON = "python3.11"
+DEBIAN_ROOTS = [f"{PYTHON}-minimal:arm64", f"lib{PYTHON}-stdlib:arm64", "libstdc++6:arm64"]
+WHEELS = ["apache-tvm", "apache-tvm-ffi", "numpy"]  # at the host's versions
+SKIP_DEBS = {"dpkg", "tar", "install-info"}  # tools apt pulls in that the board never runs
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # so the board imports this mixer_edge
+
+
+def board_dir(root: str | Path | None = None) -> Path:
+    if root:
+        return Path(root)
+    if os.environ.get("MIXER_EDGE_BOARD"):
+        return Path(os.environ["MIXER_EDGE_BOARD"])
+    tag = "-".join(f"{w}{metadata.version(w)}" for w in WHEELS)
+    return Path.home() / ".cache" / "mixer-edge" / f"arm64-board-{tag}"
+
+
+def _run(cmd: list[str], what: str, **kw) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if proc.returncode:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise MixerEdgeError(f"{what} failed ({tail[0]})")
+    return proc.stdout
+
+
+def _arm64_packages() -> list[str]:
+    """Python 3.11 and libstdc++ for arm64 with every library they depend on."""
+    foreign = _run(["dpkg", "--print-foreign-architectures"], "dpkg").split()
+    if "arm64" not in foreign:
+        if os.geteuid() != 0:
+            raise MixerEdgeError("the board needs arm64 packages: run as root, or first run "
+                                 "'sudo dpkg --add-architecture arm64 && sudo apt-get update'")
+        _run(["dpkg", "--add-architecture", "arm64"], "dpkg --add-architecture arm64")
+        _run(["apt-get", "update"], "apt-get update")
+    out = _run(["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests", "--no-conflicts",
+                "--no-breaks", "--no-replaces", "--no-enhances", "--no-pre-depends", *DEBIAN_ROOTS], "apt-cache depends")
+    names = {line.strip() for line in out.splitlines() if line and not line[0].isspace()}
+    return sorted(n for n in names if n.endswith(":arm64") and n.split(":")[0] not in SKIP_DEBS)
+
+
+def setup(root: str | Path | None = None, progress=print) -> Path:
+    """Build the board in `root` (default: ~/.cache/mixer-edge/...) unless it is already there."""
+    root = board_dir(root)
+    if (root / "board.json").is_file():
+        return root
+    for tool in (QEMU, "apt-get", "dpkg"):
+        if shutil.which(tool) is None:
+            raise MixerEdgeError(f"the emulated board needs {tool}: apt-get install qemu-user-static")
+    packages = _arm64_packages()
+    with atomic_dir(root) as stage:
+        debs = stage / "debs"
+        debs.mkdir()
+        progress(f"downloading {len(packages)} arm64 Debian packages (Python 3.11 and its libraries)")
+        _run(["apt-get", "download", *packages], "apt-get download", cwd=debs)
+        for deb in sorted(debs.glob("*.deb")):
+            _run(["dpkg", "-x", str(deb), str(stage / "sysroot")], f"dpkg -x {deb.name}")
+        shutil.rmtree(debs)
+        pins = [f"{w}=={metadata.version(w)}" for w in WHEELS]
+        progress(f"installing aarch64 wheels: {' '.join(pins)}")
+        _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-compile", "--target", str(stage / "site"),
+              "--platform", "manylinux_2_28_aarch64", "--python-version", "3.11", "--implementation", "cp",
+              "--only-binary=:all:", *pins], "pip install of the aarch64 wheels")
+        (stage / "board.json").write_text(json.dumps({"python": PYTHON, "debs": packages, "wheels": pins}, indent=2))
+    progress(f"board ready in {root}")
+    return root
+
+
+def python(script: str, cpu: str, root: str | Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a Python script on the board as CPU model `cpu` (a qemu -cpu name)."""
+    root = board_dir(root)
+    if not (root / "board.json").is_file():
+        raise MixerEdgeError(f"no emulated board in {root}: run 'mixer-edge emulator setup' first")
+    sysroot = root / "sysroot"
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": f"{root / 'site'}:{PACKAGE_ROOT}",
+           "PYTHONDONTWRITEBYTECODE": "1", "TVM_FFI_DISABLE_TORCH_C_DLPACK": "1", "HOME": str(root)}
+    cmd = [QEMU, "-cpu", cpu, "-L", str(sysroot), str(sysroot / "usr" / "bin" / PYTHON), "-c", script]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+_RUN_ARTIFACT = """
+import sys, numpy as np
+from mixer_edge import runtime
+from mixer_edge.errors import MixerEdgeError
+try:
+    model = runtime.load({artifact!r})
+    np.save({output!r}, model(np.load({inputs!r})))
+except MixerEdgeError as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+def run_artifact(artifact: str | Path, x: np.ndarray, cpu: str, root: str | Path | None = None) -> np.ndarray:
+    """Logits of `artifact` on inputs `x`, computed on the emulated board with CPU model `cpu`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs, output = Path(tmp) / "x.npy", Path(tmp) / "logits.npy"
+        np.save(inputs, np.ascontiguousarray(x, np.float32))
+        script = _RUN_ARTIFACT.format(artifact=str(Path(artifact).resolve()), inputs=str(inputs), output=str(output))
+        proc = python(script, cpu, root)
+        if proc.returncode == 3:
+            raise MixerEdgeError(proc.stderr.strip().splitlines()[-1])
+        if proc.returncode:
+            signal = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+            last = proc.stderr.strip().splitlines()[-1:] or [""]
+            raise MixerEdgeError(f"the emulated {cpu} board failed running {artifact} ({signal}) {last[0]}".strip())
+        return np.load(output)

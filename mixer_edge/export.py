@@ -1,0 +1,178 @@
+"""torch -> ONNX (+ onnxsim) with a parity check, and the one entry point for "a model".
+
+`open_model` turns whatever the user names (nothing = the bundled digits model, a preset plus
+checkpoint, a mixer-edge .safetensors, or any Mixer ONNX) into a simplified ONNX graph plus
+what the artifact must record about it (preset, config, preprocessing, labels).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_file
+from .data import Preprocess
+from .errors import MixerEdgeError
+
+OPSET = 18  # torch's exporter emits 18 natively; converting down to 17 fails on LayerNormalization
+BUNDLED_CHECKPOINT = Path(__file__).parent / "weights" / "mixer_digits.safetensors"
+
+
+@dataclass
+class InputSpec:
+    name: str
+    shape: tuple  # ints; a str for a dynamic dimension
+    dtype: str = "float32"
+    layout: str = "NCHW"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "layout": self.layout}
+
+
+@dataclass
+class ModelSource:
+    """A model ready to compile: its ONNX graph and what the manifest records about it."""
+
+    onnx_model: object  # onnx.ModelProto
+    name: str
+    preprocess: Preprocess
+    labels: list[str]
+    config: dict | None = None
+    torch_model: object | None = None  # the reference, when the model came from PyTorch
+    eval_data: str | None = None  # a data source (see data.load_inputs) the model was trained for
+    export: dict = field(default_factory=dict)  # parity report of the torch -> ONNX step
+
+    @property
+    def input(self) -> InputSpec:
+        return input_spec(self.onnx_model)
+
+
+def export_onnx(model, path: str | Path, batch: int = 1, dynamic_batch: bool = False,
+                simplify: bool = True, atol: float = 1e-4) -> dict:
+    """Export a torch Mixer to ONNX at `path` (atomically) and check it against torch.
+
+    Returns the parity report: opset, max |onnxruntime - torch| on random inputs, simplified or not.
+    Raises if the difference exceeds `atol`.
+    """
+    import onnx
+    import torch
+
+    cfg = model.cfg
+    example = torch.zeros(max(batch, 2) if dynamic_batch else batch, cfg.in_chans, cfg.img_size, cfg.img_size)
+    dynamic = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model.eval(), (example,), dynamo=True, opset_version=OPSET,
+                                    input_names=["input"], output_names=["logits"],
+                                    dynamic_shapes=dynamic, external_data=False, verbose=False)
+    proto = program.model_proto
+    if simplify:
+        import onnxsim
+
+        proto, ok = onnxsim.simplify(proto)
+        if not ok:
+            raise MixerEdgeError("onnxsim could not validate the simplified graph: export with --no-simplify")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    diff = float(np.abs(run_onnxruntime(proto, x) - ref).max())
+    if diff > atol:
+        raise MixerEdgeError(f"ONNX export differs from torch by {diff:.2e} (> {atol:.0e}): report this model")
+    with atomic_file(path) as tmp:
+        onnx.save(proto, str(tmp))
+    return {"opset": OPSET, "simplified": simplify, "dynamic_batch": dynamic_batch, "max_abs_diff_vs_torch": diff}
+
+
+def run_onnxruntime(proto, x: np.ndarray) -> np.ndarray:
+    """First output of an ONNX model on input `x`, run by onnxruntime on the CPU."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def load_onnx(path: str | Path):
+    """Read and check a user's ONNX file: one 4-D float image input, one output."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise MixerEdgeError(f"ONNX file {path} does not exist: check the path")
+    try:
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MixerEdgeError(f"ONNX file {path} is not a valid model ({first}): re-export it") from exc
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if len(inputs) != 1 or len(proto.graph.output) != 1:
+        raise MixerEdgeError(f"ONNX file {path} has {len(inputs)} inputs and {len(proto.graph.output)} outputs: "
+                             "a Mixer classifier takes one image tensor and returns one logits tensor")
+    spec = input_spec(proto)
+    if len(spec.shape) != 4 or inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise MixerEdgeError(f"ONNX file {path} input '{spec.name}' is {spec.dtype}{list(spec.shape)}: "
+                             "expected a float32 NCHW image batch")
+    return proto
+
+
+def input_spec(proto) -> InputSpec:
+    import onnx
+
+    initializers = {i.name for i in proto.graph.initializer}
+    graph_input = next(i for i in proto.graph.input if i.name not in initializers)
+    tensor_type = graph_input.type.tensor_type
+    shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim)
+    return InputSpec(graph_input.name, shape, onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name)
+
+
+def open_model(model: str | None = None, checkpoint: str | None = None, batch: int = 1,
+               dynamic_batch: bool = False, num_classes: int | None = None, progress=print) -> ModelSource:
+    """Resolve the user's model arguments into a ModelSource (see the module docstring)."""
+    from . import checkpoints
+    from .model import MixerConfig, create_model, preset
+
+    if model and model.lower().endswith(".onnx"):
+        if checkpoint:
+            raise MixerEdgeError("--checkpoint goes with a preset name, not with an ONNX file: drop one of them")
+        proto = load_onnx(model)
+        spec = input_spec(proto)
+        channels, size = spec.shape[1], tuple(spec.shape[2:])
+        out_dim = proto.graph.output[0].type.tensor_type.shape.dim[-1].dim_value or 0
+        pre = Preprocess(size=size, channels=channels, mean=(0.5,) * channels, std=(0.5,) * channels)
+        return ModelSource(proto, Path(model).stem, pre, [str(i) for i in range(out_dim)])
+
+    checkpoint = checkpoint or (None if model else str(BUNDLED_CHECKPOINT))
+    meta = checkpoints.read_metadata(checkpoint) if checkpoint else {}
+    name = model or meta.get("preset")
+    if not name:
+        raise MixerEdgeError(f"checkpoint {checkpoint} does not say its preset: pass --model PRESET")
+    overrides = {"num_classes": num_classes} if num_classes else {}
+    if meta.get("config") and name == meta.get("preset"):
+        cfg = MixerConfig.from_dict({**meta["config"], **overrides})
+    else:
+        cfg = preset(name, **overrides)
+    if checkpoint:
+        progress(f"loading checkpoint {checkpoint}")
+        torch_model = checkpoints.load_checkpoint(checkpoint, cfg)
+    else:
+        progress(f"no checkpoint given: {name} gets random weights (fine for latency, not for accuracy)")
+        torch_model = create_model(cfg).eval()
+    pre = Preprocess.from_dict(meta["preprocess"]) if "preprocess" in meta else Preprocess(
+        size=(cfg.img_size, cfg.img_size), channels=cfg.in_chans, mean=(0.5,) * cfg.in_chans, std=(0.5,) * cfg.in_chans)
+    labels = meta.get("labels") or [str(i) for i in range(cfg.num_classes)]
+    progress(f"exporting {name} to ONNX (opset {OPSET}) and simplifying with onnxsim")
+    with tempfile.TemporaryDirectory() as tmp:
+        report = export_onnx(torch_model, Path(tmp) / "model.onnx", batch=batch, dynamic_batch=dynamic_batch)
+        proto = load_onnx(Path(tmp) / "model.onnx")
+    progress(f"ONNX parity vs torch: max |diff| = {report['max_abs_diff_vs_torch']:.2e}")
+    eval_data = "digits-test" if str(meta.get("dataset", "")).startswith("sklearn digits") else None
+    return ModelSource(proto, name, pre, labels, config=cfg.to_dict(), torch_model=torch_model, export=report,
+                       eval_data=eval_data)

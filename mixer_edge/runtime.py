@@ -1,0 +1,225 @@
+"""The device-side loader: verify an artifact, load it with the TVM runtime, and predict.
+
+Needs only `tvm` (runtime) and numpy: copy this package (or just this file, errors.py and
+data.py) to the board. Before anything is loaded, the manifest's format version, the sha256 of
+every file and the device's CPU/GPU are checked, so a tampered artifact or one built for another
+board is refused with one clear line instead of a crash or an illegal instruction.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import platform
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .data import Preprocess
+from .errors import MixerEdgeError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LIBRARY = "model.so"
+PARAMS = "params.npz"
+CUDA_KERNELS = "kernels.fatbin"
+
+# arm64 Linux HWCAP bits (uapi/asm/hwcap.h): (auxv entry, bit) per feature name. Read through
+# getauxval, which also tells the truth under qemu-user, where /proc/cpuinfo is the host's.
+_AT_HWCAP, _AT_HWCAP2 = 16, 26
+_ARM64_HWCAPS = {
+    "fp": (_AT_HWCAP, 0), "asimd": (_AT_HWCAP, 1), "asimdhp": (_AT_HWCAP, 10), "asimddp": (_AT_HWCAP, 20),
+    "sve": (_AT_HWCAP, 22), "sve2": (_AT_HWCAP2, 1), "i8mm": (_AT_HWCAP2, 13), "bf16": (_AT_HWCAP2, 14),
+}
+
+
+def machine_cpu_features() -> set[str]:
+    """ISA extensions of this CPU, by their Linux names (x86 cpuinfo flags, arm64 HWCAP names)."""
+    if platform.machine() == "aarch64":
+        getauxval = ctypes.CDLL(None).getauxval
+        getauxval.restype = ctypes.c_ulong
+        words = {key: getauxval(key) for key in (_AT_HWCAP, _AT_HWCAP2)}
+        return {name for name, (key, bit) in _ARM64_HWCAPS.items() if words[key] >> bit & 1}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of artifact directory `path`, after checking its format version and file hashes."""
+    root = Path(path)
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise MixerEdgeError(f"{root} is not a mixer-edge artifact (no {MANIFEST}): pass the directory `compile` wrote")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MixerEdgeError(f"{manifest_path} is not valid JSON ({exc}): rebuild the artifact") from exc
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise MixerEdgeError(f"{root} has artifact format version {version!r}; this runtime reads version "
+                             f"{FORMAT_VERSION}: rebuild it with this mixer-edge")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or LIBRARY not in files:
+        raise MixerEdgeError(f"{manifest_path} lists no files to verify: rebuild the artifact")
+    for name, expected in files.items():
+        file = root / name
+        if Path(name).name != name or not file.is_file():
+            raise MixerEdgeError(f"{root} is missing {name}: copy the whole artifact directory")
+        if sha256(file) != expected:
+            raise MixerEdgeError(f"{file} does not match its sha256 in the manifest (modified or corrupt): "
+                                 "copy the artifact again or rebuild it")
+    return manifest
+
+
+def check_device(manifest: dict) -> None:
+    """Refuse an artifact whose target this machine cannot run, before loading any code."""
+    req = manifest["target"]["device"]
+    preset = manifest["target"].get("preset", "?")
+    here = platform.machine()
+    if req["arch"] != here:
+        raise MixerEdgeError(f"artifact is built for {req['arch']} (target {preset}) but this machine is {here}: "
+                             "run it on the device or rebuild with --target host")
+    missing = sorted(set(req.get("cpu_features", ())) - machine_cpu_features())
+    if missing:
+        raise MixerEdgeError(f"artifact target {preset} needs CPU features this CPU lacks ({', '.join(missing)}): "
+                             "rebuild for this board's preset")
+    if req["kind"] == "cuda":
+        import tvm
+
+        _load_cuda_runtime(preset)
+        dev = tvm.cuda(0)
+        if not dev.exist:
+            raise MixerEdgeError(f"artifact target {preset} needs an NVIDIA GPU and CUDA driver; none is present here")
+        sm = "sm_" + dev.compute_version.replace(".", "")
+        archs = req.get("cuda_archs", [])
+        if sm not in archs and not req.get("cuda_ptx"):
+            raise MixerEdgeError(f"artifact holds code for {', '.join(archs)} but this GPU is {sm}: "
+                                 "rebuild for this GPU's preset")
+    elif req["kind"] != "cpu":
+        raise MixerEdgeError(f"artifact target kind '{req['kind']}' is not runnable by this runtime")
+
+
+def _load_cuda_runtime(preset: str) -> None:
+    """Load TVM's CUDA runtime library: `import tvm` skips it in runtime-only installs (TVM_USE_RUNTIME_LIB=1)."""
+    from tvm.base import _LOADED_LIBS
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    if "tvm_runtime_cuda" in _LOADED_LIBS:
+        return
+    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(package="tvm", target_name="tvm_runtime_cuda",
+                                                           extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL")
+    except (OSError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise MixerEdgeError(f"artifact target {preset} needs an NVIDIA GPU and its CUDA driver, but TVM's CUDA "
+                             f"runtime could not be loaded here ({reason})") from exc
+
+
+class Model:
+    """A loaded artifact: `model(x)` returns logits for a float32 NCHW batch of any size."""
+
+    def __init__(self, root: Path, manifest: dict):
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+
+        self.root, self.manifest = root, manifest
+        self.preprocess = Preprocess.from_dict(manifest["preprocess"])
+        self.labels = manifest["labels"]
+        self.input_shape = tuple(manifest["input"]["shape"])
+        kind = manifest["target"]["device"]["kind"]
+        self.device = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
+        mismatch = []
+        if kind == "cuda":
+            _serve_cuda_kernels(root / CUDA_KERNELS, manifest["cuda"]["source_sha256"], mismatch)
+        try:
+            library = tvm.runtime.load_module(str(root / LIBRARY))
+        except Exception as exc:
+            if mismatch:  # raised inside TVM's callback, which wraps it: say it plainly
+                raise MixerEdgeError(mismatch[0]) from exc
+            raise
+        self._vm = VirtualMachine(library, self.device)
+        with np.load(root / PARAMS, allow_pickle=False) as npz:
+            self._params = [tvm.runtime.tensor(npz[name], self.device) for name in manifest["params"]]
+
+    @property
+    def batch(self) -> int:
+        return self.input_shape[0]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        import tvm
+
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape[1:] != self.input_shape[1:]:
+            raise MixerEdgeError(f"input shape {x.shape} does not match the artifact's {self.input_shape}")
+        outs, n, b = [], len(x), self.batch
+        for start in range(0, n, b):
+            chunk = x[start:start + b]
+            if len(chunk) < b:  # the artifact has a static batch: pad the last chunk
+                chunk = np.concatenate([chunk, np.zeros((b - len(chunk), *chunk.shape[1:]), np.float32)])
+            out = self._vm["main"](tvm.runtime.tensor(chunk, self.device), *self._params)
+            outs.append(out.numpy())
+        return np.concatenate(outs)[:n]
+
+    def classify(self, x: np.ndarray) -> np.ndarray:
+        return self(x).argmax(axis=1)
+
+
+def _serve_cuda_kernels(fat_binary: Path, source_sha256: str, mismatch: list) -> None:
+    """Answer TVM's request to compile the library's CUDA source with the fat binary built for it."""
+    import tvm
+
+    binary = fat_binary.read_bytes()
+
+    def precompiled(code, *_):
+        if sha256_text(str(code)) != source_sha256:
+            mismatch.append(f"{fat_binary} was not built from this library's CUDA source: rebuild the artifact")
+            raise MixerEdgeError(mismatch[0])
+        return binary
+
+    tvm.register_global_func("tvm_callback_cuda_compile", precompiled, override=True)
+
+
+def load(path: str | Path) -> Model:
+    """Verify and load an artifact directory or .tar (see the module docstring)."""
+    root = artifact_dir(path)
+    manifest = read_manifest(root)
+    check_device(manifest)
+    return Model(root, manifest)
+
+
+def artifact_dir(path: str | Path) -> Path:
+    """The directory of an artifact: `path` itself, or a .tar unpacked into a temporary directory."""
+    root = Path(path)
+    if not root.exists():
+        raise MixerEdgeError(f"artifact {root} does not exist: pass the directory or .tar that `compile` wrote")
+    return _extract(root) if root.is_file() and tarfile.is_tarfile(root) else root
+
+
+def _extract(tar_path: Path) -> Path:
+    """Unpack a .tar artifact into a private temporary directory (regular files only)."""
+    dest = Path(tempfile.mkdtemp(prefix="mixer-edge-"))
+    with tarfile.open(tar_path) as tar:
+        tar.extractall(dest, filter="data")
+    inner = [p for p in dest.iterdir() if p.is_dir()]
+    return inner[0] if len(inner) == 1 and not (dest / MANIFEST).exists() else dest
