@@ -91,11 +91,28 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def check_device(manifest: dict) -> None:
+ELF_MACHINES = {62: "x86_64", 183: "aarch64"}  # e_machine of an ELF header
+
+
+def library_arch(path: Path) -> str:
+    """The CPU architecture a shared library was compiled for, read from its ELF header."""
+    with open(path, "rb") as f:
+        header = f.read(20)
+    if header[:4] != b"\x7fELF":
+        raise MixerEdgeError(f"{path} is not an ELF shared library: rebuild the artifact")
+    machine = int.from_bytes(header[18:20], "little")
+    return ELF_MACHINES.get(machine, f"ELF machine {machine}")
+
+
+def check_device(manifest: dict, root: Path) -> None:
     """Refuse an artifact whose target this machine cannot run, before loading any code."""
     req = manifest["target"]["device"]
     preset = manifest["target"].get("preset", "?")
     here = platform.machine()
+    built_for = library_arch(root / LIBRARY)
+    if built_for != req["arch"]:
+        raise MixerEdgeError(f"{root / LIBRARY} is built for {built_for} but the manifest says {req['arch']}: "
+                             "the artifact was edited; rebuild it")
     if req["arch"] != here:
         raise MixerEdgeError(f"artifact is built for {req['arch']} (target {preset}) but this machine is {here}: "
                              "run it on the device or rebuild with --target host")
@@ -204,7 +221,7 @@ def load(path: str | Path) -> Model:
     """Verify and load an artifact directory or .tar (see the module docstring)."""
     root = artifact_dir(path)
     manifest = read_manifest(root)
-    check_device(manifest)
+    check_device(manifest, root)
     return Model(root, manifest)
 
 

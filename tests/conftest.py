@@ -1,0 +1,99 @@
+"""Shared fixtures: the bundled digits model, built artifacts, the emulated board, a CLI runner."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mixer_edge import cli, emulator
+from mixer_edge.compiler import compile_model
+from mixer_edge.data import digits_split
+from mixer_edge.export import open_model
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="session")
+def digits_source():
+    """The bundled digits Mixer, exported to ONNX (the default model of every command)."""
+    return open_model(progress=quiet)
+
+
+@pytest.fixture(scope="session")
+def digits_test():
+    return digits_split("test")
+
+
+@pytest.fixture(scope="session")
+def torch_logits(digits_source, digits_test):
+    import torch
+
+    with torch.no_grad():
+        return digits_source.torch_model(torch.from_numpy(digits_test[0])).numpy()
+
+
+@pytest.fixture(scope="session")
+def build_artifact(digits_source, tmp_path_factory):
+    """build_artifact(target) -> path of the digits model compiled for that target (built once)."""
+    built = {}
+
+    def build(target: str) -> Path:
+        if target not in built:
+            out = tmp_path_factory.mktemp("artifacts") / target
+            compile_model(digits_source, target, out, progress=quiet)
+            built[target] = out
+        return built[target]
+
+    return build
+
+
+@pytest.fixture
+def copy_artifact(build_artifact, tmp_path):
+    """A private copy of a built artifact, for tests that tamper with it."""
+    def copy(target: str) -> Path:
+        dest = tmp_path / f"copy-{target}"
+        shutil.copytree(build_artifact(target), dest)
+        return dest
+
+    return copy
+
+
+@pytest.fixture(scope="session")
+def board():
+    """The emulated aarch64 board (built on first use; CI builds it before the tests)."""
+    return emulator.setup(progress=quiet)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """run_cli(*args) -> (exit code, stdout, stderr) of the mixer-edge command, in process."""
+    def run(*args: str):
+        code = cli.main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    """A user mistake: exit code 2, one line on stderr naming the problem, no traceback."""
+    lines = [line for line in err.splitlines() if line.startswith("mixer-edge: error:")]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Temporary files or directories an atomic write would leave behind if it failed badly."""
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(".") and ".tmp" in p.name)
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a.argmax(1) == b.argmax(1)).mean())

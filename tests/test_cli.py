@@ -1,0 +1,107 @@
+"""The mixer-edge command: the main job end to end, and one clear line for each user mistake."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import torch
+
+from mixer_edge.model import create_model
+
+from conftest import assert_one_line_error, leftovers
+
+
+def test_targets_lists_every_preset(run_cli):
+    code, out, _ = run_cli("targets")
+    assert code == 0
+    for name in ("x86-avx512", "rpi4", "rpi5", "jetson-orin", "cuda", "h100", "android-vulkan"):
+        assert f"\n{name} " in "\n" + out
+
+
+def test_compile_run_inspect(run_cli, tmp_path):
+    code, out, err = run_cli("compile", "--target", "host,rpi5", "-o", tmp_path)
+    assert code == 0, err
+    host = next(tmp_path.glob("mixer_digits-x86-*"))
+    assert "top-1 agreement 100.00%" in out and (tmp_path / "mixer_digits-rpi5" / "model.so").is_file()
+    code, out, _ = run_cli("run", host, "--show", "1")
+    assert code == 0 and "top-1 accuracy on digits-test: 98.61% (360 samples)" in out
+    code, out, _ = run_cli("inspect", tmp_path / "mixer_digits-rpi5")
+    assert code == 0 and "rpi5" in out and "asimddp" in out
+    code, out, _ = run_cli("inspect", "--json", host)
+    assert json.loads(out)["verification"]["top1_agreement"] == 1.0
+
+
+def test_export_command(run_cli, tmp_path):
+    code, out, err = run_cli("export", "-o", tmp_path / "digits.onnx", "--dynamic-batch")
+    assert code == 0, err
+    assert "opset 18" in out
+    assert [p.name for p in tmp_path.iterdir()] == ["digits.onnx"]
+
+
+def test_train_command(run_cli, tmp_path):
+    code, out, _ = run_cli("train", "--epochs", "1", "-o", tmp_path / "d.safetensors")
+    assert code == 0 and "test accuracy" in out
+    code, out, err = run_cli("compile", "--checkpoint", tmp_path / "d.safetensors", "-o", tmp_path / "art")
+    assert code == 0, err
+
+
+def test_unknown_target(run_cli, tmp_path):
+    code, _, err = run_cli("compile", "--target", "rpi6", "-o", tmp_path / "out")
+    assert_one_line_error(code, err, "unknown target 'rpi6'", "rpi5")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_onnx(run_cli, tmp_path):
+    code, _, err = run_cli("compile", "--model", tmp_path / "nope.onnx", "-o", tmp_path / "out")
+    assert_one_line_error(code, err, "nope.onnx does not exist")
+
+
+def test_corrupt_onnx(run_cli, tmp_path):
+    (tmp_path / "bad.onnx").write_bytes(b"\x00\x01 definitely not protobuf")
+    code, _, err = run_cli("compile", "--model", tmp_path / "bad.onnx", "-o", tmp_path / "out")
+    assert_one_line_error(code, err, "bad.onnx is not a valid model", "re-export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def test_mismatched_checkpoint(run_cli, tmp_path):
+    torch.save(create_model("mixer_tiny").state_dict(), tmp_path / "tiny.pth")
+    code, _, err = run_cli("compile", "--model", "mixer_digits", "--checkpoint", tmp_path / "tiny.pth", "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "tiny.pth does not fit", "'stem.proj.weight' is (32, 3, 8, 8)")
+    assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []
+
+
+def test_tampered_artifact(run_cli, build_artifact, tmp_path):
+    root = tmp_path / "art"
+    shutil.copytree(build_artifact("host"), root)
+    with open(root / "model.so", "r+b") as f:
+        f.seek(4096)
+        f.write(b"\x90" * 16)
+    code, _, err = run_cli("run", root)
+    assert_one_line_error(code, err, "model.so does not match its sha256")
+
+
+def test_missing_cross_compiler(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no aarch64-linux-gnu-g++ anywhere
+    code, _, err = run_cli("compile", "--target", "rpi4", "-o", tmp_path / "out")
+    assert_one_line_error(code, err, "aarch64-linux-gnu-g++", "apt-get install g++-aarch64-linux-gnu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_batch(run_cli):
+    code, _, err = run_cli("compile", "--batch", "0")
+    assert_one_line_error(code, err, "--batch must be at least 1")
+
+
+def test_installed_command_prints_no_traceback(tmp_path):
+    exe = shutil.which("mixer-edge")
+    assert exe, "install the package (pip install -e .) so the console script exists"
+    proc = subprocess.run([exe, "inspect", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"mixer-edge: error: {tmp_path} is not a mixer-edge artifact (no manifest.json): " \
+                                  "pass the directory `compile` wrote"
+
+
+def test_module_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mixer_edge.cli", "run", str(tmp_path / "x")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr

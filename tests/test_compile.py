@@ -1,0 +1,102 @@
+"""Builds for every kind of target: host (run and compared here), ARM (ELF checked), CUDA (fat binary checked)."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mixer_edge.compiler import compile_model, resolve_target
+from mixer_edge.errors import MixerEdgeError
+from mixer_edge.runtime import library_arch, load
+
+from conftest import leftovers, quiet
+
+CUDA_PRESETS = {"cuda": {"sm_75", "sm_80", "sm_86", "sm_89", "sm_90"}, "jetson-orin": {"sm_87"},
+                "a100": {"sm_80"}, "l4": {"sm_89"}, "h100": {"sm_90"}}
+
+
+def cuobjdump() -> str:
+    """The cuobjdump of the nvidia-cuda-cuobjdump wheel (a test dependency), else one on PATH."""
+    wheel = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages" / \
+        "nvidia" / "cu13" / "bin" / "cuobjdump"
+    found = str(wheel) if wheel.is_file() else shutil.which("cuobjdump")
+    assert found, "install the test extra: pip install -e '.[test]'"
+    return found
+
+
+def test_host_artifact_reproduces_torch(build_artifact, digits_test, torch_logits):
+    model = load(build_artifact("host"))
+    logits = model(digits_test[0])
+    assert (logits.argmax(1) == torch_logits.argmax(1)).mean() == 1.0
+    assert np.abs(logits - torch_logits).max() < 1e-4
+    check = model.manifest["verification"]
+    assert check["status"] == "verified" and check["samples"] == 360 and check["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("target", ["rpi4", "rpi5"])
+def test_arm_artifacts_are_aarch64_libraries(build_artifact, target):
+    root = build_artifact(target)
+    assert library_arch(root / "model.so") == "aarch64"
+    needed = subprocess.run(["aarch64-linux-gnu-readelf", "-d", str(root / "model.so")], capture_output=True,
+                            text=True).stdout
+    libs = {line.split("[")[1].split("]")[0] for line in needed.splitlines() if "(NEEDED)" in line}
+    assert libs <= {"libc.so.6", "libm.so.6", "libstdc++.so.6", "libgcc_s.so.1", "ld-linux-aarch64.so.1"}
+
+
+@pytest.mark.parametrize("target", sorted(CUDA_PRESETS))
+def test_cuda_artifacts_hold_a_fat_binary_for_the_preset(build_artifact, target):
+    root = build_artifact(target)
+    listing = subprocess.run([cuobjdump(), "--list-elf", "--list-ptx", str(root / "kernels.fatbin")],
+                             capture_output=True, text=True, check=True).stdout
+    cubins = {line.split(".")[-2] for line in listing.splitlines() if line.startswith("ELF file")}
+    assert cubins == CUDA_PRESETS[target]
+    assert ("PTX file" in listing) == (target == "cuda")  # the generic preset adds PTX for newer GPUs
+    host = "aarch64" if target == "jetson-orin" else "x86_64"
+    assert library_arch(root / "model.so") == host
+
+
+def test_orin_cubin_holds_the_model_kernels(build_artifact):
+    elf = subprocess.run([cuobjdump(), "--dump-elf", str(build_artifact("jetson-orin") / "kernels.fatbin")],
+                         capture_output=True, text=True, check=True).stdout
+    kernels = {line.split(".text.")[1].strip() for line in elf.splitlines() if ".text." in line}
+    assert "arch = sm_87" in elf
+    assert any("matmul" in k for k in kernels) and any("layer_norm" in k for k in kernels), kernels
+
+
+@pytest.mark.parametrize("target", ["android-vulkan", "rpi5-vulkan"])
+def test_vulkan_targets_fail_clearly_without_the_codegen(digits_source, tmp_path, target):
+    with pytest.raises(MixerEdgeError, match="Vulkan code generator"):
+        compile_model(digits_source, target, tmp_path / "v", progress=quiet)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_xavier_needs_an_older_nvcc(digits_source, tmp_path):
+    with pytest.raises(MixerEdgeError, match="sm_72, which this nvcc cannot compile"):
+        compile_model(digits_source, "jetson-xavier", tmp_path / "x", progress=quiet)
+
+
+def test_missing_cross_compiler_is_named(digits_source, tmp_path):
+    preset = tmp_path / "board.toml"
+    preset.write_text(Path(resolve_target("rpi4").source).read_text().replace("aarch64-linux-gnu-g++", "aarch64-nowhere-g++"))
+    with pytest.raises(MixerEdgeError, match="cross compiler aarch64-nowhere-g\\+\\+, not on PATH"):
+        compile_model(digits_source, str(preset), tmp_path / "out", progress=quiet)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_tar_artifact(digits_source, tmp_path, digits_test, torch_logits):
+    manifest = compile_model(digits_source, "host", tmp_path / "digits.tar", progress=quiet)
+    assert manifest["verification"]["top1_agreement"] == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.tar"]
+    assert np.abs(load(tmp_path / "digits.tar")(digits_test[0][:5]) - torch_logits[:5]).max() < 1e-4
+
+
+def test_rebuild_replaces_the_artifact_whole(digits_source, tmp_path):
+    out = tmp_path / "a"
+    compile_model(digits_source, "host", out, verify=False, progress=quiet)
+    (out / "stale.txt").write_text("from an older build")
+    compile_model(digits_source, "host", out, verify=False, progress=quiet)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.so", "params.npz"]
+    assert leftovers(tmp_path) == []
