@@ -92,15 +92,28 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def read_metadata(path: str | Path) -> dict:
-    """The JSON metadata mixer-edge stores in a .safetensors header (empty for other files)."""
+    """The metadata of a .safetensors header, JSON values decoded (empty for other files).
+
+    mixer-edge stores its preset, config, preprocessing and labels there; timm stores {"format": "pt"}.
+    """
     path = Path(path)
-    if path.suffix.lower() != ".safetensors":
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
         return {}
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return {k: json.loads(v) for k, v in meta.items()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:
+        raise MixerEdgeError(f"checkpoint {path} could not be read ({type(exc).__name__}: {exc})") from exc
+    return {k: _json_or_text(v) for k, v in meta.items()}
+
+
+def _json_or_text(value: str):
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def load_into(model: MlpMixer, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> MlpMixer:

@@ -63,7 +63,7 @@ def cmd_export(args) -> None:
 def cmd_compile(args) -> None:
     from .compiler import compile_model, resolve_target
 
-    targets = [t for spec in args.target for t in spec.split(",") if t]
+    targets = [t for spec in (args.target or ["host"]) for t in spec.split(",") if t]
     presets = [resolve_target(t) for t in targets]  # all target errors before any work
     source = _open_model(args)
     for preset in presets:
@@ -89,7 +89,9 @@ def cmd_run(args) -> None:
 
         manifest = runtime.read_manifest(runtime.artifact_dir(args.artifact))
         x, y = load_inputs(args.input, Preprocess.from_dict(manifest["preprocess"]))
-        cpu = resolve_target(args.board).emulator_cpu or args.board
+        cpu = resolve_target(args.board).emulator_cpu
+        if not cpu:
+            raise MixerEdgeError(f"--board {args.board} has no emulated CPU: use an ARM board preset such as rpi4 or rpi5")
         logits = emulator.run_artifact(args.artifact, x, cpu)
         labels = manifest["labels"]
     else:
@@ -162,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile a model into a deployable artifact for one or more targets")
     _model_args(p)
-    p.add_argument("--target", action="append", default=None,
-                   help="preset name, host, a .toml file or a JSON TVM target; repeat or comma-separate for several")
+    p.add_argument("--target", action="append",
+                   help="preset name, host (the default), a .toml file or a JSON TVM target; repeat or "
+                   "comma-separate for several")
     p.add_argument("-o", "--output", help="artifact directory (or .tar); with several targets, their parent "
                    "(default artifacts/MODEL-TARGET)")
     p.add_argument("--no-verify", action="store_true", help="skip running the artifact against the reference")
@@ -172,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run an artifact on images, a .npy/.npz, or the digits test split")
     p.add_argument("artifact", help="artifact directory or .tar")
     p.add_argument("--input", default="digits-test", help="image, image folder, .npy/.npz, digits-test (default)")
-    p.add_argument("--board", help="run on the emulated ARM board of this preset (rpi4, rpi5) or qemu CPU name")
+    p.add_argument("--board", help="run on the emulated ARM board of this preset (rpi4, rpi5) instead of this machine")
     p.add_argument("--top", type=int, default=3, help="classes to show per input")
     p.add_argument("--show", type=int, default=5, help="inputs to print")
     p.add_argument("--save", help="write all logits to this .npy file")
@@ -198,8 +201,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "compile" and not args.target:
-        args.target = ["host"]
     try:
         args.func(args)
     except MixerEdgeError as exc:

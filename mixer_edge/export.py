@@ -120,6 +120,9 @@ def load_onnx(path: str | Path):
     if len(spec.shape) != 4 or inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise MixerEdgeError(f"ONNX file {path} input '{spec.name}' is {spec.dtype}{list(spec.shape)}: "
                              "expected a float32 NCHW image batch")
+    if not all(isinstance(d, int) and d > 0 for d in spec.shape[1:]):
+        raise MixerEdgeError(f"ONNX file {path} input '{spec.name}' has symbolic channels or size {list(spec.shape)}: "
+                             "export it with a fixed image size (only the batch may be dynamic)")
     return proto
 
 

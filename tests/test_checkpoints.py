@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mixer_edge.checkpoints import load_checkpoint, read_state_dict
+from mixer_edge.checkpoints import load_checkpoint, read_metadata, read_state_dict
 from mixer_edge.errors import MixerEdgeError
 from mixer_edge.model import create_model, preset
 
@@ -63,6 +63,14 @@ def test_timm_safetensors(reference, tmp_path):
     assert same_outputs(reference, load_checkpoint(tmp_path / "m.safetensors", preset("mixer_tiny")))
 
 
+def test_timm_safetensors_with_timm_metadata_through_open_model(reference, tmp_path):
+    from mixer_edge.export import open_model
+
+    save_file(reference.state_dict(), tmp_path / "m.safetensors", metadata={"format": "pt"})
+    source = open_model("mixer_tiny", str(tmp_path / "m.safetensors"), progress=lambda *_: None)
+    assert same_outputs(reference, source.torch_model) and source.export["max_abs_diff_vs_torch"] < 1e-4
+
+
 def test_official_flax_npz(reference, tmp_path):
     np.savez(tmp_path / "m.npz", **official_npz(reference))
     assert same_outputs(reference, load_checkpoint(tmp_path / "m.npz", preset("mixer_tiny")))
@@ -96,6 +104,8 @@ def test_corrupt_and_unknown_files(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(MixerEdgeError, match="could not be read"):
         read_state_dict(tmp_path / "bad.safetensors")
+    with pytest.raises(MixerEdgeError, match="could not be read"):
+        read_metadata(tmp_path / "bad.safetensors")
     (tmp_path / "m.ckpt").write_bytes(b"")
     with pytest.raises(MixerEdgeError, match="unknown suffix"):
         read_state_dict(tmp_path / "m.ckpt")

@@ -109,3 +109,10 @@ def test_bad_onnx_files(tmp_path):
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), tmp_path / "flat.onnx")
     with pytest.raises(MixerEdgeError, match="expected a float32 NCHW image batch"):
         load_onnx(tmp_path / "flat.onnx")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 3, "h", "w"])])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), tmp_path / "sym.onnx")
+    with pytest.raises(MixerEdgeError, match="symbolic channels or size"):
+        load_onnx(tmp_path / "sym.onnx")
