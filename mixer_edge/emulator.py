@@ -27,7 +27,7 @@ PYTHON = "python3.11"
 DEBIAN_ROOTS = [f"{PYTHON}-minimal:arm64", f"lib{PYTHON}-stdlib:arm64", "libstdc++6:arm64"]
 WHEELS = ["apache-tvm", "apache-tvm-ffi", "numpy"]  # at the host's versions
 SKIP_DEBS = {"dpkg", "tar", "install-info"}  # tools apt pulls in that the board never runs
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # so the board imports this mixer_edge
+PACKAGE = Path(__file__).resolve().parent  # this mixer_edge, imported on the board through a link
 
 
 def board_dir(root: str | Path | None = None) -> Path:
@@ -95,10 +95,15 @@ def python(script: str, cpu: str, root: str | Path | None = None, timeout: float
     if not (root / "board.json").is_file():
         raise MixerEdgeError(f"no emulated board in {root}: run 'mixer-edge emulator setup' first")
     sysroot = root / "sysroot"
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": f"{root / 'site'}:{PACKAGE_ROOT}",
-           "PYTHONDONTWRITEBYTECODE": "1", "TVM_FFI_DISABLE_TORCH_C_DLPACK": "1", "HOME": str(root)}
-    cmd = [QEMU, "-cpu", cpu, "-L", str(sysroot), str(sysroot / "usr" / "bin" / PYTHON), "-c", script]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    with tempfile.TemporaryDirectory() as code:  # only mixer_edge, not the host's other packages
+        (Path(code) / "mixer_edge").symlink_to(PACKAGE)
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": f"{root / 'site'}:{code}",
+               "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(root)}
+        cmd = [QEMU, "-cpu", cpu, "-L", str(sysroot), str(sysroot / "usr" / "bin" / PYTHON), "-c", script]
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise MixerEdgeError(f"the emulated {cpu} board did not finish within {timeout:.0f}s") from exc
 
 
 _RUN_ARTIFACT = """
