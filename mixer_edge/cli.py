@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from .atomic import atomic_file
 from .errors import MixerEdgeError
 
 
@@ -19,15 +20,31 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="a preset name (mixer_s16, mixer_digits, ...) or a Mixer .onnx file")
     g.add_argument("--checkpoint", help="weights for the preset: timm .pth/.safetensors or official Flax .npz")
     g.add_argument("--num-classes", type=int, help="classifier size, when the checkpoint's differs from the preset's")
-    g.add_argument("--batch", type=int, default=1, help="static batch size of the build (default 1)")
+    g.add_argument("--batch", default="1", help="static batch size; compile takes several (1,8,64), one artifact each")
 
 
-def _open_model(args, dynamic_batch: bool = False):
+def _build_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", action="append",
+                   help="preset name, host (the default), a .toml file or a JSON TVM target; repeat or "
+                   "comma-separate for several")
+    p.add_argument("--precision", help="float32, or float16 (fp16 compute, fp32 accumulation) where the target "
+                   "has it; comma-separate for several (default: the target's)")
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        batches = [int(b) for b in text.split(",") if b]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise MixerEdgeError(f"--batch takes positive whole numbers such as 1 or 1,8,64, not '{text}'")
+    return batches
+
+
+def _open_model(args, batches: list[int], dynamic_batch: bool = False):
     from .export import open_model
 
-    if args.batch < 1:
-        raise MixerEdgeError(f"--batch must be at least 1, not {args.batch}")
-    return open_model(args.model, args.checkpoint, batch=args.batch, dynamic_batch=dynamic_batch,
+    return open_model(args.model, args.checkpoint, batch=batches[0], dynamic_batch=dynamic_batch or len(batches) > 1,
                       num_classes=args.num_classes, progress=say)
 
 
@@ -54,26 +71,64 @@ def cmd_export(args) -> None:
 
     if args.model and args.model.endswith(".onnx"):
         raise MixerEdgeError("export takes a preset (and checkpoint), not an ONNX file: it is already exported")
-    source = _open_model(args, dynamic_batch=args.dynamic_batch)
-    report = export_onnx(source.torch_model, args.output, batch=args.batch, dynamic_batch=args.dynamic_batch,
+    batches = _batches(args.batch)
+    if len(batches) > 1:
+        raise MixerEdgeError("export writes one ONNX file: give one --batch, or --dynamic-batch for any")
+    batch = batches[0]
+    source = _open_model(args, batches, dynamic_batch=args.dynamic_batch)
+    report = export_onnx(source.torch_model, args.output, batch=batch, dynamic_batch=args.dynamic_batch,
                          simplify=not args.no_simplify)
     print(f"wrote {args.output}: opset {report['opset']}, max |onnxruntime - torch| = {report['max_abs_diff_vs_torch']:.2e}")
 
 
-def cmd_compile(args) -> None:
+def _compile_all(args, output: str | None, parent: str, verify: bool):
+    """Compile every (target, precision, batch) the arguments name; returns the source and (path, manifest) pairs."""
     from .compiler import compile_model, resolve_target
 
     targets = [t for spec in (args.target or ["host"]) for t in spec.split(",") if t]
-    presets = [resolve_target(t) for t in targets]  # all target errors before any work
-    source = _open_model(args)
-    for preset in presets:
-        out = Path(args.output) if args.output and len(presets) == 1 else \
-            Path(args.output or "artifacts") / f"{source.name}-{preset.name}"
-        manifest = compile_model(source, preset, out, batch=args.batch, verify=not args.no_verify, progress=say)
+    presets = [resolve_target(t) for t in targets]  # all argument errors before any work
+    batches = _batches(args.batch)
+    precisions = [p for p in (args.precision or "").split(",") if p] or [None]
+    builds = [(preset, precision or preset.precision, batch)
+              for preset in presets for precision in precisions for batch in batches]
+    for preset, precision, _ in builds:
+        if precision not in preset.precisions:
+            raise MixerEdgeError(f"--precision {precision}: target {preset.name} builds {', '.join(preset.precisions)}")
+    source = _open_model(args, batches)
+    built = []
+    for preset, precision, batch in builds:
+        name = f"{source.name}-{preset.name}" + ("-fp16" if precision == "float16" else "") + \
+            (f"-b{batch}" if batch != 1 else "")
+        out = Path(output) if output and len(builds) == 1 else Path(output or parent) / name
+        built.append((out, compile_model(source, preset, out, batch=batch, precision=precision, verify=verify,
+                                         progress=say)))
+    return source, built
+
+
+def cmd_compile(args) -> None:
+    for out, manifest in _compile_all(args, args.output, "artifacts", verify=not args.no_verify)[1]:
+        preset = manifest["target"]["preset"]
         check = manifest.get("verification", {})
         detail = (f"top-1 agreement {check['top1_agreement']:.2%}, max |logit diff| {check['max_abs_logit_diff']:.1e}"
                   if check.get("status") == "verified" else "not run here (" + check.get("reason", "skipped") + ")")
-        print(f"{out}: {preset.name} artifact; verification: {detail}")
+        print(f"{out}: {preset} artifact; verification: {detail}")
+
+
+def cmd_bench(args) -> None:
+    import tempfile
+
+    from .bench import compare, format_rows
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # compare() checks every artifact against PyTorch itself
+        source, built = _compile_all(args, None, tmp, verify=False)
+        rows = compare(source, [out for out, _ in built], rounds=args.rounds, progress=say)
+    print(format_rows(rows))
+    if args.json:
+        from .artifact import versions
+
+        with atomic_file(args.json) as tmp_json:
+            tmp_json.write_text(json.dumps({"versions": versions(), "rows": rows}, indent=2))
 
 
 def cmd_run(args) -> None:
@@ -123,7 +178,9 @@ def cmd_inspect(args) -> None:
     print(f"target     {target['preset']}: {target['description']}")
     print(f"device     {target['device']['arch']}, needs {', '.join(target['device']['cpu_features']) or 'no extensions'}"
           + (f"; CUDA {', '.join(manifest['cuda']['archs'])}" if "cuda" in manifest else ""))
-    print(f"precision  {manifest['precision']['default']}")
+    precision = manifest["precision"]
+    print(f"precision  {precision['compute']} compute, {precision['accumulation']} accumulation, "
+          f"weights {'/'.join(precision['weights'])}; batch {manifest['input']['shape'][0]}")
     print(f"built      {manifest['created']} in {manifest['build']['seconds']}s with TVM {manifest['versions'].get('apache-tvm')}")
     if check.get("status") == "verified":
         print(f"verified   on {check['data']}: top-1 agreement {check['top1_agreement']:.2%}, "
@@ -164,13 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile a model into a deployable artifact for one or more targets")
     _model_args(p)
-    p.add_argument("--target", action="append",
-                   help="preset name, host (the default), a .toml file or a JSON TVM target; repeat or "
-                   "comma-separate for several")
-    p.add_argument("-o", "--output", help="artifact directory (or .tar); with several targets, their parent "
-                   "(default artifacts/MODEL-TARGET)")
+    _build_args(p)
+    p.add_argument("-o", "--output", help="artifact directory (or .tar); with several builds, their parent "
+                   "(default artifacts/MODEL-TARGET[-fp16][-bBATCH])")
     p.add_argument("--no-verify", action="store_true", help="skip running the artifact against the reference")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("bench", help="build, then time against PyTorch eager and onnxruntime on this machine")
+    _model_args(p)
+    _build_args(p)
+    p.add_argument("--rounds", type=int, default=20, help="interleaved rounds (each runs every candidate 5 times)")
+    p.add_argument("--json", help="also write the measurements to this file")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("run", help="run an artifact on images, a .npy/.npz, or the digits test split")
     p.add_argument("artifact", help="artifact directory or .tar")

@@ -139,6 +139,8 @@ def input_spec(proto) -> InputSpec:
 def open_model(model: str | None = None, checkpoint: str | None = None, batch: int = 1,
                dynamic_batch: bool = False, num_classes: int | None = None, progress=print) -> ModelSource:
     """Resolve the user's model arguments into a ModelSource (see the module docstring)."""
+    import torch
+
     from . import checkpoints
     from .model import MixerConfig, create_model, preset
 
@@ -166,7 +168,8 @@ def open_model(model: str | None = None, checkpoint: str | None = None, batch: i
         progress(f"loading checkpoint {checkpoint}")
         torch_model = checkpoints.load_checkpoint(checkpoint, cfg)
     else:
-        progress(f"no checkpoint given: {name} gets random weights (fine for latency, not for accuracy)")
+        progress(f"no checkpoint given: {name} gets random weights, seed 0 (fine for latency, not for accuracy)")
+        torch.manual_seed(0)  # the same weights in every build, so builds can be compared with each other
         torch_model = create_model(cfg).eval()
     pre = Preprocess.from_dict(meta["preprocess"]) if "preprocess" in meta else Preprocess(
         size=(cfg.img_size, cfg.img_size), channels=cfg.in_chans, mean=(0.5,) * cfg.in_chans, std=(0.5,) * cfg.in_chans)

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from mixer_edge.model import create_model
@@ -44,6 +45,25 @@ def test_train_command(run_cli, tmp_path):
     assert code == 0 and "test accuracy" in out
     code, out, err = run_cli("compile", "--checkpoint", tmp_path / "d.safetensors", "-o", tmp_path / "art")
     assert code == 0, err
+
+
+def test_precisions_and_batches_make_one_artifact_each(run_cli, tmp_path):
+    code, out, err = run_cli("compile", "--target", "cuda", "--precision", "float32,float16", "--batch", "1,4",
+                             "-o", tmp_path)
+    assert code == 0, err
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["mixer_digits-cuda", "mixer_digits-cuda-b4", "mixer_digits-cuda-fp16", "mixer_digits-cuda-fp16-b4"]
+    code, out, _ = run_cli("inspect", tmp_path / "mixer_digits-cuda-fp16-b4")
+    assert "float16 compute, float32 accumulation" in out and "batch 4" in out
+
+
+def test_bench_reports_ratios_beside_pytorch_and_onnxruntime(run_cli, tmp_path):
+    code, out, err = run_cli("bench", "--target", "host", "--rounds", "2", "--json", tmp_path / "b.json")
+    assert code == 0, err
+    assert "| mixer-edge float32 |" in out and "| pytorch eager float32 |" in out and "onnxruntime CPU" in out
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert rows[0]["vs_torch_fp32"]["top1_agreement"] == 1.0
+    assert rows[0]["latency"]["pytorch eager float32"]["speedup_vs_pytorch_fp32"] == 1.0
 
 
 def test_unknown_target(run_cli, tmp_path):
@@ -88,9 +108,17 @@ def test_missing_cross_compiler(run_cli, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_batch(run_cli):
-    code, _, err = run_cli("compile", "--batch", "0")
-    assert_one_line_error(code, err, "--batch must be at least 1")
+@pytest.mark.parametrize("args, message", [
+    (("compile", "--batch", "0"), "--batch takes positive whole numbers"),
+    (("compile", "--batch", "1,x"), "--batch takes positive whole numbers"),
+    (("compile", "--target", "rpi4", "--precision", "float16"), "target rpi4 builds float32"),
+    (("compile", "--target", "cuda", "--precision", "bfloat16"), "--precision bfloat16"),
+    (("export", "-o", "x.onnx", "--batch", "1,8"), "give one --batch"),
+    (("run", "nowhere", "--board", "x86-avx2"), "does not exist"),
+])
+def test_bad_build_arguments(run_cli, args, message):
+    code, _, err = run_cli(*args)
+    assert_one_line_error(code, err, message)
 
 
 def test_installed_command_prints_no_traceback(tmp_path):

@@ -1,5 +1,6 @@
 """Builds for every kind of target: host (run and compared here), ARM (ELF checked), CUDA (fat binary checked)."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -8,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mixer_edge.compiler import compile_model, resolve_target
+from mixer_edge.compiler import build, compile_model, resolve_target
 from mixer_edge.errors import MixerEdgeError
+from mixer_edge.export import export_onnx, load_onnx
+from mixer_edge.model import create_model, preset
 from mixer_edge.runtime import library_arch, load
 
 from conftest import leftovers, quiet
@@ -18,13 +21,22 @@ CUDA_PRESETS = {"cuda": {"sm_75", "sm_80", "sm_86", "sm_89", "sm_90"}, "jetson-o
                 "a100": {"sm_80"}, "l4": {"sm_89"}, "h100": {"sm_90"}}
 
 
-def cuobjdump() -> str:
-    """The cuobjdump of the nvidia-cuda-cuobjdump wheel (a test dependency), else one on PATH."""
-    wheel = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages" / \
-        "nvidia" / "cu13" / "bin" / "cuobjdump"
-    found = str(wheel) if wheel.is_file() else shutil.which("cuobjdump")
+CUDA_TOOLS = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages" / \
+    "nvidia" / "cu13" / "bin"  # cuobjdump and nvdisasm, from the test extra's wheels
+
+
+def cuobjdump(*args: str) -> str:
+    """cuobjdump's output (the wheels' copy, else one on PATH); --dump-sass also needs nvdisasm."""
+    tool = CUDA_TOOLS / "cuobjdump"
+    found = str(tool) if tool.is_file() else shutil.which("cuobjdump")
     assert found, "install the test extra: pip install -e '.[test]'"
-    return found
+    env = {**os.environ, "PATH": f"{CUDA_TOOLS}:{os.environ['PATH']}"}
+    return subprocess.run([found, *args], capture_output=True, text=True, check=True, env=env).stdout
+
+
+def tensor_core_ops(fat_binary: bytes, tmp_path: Path) -> int:
+    (tmp_path / "k.fatbin").write_bytes(fat_binary)
+    return cuobjdump("--dump-sass", str(tmp_path / "k.fatbin")).count("HMMA")
 
 
 def test_host_artifact_reproduces_torch(build_artifact, digits_test, torch_logits):
@@ -49,8 +61,7 @@ def test_arm_artifacts_are_aarch64_libraries(build_artifact, target):
 @pytest.mark.parametrize("target", sorted(CUDA_PRESETS))
 def test_cuda_artifacts_hold_a_fat_binary_for_the_preset(build_artifact, target):
     root = build_artifact(target)
-    listing = subprocess.run([cuobjdump(), "--list-elf", "--list-ptx", str(root / "kernels.fatbin")],
-                             capture_output=True, text=True, check=True).stdout
+    listing = cuobjdump("--list-elf", "--list-ptx", str(root / "kernels.fatbin"))
     cubins = {line.split(".")[-2] for line in listing.splitlines() if line.startswith("ELF file")}
     assert cubins == CUDA_PRESETS[target]
     assert ("PTX file" in listing) == (target == "cuda")  # the generic preset adds PTX for newer GPUs
@@ -59,11 +70,39 @@ def test_cuda_artifacts_hold_a_fat_binary_for_the_preset(build_artifact, target)
 
 
 def test_orin_cubin_holds_the_model_kernels(build_artifact):
-    elf = subprocess.run([cuobjdump(), "--dump-elf", str(build_artifact("jetson-orin") / "kernels.fatbin")],
-                         capture_output=True, text=True, check=True).stdout
+    elf = cuobjdump("--dump-elf", str(build_artifact("jetson-orin") / "kernels.fatbin"))
     kernels = {line.split(".text.")[1].strip() for line in elf.splitlines() if ".text." in line}
     assert "arch = sm_87" in elf
     assert any("matmul" in k for k in kernels) and any("layer_norm" in k for k in kernels), kernels
+
+
+@pytest.fixture(scope="module")
+def s16_block(tmp_path_factory):
+    """One Mixer-S/16 block (full-size shapes: 196 tokens x 512 channels) as ONNX."""
+    path = tmp_path_factory.mktemp("s16") / "s16-1block.onnx"
+    export_onnx(create_model(preset("mixer_s16", depth=1)).eval(), path)
+    return load_onnx(path)
+
+
+def test_float16_server_build_uses_tensor_cores(s16_block, tmp_path):
+    fp16 = build(s16_block, resolve_target("h100"), precision="float16")
+    fp32 = build(s16_block, resolve_target("h100"), precision="float32")
+    assert tensor_core_ops(fp16.cuda.fat_binary, tmp_path) > 0  # HMMA: fp16 multiply, fp32 accumulate
+    assert tensor_core_ops(fp32.cuda.fat_binary, tmp_path) == 0
+    assert {str(a.dtype) for a in fp16.params.values()} == {"float16", "float32"}  # weights cast at build time
+    assert {str(a.dtype) for a in fp32.params.values() if a.dtype.kind == "f"} == {"float32"}
+
+
+def test_precision_and_batch_are_recorded(digits_source, tmp_path):
+    manifest = compile_model(digits_source, "jetson-orin", tmp_path / "orin", precision="float16", progress=quiet)
+    assert manifest["precision"]["compute"] == "float16" and manifest["precision"]["accumulation"] == "float32"
+    assert manifest["input"]["shape"][0] == 1 and manifest["output"]["shape"] == [1, 10]
+    assert resolve_target("h100").precision == "float16" and resolve_target("jetson-orin").precision == "float32"
+
+
+def test_float16_is_refused_where_the_target_lacks_it(digits_source, tmp_path):
+    with pytest.raises(MixerEdgeError, match="target rpi5 builds float32, not float16"):
+        compile_model(digits_source, "rpi5", tmp_path / "x", precision="float16", progress=quiet)
 
 
 @pytest.mark.parametrize("target", ["android-vulkan", "rpi5-vulkan"])

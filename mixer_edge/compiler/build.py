@@ -35,6 +35,7 @@ class Built:
     params: dict[str, np.ndarray]  # in the order `main` takes them after the input
     preset: TargetPreset
     batch: int
+    precision: str
     seconds: float
     cuda: CudaKernels | None = None
 
@@ -87,8 +88,18 @@ def import_onnx(proto, batch: int):
         raise MixerEdgeError(f"TVM's ONNX importer rejected the model ({first}): simplify it with onnxsim or "
                              "replace the unsupported operator") from exc
     mod, params = relax.frontend.detach_params(mod)
-    names = [str(p.name) for p in mod["main"].params[1:]]
-    return mod, dict(zip(names, (p.numpy() for p in params.get("main", []))))
+    return mod, weights_by_name(mod, (p.numpy() for p in params.get("main", [])))
+
+
+def weights_by_name(mod, arrays) -> dict[str, np.ndarray]:
+    """`main`'s weight arrays keyed by parameter name, in order; repeated names get a numeric suffix."""
+    named = {}
+    for var, array in zip(mod["main"].params[1:], arrays, strict=True):
+        name, n = str(var.name), 1
+        while name in named:
+            name, n = f"{var.name}.{n}", n + 1
+        named[name] = array
+    return named
 
 
 def cuda_source(executable) -> str:
@@ -119,13 +130,36 @@ def compile_fat_binary(source: str, preset: TargetPreset) -> bytes:
         raise MixerEdgeError(f"nvcc failed for {preset.name} ({str(exc).strip().splitlines()[-1]})") from exc
 
 
-def build(proto, preset: TargetPreset, batch: int = 1) -> Built:
+def mixed_precision(mod, params: dict[str, np.ndarray]):
+    """fp16 compute with fp32 accumulation; the weights are cast once, here, not on every call.
+
+    ToMixedPrecision inserts casts of the weights inside `main`; LiftTransformParams moves every
+    computation on weights alone into `main_transform_params`, which we run now on the host CPU.
+    """
+    import tvm
+    from tvm import relax
+
+    mod = relax.transform.LiftTransformParams()(relax.transform.ToMixedPrecision(out_dtype="float32")(mod))
+    transform = tvm.IRModule({"main_transform_params": mod["main_transform_params"]})
+    vm = relax.VirtualMachine(tvm.compile(transform, tvm.target.Target({"kind": "llvm"})), tvm.cpu())
+    lifted = vm["main_transform_params"]([tvm.runtime.tensor(p) for p in params.values()])
+    del mod["main_transform_params"]
+    return mod, weights_by_name(mod, (t.numpy() for t in lifted))
+
+
+def build(proto, preset: TargetPreset, batch: int = 1, precision: str | None = None) -> Built:
     """Compile an ONNX Mixer for `preset` with TVM's default pipeline for that target."""
     import tvm
 
+    precision = precision or preset.precision
+    if precision not in preset.precisions:
+        raise MixerEdgeError(f"target {preset.name} builds {' or '.join(preset.precisions)}, not {precision}: "
+                             "choose another --precision or target")
     check_toolchain(preset)
     start = time.perf_counter()
     mod, params = import_onnx(proto, batch)
+    if precision == "float16":
+        mod, params = mixed_precision(mod, params)
     target = preset.tvm_target()
     with target:
         try:
@@ -137,4 +171,4 @@ def build(proto, preset: TargetPreset, batch: int = 1) -> Built:
     if preset.kind == "cuda":
         source = cuda_source(executable)
         fat_binary = CudaKernels(compile_fat_binary(source, preset), runtime.sha256_text(source))
-    return Built(executable, params, preset, batch, time.perf_counter() - start, fat_binary)
+    return Built(executable, params, preset, batch, precision, time.perf_counter() - start, fat_binary)

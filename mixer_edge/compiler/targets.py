@@ -19,6 +19,7 @@ from ..resources import data_dir
 from ..runtime import machine_cpu_features
 
 KINDS = ("cpu", "cuda", "vulkan")
+PRECISIONS = ("float32", "float16")  # float16 = mixed precision: fp16 compute, fp32 accumulation
 # LLVM feature name -> the name Linux reports (x86 /proc/cpuinfo flags, arm64 HWCAP names).
 # These are the features a build may use that older CPUs of the same ISA lack.
 LLVM_TO_LINUX_FEATURE = {
@@ -41,6 +42,8 @@ class TargetPreset:
     cuda_ptx: bool = False
     emulator_cpu: str | None = None
     host_candidate: bool = False
+    precision: str = "float32"  # the default
+    precisions: tuple[str, ...] = ("float32",)  # what the device runs well
     source: str = ""  # the file it came from, for error messages
 
     @property
@@ -88,6 +91,7 @@ def _preset_from_dict(name: str, data: dict, source: str) -> TargetPreset:
         cross_compiler=build.get("cross_compiler"), cuda_archs=tuple(build.get("cuda_archs", ())),
         cuda_ptx=bool(build.get("cuda_ptx", False)), emulator_cpu=device.get("emulator_cpu"),
         host_candidate=bool(data.get("host_candidate", False)), source=source,
+        precision=data.get("precision", "float32"), precisions=tuple(data.get("precisions", ("float32",))),
     )
     validate(preset)
     return preset
@@ -99,6 +103,11 @@ def validate(preset: TargetPreset) -> None:
     from tvm.target import codegen
 
     src = preset.source
+    for precision in (preset.precision, *preset.precisions):
+        if precision not in PRECISIONS:
+            raise MixerEdgeError(f"{src}: precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+    if preset.precision not in preset.precisions:
+        raise MixerEdgeError(f"{src}: the default precision '{preset.precision}' is not in precisions")
     try:
         tvm.target.Target(preset.target)
     except Exception as exc:
