@@ -89,11 +89,8 @@ def _compile_all(args, output: str | None, parent: str, verify: bool):
     presets = [resolve_target(t) for t in targets]  # all argument errors before any work
     batches = _batches(args.batch)
     precisions = [p for p in (args.precision or "").split(",") if p] or [None]
-    builds = [(preset, precision or preset.precision, batch)
+    builds = [(preset, preset.resolve_precision(precision), batch)  # refuses before the slow export
               for preset in presets for precision in precisions for batch in batches]
-    for preset, precision, _ in builds:
-        if precision not in preset.precisions:
-            raise MixerEdgeError(f"--precision {precision}: target {preset.name} builds {', '.join(preset.precisions)}")
     source = _open_model(args, batches)
     built = []
     for preset, precision, batch in builds:
@@ -119,6 +116,8 @@ def cmd_bench(args) -> None:
 
     from .bench import compare, format_rows
 
+    if args.model and args.model.lower().endswith(".onnx"):
+        raise MixerEdgeError("bench times artifacts beside PyTorch: give a preset (and --checkpoint), not an ONNX file")
     with tempfile.TemporaryDirectory() as tmp:
         # compare() checks every artifact against PyTorch itself
         source, built = _compile_all(args, None, tmp, verify=False)

@@ -111,8 +111,9 @@ def test_missing_cross_compiler(run_cli, tmp_path, monkeypatch):
 @pytest.mark.parametrize("args, message", [
     (("compile", "--batch", "0"), "--batch takes positive whole numbers"),
     (("compile", "--batch", "1,x"), "--batch takes positive whole numbers"),
-    (("compile", "--target", "rpi4", "--precision", "float16"), "target rpi4 builds float32"),
-    (("compile", "--target", "cuda", "--precision", "bfloat16"), "--precision bfloat16"),
+    (("compile", "--target", "rpi4", "--precision", "float16"), "target rpi4 builds float32, not float16"),
+    (("compile", "--target", "cuda", "--precision", "bfloat16"), "not bfloat16"),
+    (("bench", "--model", "other.onnx"), "not an ONNX file"),
     (("export", "-o", "x.onnx", "--batch", "1,8"), "give one --batch"),
     (("run", "nowhere", "--board", "x86-avx2"), "does not exist"),
 ])

@@ -151,10 +151,7 @@ def build(proto, preset: TargetPreset, batch: int = 1, precision: str | None = N
     """Compile an ONNX Mixer for `preset` with TVM's default pipeline for that target."""
     import tvm
 
-    precision = precision or preset.precision
-    if precision not in preset.precisions:
-        raise MixerEdgeError(f"target {preset.name} builds {' or '.join(preset.precisions)}, not {precision}: "
-                             "choose another --precision or target")
+    precision = preset.resolve_precision(precision)
     check_toolchain(preset)
     start = time.perf_counter()
     mod, params = import_onnx(proto, batch)

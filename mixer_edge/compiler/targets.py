@@ -57,6 +57,14 @@ class TargetPreset:
         triple = self.cpu_target.get("mtriple", f"{platform.machine()}-linux-gnu")
         return triple.split("-")[0]
 
+    def resolve_precision(self, precision: str | None) -> str:
+        """`precision`, or the preset's default; refused if the target does not build it."""
+        precision = precision or self.precision
+        if precision not in self.precisions:
+            raise MixerEdgeError(f"target {self.name} builds {' or '.join(self.precisions)}, not {precision}: "
+                                 "choose another --precision or target")
+        return precision
+
     def tvm_target(self):
         import tvm
 
