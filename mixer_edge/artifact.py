@@ -20,6 +20,7 @@ import numpy as np
 from . import __version__, runtime
 from .atomic import atomic_dir, atomic_file
 from .compiler.build import Built
+from .compiler.webgpu import dispatch_count
 from .errors import MixerEdgeError
 from .export import ModelSource, run_onnxruntime
 
@@ -51,7 +52,8 @@ def manifest_for(built: Built, source: ModelSource) -> dict:
                       "weights": sorted({str(a.dtype) for a in built.params.values()})},
         "params": list(built.params),
         "export": source.export,
-        "build": {"seconds": round(built.seconds, 2), "pipeline": "tvm default", "tuning_db": None},
+        "build": {"seconds": round(built.seconds, 2), "tuning_db": None,
+                  "pipeline": "tvm default, WGSL (webgpu codegen) for wgpu" if built.program else "tvm default"},
         "versions": versions(),
     }
 
@@ -72,15 +74,22 @@ def write_artifact(out: str | Path, built: Built, source: ModelSource, verify: b
 
 
 def _fill(stage: Path, built: Built, source: ModelSource, verify: bool, progress) -> dict:
-    cross = f" with {built.preset.cross_compiler}" if built.preset.cross_compiler else ""
-    progress(f"writing {runtime.LIBRARY}{cross}")
-    try:
-        built.export_library(stage / runtime.LIBRARY)
-    except Exception as exc:
-        raise MixerEdgeError(f"linking {runtime.LIBRARY} for {built.preset.name} failed "
-                             f"({str(exc).strip().splitlines()[-1]})") from exc
-    np.savez(stage / runtime.PARAMS, **built.params)
     manifest = manifest_for(built, source)
+    if built.program is not None:
+        progress(f"writing {runtime.PROGRAM}: {dispatch_count(built.program)} dispatches of "
+                 f"{len(built.program['kernels'])} WGSL kernels")
+        (stage / runtime.PROGRAM).write_text(json.dumps(built.program))
+        manifest["vulkan"] = {"backend": "wgpu", "dispatches": dispatch_count(built.program),
+                              "kernels": len(built.program["kernels"])}
+    else:
+        cross = f" with {built.preset.cross_compiler}" if built.preset.cross_compiler else ""
+        progress(f"writing {runtime.LIBRARY}{cross}")
+        try:
+            built.export_library(stage / runtime.LIBRARY)
+        except Exception as exc:
+            raise MixerEdgeError(f"linking {runtime.LIBRARY} for {built.preset.name} failed "
+                                 f"({str(exc).strip().splitlines()[-1]})") from exc
+    np.savez(stage / runtime.PARAMS, **built.params)
     if built.cuda:
         (stage / runtime.CUDA_KERNELS).write_bytes(built.cuda.fat_binary)
         manifest["cuda"] = {"file": runtime.CUDA_KERNELS, "format": "fatbin", "source_sha256": built.cuda.source_sha256,

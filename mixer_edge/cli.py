@@ -175,8 +175,13 @@ def cmd_inspect(args) -> None:
     print(f"model      {model['name']} (from {model['from']}), input {manifest['input']['name']} "
           f"{manifest['input']['shape']} {manifest['input']['dtype']}, {len(manifest['labels'])} classes")
     print(f"target     {target['preset']}: {target['description']}")
-    print(f"device     {target['device']['arch']}, needs {', '.join(target['device']['cpu_features']) or 'no extensions'}"
-          + (f"; CUDA {', '.join(manifest['cuda']['archs'])}" if "cuda" in manifest else ""))
+    device = target["device"]
+    if device.get("backend") == "wgpu":
+        print(f"device     any Vulkan GPU through wgpu, any CPU: {manifest['vulkan']['dispatches']} dispatches of "
+              f"{manifest['vulkan']['kernels']} WGSL kernels per inference")
+    else:
+        print(f"device     {device['arch']}, needs {', '.join(device['cpu_features']) or 'no extensions'}"
+              + (f"; CUDA {', '.join(manifest['cuda']['archs'])}" if "cuda" in manifest else ""))
     precision = manifest["precision"]
     print(f"precision  {precision['compute']} compute, {precision['accumulation']} accumulation, "
           f"weights {'/'.join(precision['weights'])}; batch {manifest['input']['shape'][0]}")

@@ -26,6 +26,7 @@ MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 PARAMS = "params.npz"
 CUDA_KERNELS = "kernels.fatbin"
+PROGRAM = "program.json"  # WebGPU route: WGSL kernels + launch plan, run by wgpu (mixer_edge.vulkan)
 
 # arm64 Linux HWCAP bits (uapi/asm/hwcap.h): (auxv entry, bit) per feature name. Read through
 # getauxval, which also tells the truth under qemu-user, where /proc/cpuinfo is the host's.
@@ -79,7 +80,7 @@ def read_manifest(path: str | Path) -> dict:
         raise MixerEdgeError(f"{root} has artifact format version {version!r}; this runtime reads version "
                              f"{FORMAT_VERSION}: rebuild it with this mixer-edge")
     files = manifest.get("files")
-    if not isinstance(files, dict) or LIBRARY not in files:
+    if not isinstance(files, dict) or not ({LIBRARY, PROGRAM} & set(files)) or PARAMS not in files:
         raise MixerEdgeError(f"{manifest_path} lists no files to verify: rebuild the artifact")
     for name, expected in files.items():
         file = root / name
@@ -108,6 +109,11 @@ def check_device(manifest: dict, root: Path) -> None:
     """Refuse an artifact whose target this machine cannot run, before loading any code."""
     req = manifest["target"]["device"]
     preset = manifest["target"].get("preset", "?")
+    if req.get("backend") == "wgpu":  # WGSL and a plan: no native code, any CPU
+        from .vulkan import adapter
+
+        adapter()
+        return
     here = platform.machine()
     built_for = library_arch(root / LIBRARY)
     if built_for != req["arch"]:
@@ -132,6 +138,11 @@ def check_device(manifest: dict, root: Path) -> None:
         if sm not in archs and not req.get("cuda_ptx"):
             raise MixerEdgeError(f"artifact holds code for {', '.join(archs)} but this GPU is {sm}: "
                                  "rebuild for this GPU's preset")
+    elif req["kind"] == "vulkan":  # built by a TVM with its Vulkan code generator: TVM's Vulkan runtime
+        import tvm
+
+        if not tvm.vulkan(0).exist:
+            raise MixerEdgeError(f"artifact target {preset} needs a Vulkan GPU and a TVM runtime built with Vulkan")
     elif req["kind"] != "cpu":
         raise MixerEdgeError(f"artifact target kind '{req['kind']}' is not runnable by this runtime")
 
@@ -157,15 +168,28 @@ class Model:
     """A loaded artifact: `model(x)` returns logits for a float32 NCHW batch of any size."""
 
     def __init__(self, root: Path, manifest: dict):
-        import tvm
-        from tvm.runtime.vm import VirtualMachine
-
         self.root, self.manifest = root, manifest
         self.preprocess = Preprocess.from_dict(manifest["preprocess"])
         self.labels = manifest["labels"]
         self.input_shape = tuple(manifest["input"]["shape"])
+        self.output_shape = tuple(manifest["output"]["shape"])
+        with np.load(root / PARAMS, allow_pickle=False) as npz:
+            weights = [npz[name] for name in manifest["params"]]
+        if manifest["target"]["device"].get("backend") == "wgpu":
+            from .vulkan import WgpuProgram
+
+            self.program = WgpuProgram(json.loads((root / PROGRAM).read_text()), weights, self.input_shape)
+            self.device = self.program.adapter_info
+            self._run = lambda x: self.program(x).reshape(self.output_shape)
+        else:
+            self._load_tvm(root, manifest, weights)
+
+    def _load_tvm(self, root: Path, manifest: dict, weights: list[np.ndarray]) -> None:
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+
         kind = manifest["target"]["device"]["kind"]
-        self.device = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
+        self.device = {"cuda": tvm.cuda, "vulkan": tvm.vulkan, "cpu": tvm.cpu}[kind](0)
         mismatch = []
         if kind == "cuda":
             _serve_cuda_kernels(root / CUDA_KERNELS, manifest["cuda"]["source_sha256"], mismatch)
@@ -176,16 +200,14 @@ class Model:
                 raise MixerEdgeError(mismatch[0]) from exc
             raise
         self._vm = VirtualMachine(library, self.device)
-        with np.load(root / PARAMS, allow_pickle=False) as npz:
-            self._params = [tvm.runtime.tensor(npz[name], self.device) for name in manifest["params"]]
+        self._params = [tvm.runtime.tensor(w, self.device) for w in weights]
+        self._run = lambda x: self._vm["main"](tvm.runtime.tensor(x, self.device), *self._params).numpy()
 
     @property
     def batch(self) -> int:
         return self.input_shape[0]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        import tvm
-
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.shape[1:] != self.input_shape[1:]:
             raise MixerEdgeError(f"input shape {x.shape} does not match the artifact's {self.input_shape}")
@@ -194,8 +216,7 @@ class Model:
             chunk = x[start:start + b]
             if len(chunk) < b:  # the artifact has a static batch: pad the last chunk
                 chunk = np.concatenate([chunk, np.zeros((b - len(chunk), *chunk.shape[1:]), np.float32)])
-            out = self._vm["main"](tvm.runtime.tensor(chunk, self.device), *self._params)
-            outs.append(out.numpy())
+            outs.append(self._run(chunk))
         return np.concatenate(outs)[:n]
 
     def classify(self, x: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import runtime
 from ..errors import MixerEdgeError
+from . import webgpu
 from .targets import TargetPreset
 
 
@@ -31,13 +32,14 @@ class CudaKernels:
 
 @dataclass
 class Built:
-    executable: object  # tvm.relax.VMExecutable
+    executable: object | None  # tvm.relax.VMExecutable; None on the WebGPU route
     params: dict[str, np.ndarray]  # in the order `main` takes them after the input
     preset: TargetPreset
     batch: int
     precision: str
     seconds: float
     cuda: CudaKernels | None = None
+    program: dict | None = None  # the WebGPU route's kernels and launch plan (compiler/webgpu.py)
 
     def export_library(self, path: Path) -> None:
         """Write the shared library, with the preset's cross compiler where it has one."""
@@ -53,9 +55,11 @@ def check_toolchain(preset: TargetPreset) -> None:
     """Fail before any work when a tool or back end the preset needs is missing."""
     import tvm
 
-    if preset.kind == "vulkan" and tvm.get_global_func("target.build.vulkan", allow_missing=True) is None:
+    if preset.kind == "vulkan" and not preset.uses_wgpu and \
+            tvm.get_global_func("target.build.vulkan", allow_missing=True) is None:
         raise MixerEdgeError(f"target {preset.name} needs TVM's Vulkan code generator, which this TVM build lacks "
-                             "(the PyPI wheel has none): build TVM with USE_VULKAN=ON")
+                             "(the PyPI wheel has none): build TVM with USE_VULKAN=ON, or add a [build.webgpu] "
+                             "table to the preset to run WGSL through wgpu")
     if preset.cross_compiler and shutil.which(preset.cross_compiler) is None:
         raise MixerEdgeError(f"target {preset.name} needs the cross compiler {preset.cross_compiler}, not on PATH: "
                              "install it (Debian: apt-get install g++-aarch64-linux-gnu)")
@@ -157,6 +161,9 @@ def build(proto, preset: TargetPreset, batch: int = 1, precision: str | None = N
     mod, params = import_onnx(proto, batch)
     if precision == "float16":
         mod, params = mixed_precision(mod, params)
+    if preset.uses_wgpu:
+        prog = webgpu.program(mod, tvm.target.Target({**preset.webgpu_target, "host": {"kind": "llvm"}}))
+        return Built(None, params, preset, batch, precision, time.perf_counter() - start, program=prog)
     target = preset.tvm_target()
     with target:
         try:

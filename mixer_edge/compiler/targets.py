@@ -44,6 +44,7 @@ class TargetPreset:
     host_candidate: bool = False
     precision: str = "float32"  # the default
     precisions: tuple[str, ...] = ("float32",)  # what the device runs well
+    webgpu_target: dict | None = None  # Vulkan presets: the WGSL route when TVM has no Vulkan codegen
     source: str = ""  # the file it came from, for error messages
 
     @property
@@ -78,8 +79,18 @@ class TargetPreset:
         llvm = codegen.llvm_get_cpu_features(tvm.target.Target(self.cpu_target))
         return sorted(LLVM_TO_LINUX_FEATURE[f] for f in llvm if f in LLVM_TO_LINUX_FEATURE)
 
+    @property
+    def uses_wgpu(self) -> bool:
+        """True when this Vulkan preset builds WGSL for wgpu, because TVM has no Vulkan code generator."""
+        import tvm
+
+        return self.kind == "vulkan" and self.webgpu_target is not None and \
+            tvm.get_global_func("target.build.vulkan", allow_missing=True) is None
+
     def device_requirements(self) -> dict:
         """What the runtime checks before it loads an artifact built for this preset."""
+        if self.uses_wgpu:  # no native code at all: any CPU, any Vulkan GPU
+            return {"kind": "vulkan", "backend": "wgpu"}
         req = {"kind": self.kind, "arch": self.arch, "cpu_features": self.cpu_features()}
         if self.kind == "cuda":
             req["cuda_archs"] = list(self.cuda_archs)
@@ -100,6 +111,7 @@ def _preset_from_dict(name: str, data: dict, source: str) -> TargetPreset:
         cuda_ptx=bool(build.get("cuda_ptx", False)), emulator_cpu=device.get("emulator_cpu"),
         host_candidate=bool(data.get("host_candidate", False)), source=source,
         precision=data.get("precision", "float32"), precisions=tuple(data.get("precisions", ("float32",))),
+        webgpu_target=build.get("webgpu"),
     )
     validate(preset)
     return preset
@@ -120,6 +132,11 @@ def validate(preset: TargetPreset) -> None:
         tvm.target.Target(preset.target)
     except Exception as exc:
         raise MixerEdgeError(f"{src}: [target] is not a valid TVM target ({str(exc).splitlines()[0]})") from exc
+    if preset.webgpu_target is not None:
+        try:
+            tvm.target.Target({**preset.webgpu_target, "host": {"kind": "llvm"}})
+        except Exception as exc:
+            raise MixerEdgeError(f"{src}: [build.webgpu] is not a valid TVM target ({str(exc).splitlines()[0]})") from exc
     llvm = preset.cpu_target
     triple = llvm.get("mtriple", codegen.llvm_get_system_triple())
     if "mcpu" in llvm and not codegen.llvm_is_valid_cpu(llvm["mcpu"], triple):

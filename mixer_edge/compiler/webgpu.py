@@ -1,0 +1,194 @@
+"""Vulkan through WebGPU: TVM's WebGPU code generator writes the kernels (WGSL), we write the plan.
+
+The PyPI TVM wheel has no Vulkan code generator and no Vulkan runtime, but it has the WebGPU code
+generator, which emits WGSL with the same DLight GPU schedules. wgpu-native runs WGSL on Vulkan
+(and Metal, D3D12). For a static-shape model the host side is a fixed sequence of allocations and
+kernel launches, so instead of a host library we record that sequence as data ("the program"):
+
+- from the lowered Relax `main`: storage allocations, tensor views, reshapes, PrimFunc calls;
+- from each PrimFunc's lowered host code: the kernels it launches (`call_ffi_kernel`), which of
+  its arguments each kernel binds, its scalar arguments and its grid size (constants here).
+
+`mixer_edge.vulkan` replays the program with wgpu, weights and intermediates resident on the GPU.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import MixerEdgeError
+
+PROGRAM_FORMAT = 1
+_SKIPPED_PACKED = {"vm.builtin.check_tensor_info", "vm.builtin.match_shape", "vm.builtin.null_value"}
+
+
+def _children(node) -> list:
+    """The sub-nodes of a TIR statement or expression (the fields the lowered host code uses)."""
+    out = []
+    for field in ("seq", "body", "value", "args", "condition", "then_case", "else_case", "a", "b",
+                  "true_value", "false_value", "message", "extent", "min"):
+        child = getattr(node, field, None)
+        if child is None or isinstance(child, (str, int, float)):
+            continue
+        out.extend(child) if hasattr(child, "__len__") and not hasattr(child, "dtype") else out.append(child)
+    return out
+
+
+def _walk(node, visit) -> None:
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        visit(current)
+        stack.extend(_children(current))
+
+
+def kernel_launches(host_func) -> list[dict]:
+    """The kernels a lowered host PrimFunc launches: name, argument positions, scalars, grid."""
+    from tvm import ir, tirx
+
+    lets, calls = {}, []  # lets: variable or buffer -> the expression that defines it
+
+    def visit(node):
+        if isinstance(node, (tirx.LetStmt, tirx.stmt.Bind)):
+            lets[node.var] = node.value
+        elif isinstance(node, tirx.stmt.DeclBuffer) and node.data is not None:
+            lets[node.buffer] = node.data
+        elif isinstance(node, ir.Call) and getattr(node.op, "name", "") == "tirx.call_ffi_kernel":
+            calls.append(node)
+
+    _walk(host_func.body, visit)
+
+    def packed_index(expr) -> int:
+        """Which packed argument a kernel buffer comes from, following the let-bindings."""
+        found, seen, stack = set(), set(), [expr]
+        while stack:
+            expr = stack.pop()
+
+            def visit_expr(n):
+                if isinstance(n, ir.Call) and getattr(n.op, "name", "") == "tirx.tvm_struct_get" \
+                        and isinstance(n.args[0], tirx.Var) and n.args[0].name == "args":
+                    found.add(int(n.args[1]))
+                elif isinstance(n, (tirx.Var, tirx.stmt.Buffer)) and n in lets and n not in seen:
+                    seen.add(n)
+                    stack.append(lets[n])
+
+            _walk(expr, visit_expr)
+        if len(found) != 1:
+            raise MixerEdgeError(f"cannot tell which argument kernel buffer {expr} binds ({sorted(found)}): report this model")
+        return found.pop()
+
+    launches = []
+    for call in calls:
+        name = str(call.args[0].value)
+        tags = [str(t) for t in call.attrs.launch_params]
+        rest = list(call.args[1:])
+        extents, values = rest[len(rest) - len(tags):] if tags else [], rest[: len(rest) - len(tags)]
+        buffers, scalars = [], []
+        for value in values:
+            if isinstance(getattr(value, "ty", None), ir.PointerType):
+                buffers.append(packed_index(value))
+            elif isinstance(value, tirx.IntImm):
+                scalars.append(("i32", int(value.value)))
+            elif isinstance(value, tirx.FloatImm):
+                scalars.append(("f32", float(value.value)))
+            else:
+                raise MixerEdgeError(f"kernel {name} takes a run-time scalar ({value}): only static shapes are supported")
+        grid = [1, 1, 1]
+        for tag, extent in zip(tags, extents):
+            if not isinstance(extent, tirx.IntImm):
+                raise MixerEdgeError(f"kernel {name} has a run-time launch size: only static shapes are supported")
+            if tag.startswith("blockIdx."):
+                grid["xyz".index(tag[-1])] = int(extent.value)
+        launches.append({"kernel": name, "buffers": buffers, "scalars": scalars, "grid": grid})
+    return launches
+
+
+def split_wgsl(source: str) -> dict[str, str]:
+    """TVM emits every kernel into one text, each after a `// Function: NAME` header."""
+    parts = re.split(r"^// Function: (\w+)\n//-+\n", source, flags=re.M)
+    kernels = {}
+    for name, body in zip(parts[1::2], parts[2::2]):
+        if body.strip():
+            kernels[name] = body
+    return kernels
+
+
+def _shape(expr) -> list[int]:
+    return [int(v) for v in expr.values]
+
+
+def program(mod, target) -> dict:
+    """Lower a static-shape Relax module for WebGPU into a replayable program (kernels + plan)."""
+    import tvm
+    from tvm import relax, tirx
+    from tvm.tirx.build import split_host_device_mods
+
+    with target:
+        lowered = relax.get_default_pipeline(target)(mod)
+        executable = tvm.compile(mod, target)
+    source = next(str(m.inspect_source()) for m in _modules(executable.mod) if m.kind == "webgpu")
+    kernels = split_wgsl(source)
+
+    prims = tvm.IRModule({gv: f for gv, f in lowered.functions.items() if isinstance(f, tirx.PrimFunc)})
+    prims = tirx.transform.BindTarget(target.with_host(target.host))(prims)
+    pipeline, _, _ = tirx.get_default_tir_pipeline(target)
+    host, _ = split_host_device_mods(pipeline(prims))
+    launches = {gv.name_hint: kernel_launches(f) for gv, f in host.functions.items()}
+
+    main = lowered["main"]
+    ids = {var: i for i, var in enumerate(main.params)}  # 0 = the input, then the weights
+    steps = []
+
+    def ref(expr) -> int:
+        if expr not in ids:
+            raise MixerEdgeError(f"the WebGPU plan refers to an unknown value {expr}")
+        return ids[expr]
+
+    for block in main.body.blocks:
+        for binding in block.bindings:
+            value, out = binding.value, len(ids)
+            op = getattr(value, "op", None)
+            op_name = getattr(op, "name", None) or getattr(op, "name_hint", None)
+            if isinstance(value, relax.Call) and isinstance(op, tvm.ir.GlobalVar):
+                steps.append({"op": "call", "func": op_name, "args": [ref(a) for a in value.args],
+                              "launches": launches[op_name]})
+            elif op_name == "relax.call_packed" or (isinstance(value, relax.Call) and isinstance(op, relax.ExternFunc)):
+                packed = str(op.global_symbol) if isinstance(op, relax.ExternFunc) else str(value.attrs.func_name)
+                if packed in _SKIPPED_PACKED:
+                    continue
+                if packed != "vm.builtin.reshape":
+                    raise MixerEdgeError(f"the WebGPU plan does not support {packed}")
+                steps.append({"op": "view", "out": out, "src": ref(value.args[0]), "offset": 0,
+                              "shape": _shape(value.args[1])})
+                ids[binding.var] = out
+            elif op_name == "relax.vm.alloc_storage":
+                steps.append({"op": "storage", "out": out, "bytes": _shape(value.args[0])[0]})
+                ids[binding.var] = out
+            elif op_name == "relax.vm.alloc_tensor":
+                dtype = str(value.args[3].value)
+                steps.append({"op": "view", "out": out, "src": ref(value.args[0]), "offset": int(value.args[1].value),
+                              "shape": _shape(value.args[2]), "dtype": dtype})
+                ids[binding.var] = out
+            elif op_name in ("relax.vm.kill_object", "relax.null_value") or isinstance(value, relax.Constant):
+                ids[binding.var] = out
+            else:
+                raise MixerEdgeError(f"the WebGPU plan does not support {op_name or type(value).__name__}")
+    used = {launch["kernel"] for step in steps if step["op"] == "call" for launch in step["launches"]}
+    missing = used - set(kernels)
+    if missing:
+        raise MixerEdgeError(f"TVM emitted no WGSL for {', '.join(sorted(missing))}")
+    return {"format": PROGRAM_FORMAT, "steps": steps, "output": ref(main.body.body),
+            "kernels": {name: kernels[name] for name in sorted(used)}}
+
+
+def _modules(root):
+    pending = [root]
+    while pending:
+        module = pending.pop()
+        yield module
+        pending.extend(module.imports)
+
+
+def dispatch_count(prog: dict) -> int:
+    return sum(len(step["launches"]) for step in prog["steps"] if step["op"] == "call")
+
