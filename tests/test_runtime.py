@@ -92,7 +92,7 @@ def test_missing_and_corrupt_artifacts(copy_artifact, tmp_path):
 
 def test_arm_artifact_is_refused_on_x86_before_loading(build_artifact):
     if runtime.platform.machine() != "x86_64":
-        pytest.skip("checks an x86_64 host refusing an aarch64 artifact")
+        pytest.skip("needs an x86_64 device: this check is an x86_64 machine refusing an aarch64 artifact")
     with pytest.raises(MixerEdgeError, match="built for aarch64 \\(target rpi5\\) but this machine is x86_64"):
         runtime.load(build_artifact("rpi5"))
 

@@ -55,7 +55,7 @@ def check_toolchain(preset: TargetPreset) -> None:
     """Fail before any work when a tool or back end the preset needs is missing."""
     import tvm
 
-    if preset.kind == "vulkan" and not preset.uses_wgpu and \
+    if preset.kind == "vulkan" and preset.webgpu_target is None and \
             tvm.get_global_func("target.build.vulkan", allow_missing=True) is None:
         raise MixerEdgeError(f"target {preset.name} needs TVM's Vulkan code generator, which this TVM build lacks "
                              "(the PyPI wheel has none): build TVM with USE_VULKAN=ON, or add a [build.webgpu] "

@@ -30,7 +30,10 @@ def _children(node) -> list:
         child = getattr(node, field, None)
         if child is None or isinstance(child, (str, int, float)):
             continue
-        out.extend(child) if hasattr(child, "__len__") and not hasattr(child, "dtype") else out.append(child)
+        if hasattr(child, "__len__") and not hasattr(child, "dtype"):  # an Array of nodes, not a PrimExpr
+            out.extend(child)
+        else:
+            out.append(child)
     return out
 
 
@@ -106,11 +109,7 @@ def kernel_launches(host_func) -> list[dict]:
 def split_wgsl(source: str) -> dict[str, str]:
     """TVM emits every kernel into one text, each after a `// Function: NAME` header."""
     parts = re.split(r"^// Function: (\w+)\n//-+\n", source, flags=re.M)
-    kernels = {}
-    for name, body in zip(parts[1::2], parts[2::2]):
-        if body.strip():
-            kernels[name] = body
-    return kernels
+    return {name: body for name, body in zip(parts[1::2], parts[2::2]) if body.strip()}
 
 
 def _shape(expr) -> list[int]:
@@ -125,15 +124,14 @@ def program(mod, target) -> dict:
 
     with target:
         lowered = relax.get_default_pipeline(target)(mod)
-        executable = tvm.compile(mod, target)
-    source = next(str(m.inspect_source()) for m in _modules(executable.mod) if m.kind == "webgpu")
-    kernels = split_wgsl(source)
-
     prims = tvm.IRModule({gv: f for gv, f in lowered.functions.items() if isinstance(f, tirx.PrimFunc)})
     prims = tirx.transform.BindTarget(target.with_host(target.host))(prims)
-    pipeline, _, _ = tirx.get_default_tir_pipeline(target)
-    host, _ = split_host_device_mods(pipeline(prims))
+    pipeline, _, finalize_device = tirx.get_default_tir_pipeline(target)
+    host, devices = split_host_device_mods(pipeline(prims))
     launches = {gv.name_hint: kernel_launches(f) for gv, f in host.functions.items()}
+    ((device_target, device_mod),) = devices.items()
+    wgsl = tvm.get_global_func("target.build.webgpu")(finalize_device()(device_mod), device_target)
+    kernels = split_wgsl(str(wgsl.inspect_source()))
 
     main = lowered["main"]
     ids = {var: i for i, var in enumerate(main.params)}  # 0 = the input, then the weights
@@ -179,14 +177,6 @@ def program(mod, target) -> dict:
         raise MixerEdgeError(f"TVM emitted no WGSL for {', '.join(sorted(missing))}")
     return {"format": PROGRAM_FORMAT, "steps": steps, "output": ref(main.body.body),
             "kernels": {name: kernels[name] for name in sorted(used)}}
-
-
-def _modules(root):
-    pending = [root]
-    while pending:
-        module = pending.pop()
-        yield module
-        pending.extend(module.imports)
 
 
 def dispatch_count(prog: dict) -> int:
