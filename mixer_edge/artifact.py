@@ -76,11 +76,11 @@ def write_artifact(out: str | Path, built: Built, source: ModelSource, verify: b
 def _fill(stage: Path, built: Built, source: ModelSource, verify: bool, progress) -> dict:
     manifest = manifest_for(built, source)
     if built.program is not None:
-        progress(f"writing {runtime.PROGRAM}: {dispatch_count(built.program)} dispatches of "
-                 f"{len(built.program['kernels'])} WGSL kernels")
-        (stage / runtime.PROGRAM).write_text(json.dumps(built.program))
         manifest["vulkan"] = {"backend": "wgpu", "dispatches": dispatch_count(built.program),
                               "kernels": len(built.program["kernels"])}
+        progress(f"writing {runtime.PROGRAM}: {manifest['vulkan']['dispatches']} dispatches of "
+                 f"{manifest['vulkan']['kernels']} WGSL kernels")
+        (stage / runtime.PROGRAM).write_text(json.dumps(built.program))
     else:
         cross = f" with {built.preset.cross_compiler}" if built.preset.cross_compiler else ""
         progress(f"writing {runtime.LIBRARY}{cross}")

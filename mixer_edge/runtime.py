@@ -109,11 +109,8 @@ def check_device(manifest: dict, root: Path) -> None:
     """Refuse an artifact whose target this machine cannot run, before loading any code."""
     req = manifest["target"]["device"]
     preset = manifest["target"].get("preset", "?")
-    if req.get("backend") == "wgpu":  # WGSL and a plan: no native code, any CPU
-        from .vulkan import adapter
-
-        adapter()
-        return
+    if req.get("backend") == "wgpu":  # WGSL and a plan: no native code, any CPU; the Vulkan device is
+        return  # chosen (or refused) first thing when the program is created, before anything is uploaded
     here = platform.machine()
     built_for = library_arch(root / LIBRARY)
     if built_for != req["arch"]:

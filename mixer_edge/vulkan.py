@@ -52,10 +52,10 @@ def _bind_group_layout(device, wgsl: str):
 
 
 class WgpuProgram:
-    def __init__(self, program: dict, weights: list[np.ndarray], input_shape: tuple, gpu=None):
+    def __init__(self, program: dict, weights: list[np.ndarray], input_shape: tuple):
         import wgpu
 
-        gpu = gpu or adapter()
+        gpu = adapter()
         self.adapter_info = dict(gpu.info)
         limits = gpu.limits
         self.device = gpu.request_device_sync(required_limits={
