@@ -52,8 +52,10 @@ def manifest_for(built: Built, source: ModelSource) -> dict:
                       "weights": sorted({str(a.dtype) for a in built.params.values()})},
         "params": list(built.params),
         "export": source.export,
-        "build": {"seconds": round(built.seconds, 2), "tuning_db": None,
-                  "pipeline": "tvm default, WGSL (webgpu codegen) for wgpu" if built.program else "tvm default"},
+        "build": {"seconds": round(built.seconds, 2), "tuning_db": built.tuning and
+                  {k: built.tuning[k] for k in ("graph", "precision", "records", "workloads", "sha256")},
+                  "pipeline": "tvm default, WGSL (webgpu codegen) for wgpu" if built.program else
+                  "tvm default with MetaSchedule records" if built.tuning else "tvm default"},
         "versions": versions(),
     }
 

@@ -77,14 +77,26 @@ def torch_candidates(torch_model, x: np.ndarray, device: str) -> list[Candidate]
     return cands
 
 
-def onnxruntime_candidate(proto, x: np.ndarray, device: str) -> Candidate | None:
+def use_threads(threads: int) -> None:
+    """Give every candidate the same CPU thread count (call before TVM's runtime starts its pool)."""
+    import os
+
+    import torch
+
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+def onnxruntime_candidate(proto, x: np.ndarray, device: str, threads: int) -> Candidate | None:
     """onnxruntime on the same device, or None where it has no provider for it."""
     import onnxruntime as ort
 
     provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
     if provider not in ort.get_available_providers():
         return None
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=[provider])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    sess = ort.InferenceSession(proto.SerializeToString(), options, providers=[provider])
     feed = {sess.get_inputs()[0].name: x}
     return Candidate(f"onnxruntime {provider.removesuffix('ExecutionProvider')}", lambda: sess.run(None, feed))
 
@@ -96,10 +108,15 @@ def agreement(got: np.ndarray, ref: np.ndarray) -> dict:
             "max_abs_diff": float(np.abs(got - ref).max()), "min_cosine": float(cos.min())}
 
 
-def compare(source, artifacts: list[Path], rounds: int = 20, progress=print) -> list[dict]:
-    """Time each artifact (they share one model) beside the baselines at its batch size; check its outputs."""
+def compare(source, artifacts: list[Path], rounds: int = 20, threads: int | None = None, progress=print) -> list[dict]:
+    """Time each artifact (they share one model) beside the baselines at its batch size, every candidate on
+    `threads` CPU threads (default: all cores); check its outputs."""
+    import os
+
     import torch
 
+    threads = threads or os.cpu_count() or 1
+    use_threads(threads)
     from . import runtime
 
     rows = []
@@ -114,25 +131,26 @@ def compare(source, artifacts: list[Path], rounds: int = 20, progress=print) -> 
         mine = f"mixer-edge {precision}"
         cands = [artifact_candidate(mine, model, x), *torch_candidates(source.torch_model, x, device)]
         onnx_batch = source.input.shape[0]
-        ort = onnxruntime_candidate(source.onnx_model, x, device) \
+        ort = onnxruntime_candidate(source.onnx_model, x, device, threads) \
             if isinstance(onnx_batch, str) or onnx_batch == model.batch else None
         cands += [ort] if ort else []
         progress(f"timing {path.name}: {', '.join(c.name for c in cands)} ({rounds} interleaved rounds)")
         times = interleaved(cands, rounds=rounds)
         base = times["pytorch eager float32"]["median_ms"]
         rows.append({"artifact": str(path), "batch": model.batch, "precision": precision, "device": device,
+                     "threads": threads,
                      "vs_torch_fp32": agreement(model(x), reference),
                      "latency": {name: {**t, "speedup_vs_pytorch_fp32": base / t["median_ms"]} for name, t in times.items()}})
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| artifact | batch | candidate | median ms | p90 ms | speed-up vs PyTorch fp32 |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| artifact | batch | threads | candidate | median ms | p90 ms | speed-up vs PyTorch fp32 |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         for name, t in row["latency"].items():
-            lines.append(f"| {Path(row['artifact']).name} | {row['batch']} | {name} | {t['median_ms']:.3f} | "
-                         f"{t['p90_ms']:.3f} | {t['speedup_vs_pytorch_fp32']:.2f}x |")
+            lines.append(f"| {Path(row['artifact']).name} | {row['batch']} | {row['threads']} | {name} | "
+                         f"{t['median_ms']:.3f} | {t['p90_ms']:.3f} | {t['speedup_vs_pytorch_fp32']:.2f}x |")
     lines += ["", "| artifact | top-1 agreement vs PyTorch fp32 | max abs diff | min cosine |", "| --- | --- | --- | --- |"]
     for row in rows:
         a = row["vs_torch_fp32"]

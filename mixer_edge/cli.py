@@ -31,6 +31,31 @@ def _build_args(p: argparse.ArgumentParser) -> None:
                    "has it; comma-separate for several (default: the target's)")
 
 
+def _tuning_args(p: argparse.ArgumentParser, compile_: bool) -> None:
+    g = p.add_argument_group("tuning (MetaSchedule)")
+    if compile_:
+        g.add_argument("--tune", action="store_true", help="tune before building (resumes the database)")
+    g.add_argument("--tuning-db", help="tuning database directory (default: this model/target/precision's own in "
+                   "~/.cache/mixer-edge/tuning, else the one shipped with mixer-edge)")
+    g.add_argument("--trials", type=int, help="total measurement trials (default: the target's trials per task "
+                   "times the number of tasks)")
+    g.add_argument("--time-budget", help="wall-clock limit such as 10m or 1h (default: the target's, 15m)")
+    g.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: measure on the boards registered there")
+    g.add_argument("--rpc-key", help="the key the boards registered under (e.g. rpi5)")
+
+
+def _tuning(args, tune: bool):
+    from .compiler.tuning import Budget, RpcBoard, Tuning, parse_duration
+
+    if args.trials is not None and args.trials < 1:
+        raise MixerEdgeError(f"--trials must be a positive number, not {args.trials}")
+    budget = Budget(args.trials, parse_duration(args.time_budget) if args.time_budget else None)
+    rpc = RpcBoard.parse(args.rpc_tracker, args.rpc_key) if args.rpc_tracker or args.rpc_key else None
+    if not tune and (args.trials or args.time_budget or rpc):
+        raise MixerEdgeError("--trials, --time-budget and --rpc-tracker apply to tuning: add --tune")
+    return Tuning(Path(args.tuning_db) if args.tuning_db else None, tune, budget, rpc)
+
+
 def _batches(text: str) -> list[int]:
     try:
         batches = [int(b) for b in text.split(",") if b]
@@ -81,16 +106,26 @@ def cmd_export(args) -> None:
     print(f"wrote {args.output}: opset {report['opset']}, max |onnxruntime - torch| = {report['max_abs_diff_vs_torch']:.2e}")
 
 
-def _compile_all(args, output: str | None, parent: str, verify: bool):
-    """Compile every (target, precision, batch) the arguments name; returns the source and (path, manifest) pairs."""
-    from .compiler import compile_model, resolve_target
+def _builds(args):
+    """Every (preset, precision, batch) the arguments name, checked before any slow work."""
+    from .compiler import resolve_target
 
     targets = [t for spec in (args.target or ["host"]) for t in spec.split(",") if t]
-    presets = [resolve_target(t) for t in targets]  # all argument errors before any work
+    presets = [resolve_target(t) for t in targets]
     batches = _batches(args.batch)
     precisions = [p for p in (args.precision or "").split(",") if p] or [None]
-    builds = [(preset, preset.resolve_precision(precision), batch)  # refuses before the slow export
-              for preset in presets for precision in precisions for batch in batches]
+    return [(preset, preset.resolve_precision(precision), batch)
+            for preset in presets for precision in precisions for batch in batches], batches
+
+
+def _compile_all(args, output: str | None, parent: str, verify: bool):
+    """Compile every (target, precision, batch) the arguments name; returns the source and (path, manifest) pairs."""
+    from .compiler import compile_model
+
+    builds, batches = _builds(args)
+    tuning = _tuning(args, args.tune)
+    if tuning.database and len(builds) > 1:
+        raise MixerEdgeError("--tuning-db holds one model/target/precision/batch: compile one build with it")
     source = _open_model(args, batches)
     built = []
     for preset, precision, batch in builds:
@@ -98,7 +133,7 @@ def _compile_all(args, output: str | None, parent: str, verify: bool):
             (f"-b{batch}" if batch != 1 else "")
         out = Path(output) if output and len(builds) == 1 else Path(output or parent) / name
         built.append((out, compile_model(source, preset, out, batch=batch, precision=precision, verify=verify,
-                                         progress=say)))
+                                         tuning=tuning, progress=say)))
     return source, built
 
 
@@ -111,17 +146,54 @@ def cmd_compile(args) -> None:
         print(f"{out}: {preset} artifact; verification: {detail}")
 
 
+def cmd_tune(args) -> None:
+    from .compiler import tune_model
+
+    builds, batches = _builds(args)
+    if len(builds) > 1:
+        raise MixerEdgeError("tune takes one target, precision and batch: run it once for each")
+    tuning = _tuning(args, True)
+    preset, precision, batch = builds[0]
+    result = tune_model(_open_model(args, batches), preset, batch, precision, tuning, progress=say)
+    print(f"{result['path']}: {result['records']} records for {result['workloads']} workloads "
+          f"({result['model']}, {preset.name}, {result['precision']}); later compiles apply it")
+
+
+def cmd_tuning_db(args) -> None:
+    from .compiler import tuning
+
+    if args.action == "merge":
+        if not args.output or not args.databases:
+            raise MixerEdgeError("tuning-db merge takes databases (one, with --best-only, to prune it) and -o OUTPUT")
+        result = tuning.merge([Path(d) for d in args.databases], Path(args.output), best_only=args.best_only)
+        print(f"{result['path']}: {result['records']} records for {result['workloads']} workloads")
+        return
+    roots = [Path(d) for d in args.databases] or [tuning.cache_root(), tuning.shipped_root()]
+    for root in roots:
+        for path in sorted([root] if (root / tuning.KEY).exists() else root.glob("*/")):
+            if (path / tuning.KEY).exists():
+                info = tuning.summary(path)
+                target = json.loads(info["target"])
+                print(f"{path}\n    {info.get('model', '?')}, {info['precision']}, target {target.get('mcpu') or target.get('arch') or target['kind']} "
+                      f"({info['target']}), {info['records']} records for {info['workloads']} workloads")
+
+
 def cmd_bench(args) -> None:
     import tempfile
 
-    from .bench import compare, format_rows
+    import os
+
+    from .bench import compare, format_rows, use_threads
 
     if args.model and args.model.lower().endswith(".onnx"):
         raise MixerEdgeError("bench times artifacts beside PyTorch: give a preset (and --checkpoint), not an ONNX file")
+    if args.threads is not None and args.threads < 1:
+        raise MixerEdgeError(f"--threads must be at least 1, not {args.threads}")
+    use_threads(args.threads or os.cpu_count() or 1)  # before the build starts TVM's thread pool
     with tempfile.TemporaryDirectory() as tmp:
         # compare() checks every artifact against PyTorch itself
         source, built = _compile_all(args, None, tmp, verify=False)
-        rows = compare(source, [out for out, _ in built], rounds=args.rounds, progress=say)
+        rows = compare(source, [out for out, _ in built], rounds=args.rounds, threads=args.threads, progress=say)
     print(format_rows(rows))
     if args.json:
         from .artifact import versions
@@ -204,6 +276,16 @@ def cmd_train(args) -> None:
 def cmd_emulator(args) -> None:
     from . import emulator
 
+    if args.action == "serve":
+        from .compiler.targets import resolve_target
+        from .compiler.tuning import RpcBoard
+
+        rpc = RpcBoard.parse(args.tracker, args.key)
+        cpu = resolve_target(args.board).emulator_cpu
+        if not cpu:
+            raise MixerEdgeError(f"--board {args.board} has no emulated CPU: use an ARM board preset such as rpi5")
+        emulator.serve(cpu, rpc.host, rpc.port, rpc.key, root=args.dir, progress=say)
+        return
     root = emulator.setup(args.dir, progress=say)
     print(root)
 
@@ -229,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="artifact directory (or .tar); with several builds, their parent "
                    "(default artifacts/MODEL-TARGET[-fp16][-bBATCH])")
     p.add_argument("--no-verify", action="store_true", help="skip running the artifact against the reference")
+    _tuning_args(p, compile_=True)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("bench", help="build, then time against PyTorch eager and onnxruntime on this machine")
@@ -236,7 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
     _build_args(p)
     p.add_argument("--rounds", type=int, default=20, help="interleaved rounds (each runs every candidate 5 times)")
     p.add_argument("--json", help="also write the measurements to this file")
+    p.add_argument("--threads", type=int, help="CPU threads for every candidate (default: all cores)")
+    _tuning_args(p, compile_=True)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("tune", help="autotune a model for a target with MetaSchedule into its tuning database")
+    _model_args(p)
+    _build_args(p)
+    _tuning_args(p, compile_=False)
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("tuning-db", help="list tuning databases, or merge several of one model/target/precision")
+    p.add_argument("action", choices=["list", "merge"])
+    p.add_argument("databases", nargs="*", help="database directories (list: default the cache and the shipped ones)")
+    p.add_argument("-o", "--output", help="merge: the database directory to write")
+    p.add_argument("--best-only", action="store_true", help="merge: keep only the best record per workload")
+    p.set_defaults(func=cmd_tuning_db)
 
     p = sub.add_parser("run", help="run an artifact on images, a .npy/.npz, or the digits test split")
     p.add_argument("artifact", help="artifact directory or .tar")
@@ -259,7 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("emulator", help="prepare the emulated aarch64 board (qemu-user + Python + TVM runtime)")
-    p.add_argument("action", choices=["setup"])
+    p.add_argument("action", choices=["setup", "serve"], help="setup: build the board; serve: run a TVM RPC "
+                   "server on it, registered with a tracker (for tuning)")
+    p.add_argument("--board", default="rpi5", help="serve: the ARM preset whose CPU to emulate")
+    p.add_argument("--tracker", help="serve: HOST:PORT of the TVM RPC tracker")
+    p.add_argument("--key", help="serve: the key to register under (tune with the same --rpc-key)")
     p.add_argument("--dir", help="where to build it (default ~/.cache/mixer-edge/..., or $MIXER_EDGE_BOARD)")
     p.set_defaults(func=cmd_emulator)
     return parser

@@ -8,6 +8,7 @@ Emulated times say nothing about a real board's speed; emulated outputs are real
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -89,8 +90,9 @@ def setup(root: str | Path | None = None, progress=print) -> Path:
     return root
 
 
-def python(script: str, cpu: str, root: str | Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run a Python script on the board as CPU model `cpu` (a qemu -cpu name)."""
+@contextlib.contextmanager
+def _board(cpu: str, root: str | Path | None):
+    """The command prefix and environment that run the board's Python as CPU model `cpu` (a qemu -cpu name)."""
     root = board_dir(root)
     if not (root / "board.json").is_file():
         raise MixerEdgeError(f"no emulated board in {root}: run 'mixer-edge emulator setup' first")
@@ -98,12 +100,30 @@ def python(script: str, cpu: str, root: str | Path | None = None, timeout: float
     with tempfile.TemporaryDirectory() as code:  # only mixer_edge, not the host's other packages
         (Path(code) / "mixer_edge").symlink_to(PACKAGE)
         env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": f"{root / 'site'}:{code}",
-               "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(root)}
-        cmd = [QEMU, "-cpu", cpu, "-L", str(sysroot), str(sysroot / "usr" / "bin" / PYTHON), "-c", script]
+               "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "HOME": str(root)}
+        yield [QEMU, "-cpu", cpu, "-L", str(sysroot), str(sysroot / "usr" / "bin" / PYTHON)], env
+
+
+def python(script: str, cpu: str, root: str | Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a Python script on the board as CPU model `cpu`."""
+    with _board(cpu, root) as (cmd, env):
         try:
-            return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+            return subprocess.run([*cmd, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             raise MixerEdgeError(f"the emulated {cpu} board did not finish within {timeout:.0f}s") from exc
+
+
+def serve(cpu: str, tracker_host: str, tracker_port: int, key: str, root: str | Path | None = None,
+          progress=print) -> None:
+    """Run the board's TVM RPC server (mixer_edge.rpc_server) until interrupted, registered with the tracker."""
+    with _board(cpu, root) as (cmd, env):
+        progress(f"emulated {cpu} board serving TVM RPC for tracker {tracker_host}:{tracker_port}, key '{key}'")
+        proc = subprocess.Popen([*cmd, "-m", "mixer_edge.rpc_server", "--tracker", f"{tracker_host}:{tracker_port}",
+                                 "--key", key, "--host", "127.0.0.1"], env=env)
+        try:
+            proc.wait()
+        finally:
+            proc.terminate()
 
 
 _RUN_ARTIFACT = """

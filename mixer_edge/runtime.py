@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import os
 import platform
 import tarfile
 import tempfile
@@ -35,6 +36,23 @@ _ARM64_HWCAPS = {
     "fp": (_AT_HWCAP, 0), "asimd": (_AT_HWCAP, 1), "asimdhp": (_AT_HWCAP, 10), "asimddp": (_AT_HWCAP, 20),
     "sve": (_AT_HWCAP, 22), "sve2": (_AT_HWCAP2, 1), "i8mm": (_AT_HWCAP2, 13), "bf16": (_AT_HWCAP2, 14),
 }
+
+
+def physical_cores() -> int:
+    """The CPUs this process may run on, SMT siblings counted once."""
+    siblings = set()
+    for cpu in os.sched_getaffinity(0):
+        try:
+            siblings.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            siblings.add(str(cpu))
+    return max(1, len(siblings))
+
+
+# TVM's thread pool, unless told, takes half the logical CPUs on x86 (it assumes 2-way SMT): one
+# thread on a 2-core machine without SMT, which halves the speed of tuned CPU code. Its size is
+# fixed when the pool first starts, so this must happen before any TVM code runs.
+os.environ.setdefault("TVM_NUM_THREADS", str(physical_cores()))
 
 
 def machine_cpu_features() -> set[str]:

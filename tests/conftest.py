@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,12 @@ from mixer_edge.export import open_model
 
 def quiet(*_):
     pass
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_tuning_cache(tmp_path_factory):
+    """Tests never see (or fill) the user's tuning databases in ~/.cache/mixer-edge/tuning."""
+    os.environ["MIXER_EDGE_CACHE"] = str(tmp_path_factory.mktemp("mixer-edge-cache"))
 
 
 @pytest.fixture(scope="session")

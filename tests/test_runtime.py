@@ -108,3 +108,15 @@ def test_input_shape_is_checked(build_artifact):
     model = runtime.load(build_artifact("host"))
     with pytest.raises(MixerEdgeError, match="does not match the artifact's"):
         model(np.zeros((1, 3, 8, 8), np.float32))
+
+
+def test_tvm_threads_default_to_every_core():
+    """TVM alone would take half the CPUs on x86 (it assumes SMT): one thread on a 2-core machine."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    code = ("from mixer_edge import runtime; import tvm; "
+            "print(runtime.physical_cores(), tvm.get_global_func('runtime.NumThreads')())")
+    cores, tvm_threads = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                        check=True).stdout.split()
+    assert cores == tvm_threads

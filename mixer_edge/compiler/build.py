@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import runtime
 from ..errors import MixerEdgeError
+from . import tuning as tuning_lib
 from . import webgpu
 from .targets import TargetPreset
 
@@ -40,6 +41,7 @@ class Built:
     seconds: float
     cuda: CudaKernels | None = None
     program: dict | None = None  # the WebGPU route's kernels and launch plan (compiler/webgpu.py)
+    tuning: dict | None = None  # the tuning database applied (tuning.summary), if any
 
     def export_library(self, path: Path) -> None:
         """Write the shared library, with the preset's cross compiler where it has one."""
@@ -134,36 +136,81 @@ def compile_fat_binary(source: str, preset: TargetPreset) -> bytes:
         raise MixerEdgeError(f"nvcc failed for {preset.name} ({str(exc).strip().splitlines()[-1]})") from exc
 
 
-def mixed_precision(mod, params: dict[str, np.ndarray]):
-    """fp16 compute with fp32 accumulation; the weights are cast once, here, not on every call.
+def mixed_precision(mod):
+    """fp16 compute with fp32 accumulation; LiftTransformParams moves the weight casts out of `main`."""
+    from tvm import relax
 
-    ToMixedPrecision inserts casts of the weights inside `main`; LiftTransformParams moves every
-    computation on weights alone into `main_transform_params`, which we run now on the host CPU.
+    return relax.transform.LiftTransformParams()(relax.transform.ToMixedPrecision(out_dtype="float32")(mod))
+
+
+def run_transform_params(mod, params: dict[str, np.ndarray]):
+    """Run `main_transform_params` (weight casts, layout prepacking) once, here, on the host CPU.
+
+    Returns `main` alone and the weights it takes, so the device never repeats that work.
     """
     import tvm
     from tvm import relax
 
-    mod = relax.transform.LiftTransformParams()(relax.transform.ToMixedPrecision(out_dtype="float32")(mod))
-    transform = tvm.IRModule({"main_transform_params": mod["main_transform_params"]})
+    if "main_transform_params" not in [gv.name_hint for gv in mod.functions]:
+        return mod, params
+    transform = relax.transform.DeadCodeElimination(["main_transform_params"])(mod)
+    for gv, func in transform.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc) and "target" in (func.attrs or {}):
+            transform[gv] = func.without_attr("target")  # compiled for the host, whatever the device
+    del transform["main"]
     vm = relax.VirtualMachine(tvm.compile(transform, tvm.target.Target({"kind": "llvm"})), tvm.cpu())
     lifted = vm["main_transform_params"]([tvm.runtime.tensor(p) for p in params.values()])
-    del mod["main_transform_params"]
+    mod = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint != "main_transform_params"},
+                       attrs=mod.attrs)
+    mod = relax.transform.DeadCodeElimination(["main"])(mod)
     return mod, weights_by_name(mod, (t.numpy() for t in lifted))
 
 
-def build(proto, preset: TargetPreset, batch: int = 1, precision: str | None = None) -> Built:
-    """Compile an ONNX Mixer for `preset` with TVM's default pipeline for that target."""
+def relax_program(proto, preset: TargetPreset, batch: int, precision: str):
+    """The ONNX graph as the Relax program a build starts from, its weights, and its tuning key."""
+    check_toolchain(preset)
+    mod, params = import_onnx(proto, batch)
+    key = tuning_lib.graph_key(mod, preset, precision)
+    if precision == "float16":
+        mod, params = run_transform_params(mixed_precision(mod), params)
+    return mod, params, key
+
+
+def tune(proto, preset: TargetPreset, batch: int = 1, precision: str | None = None,
+         tuning: tuning_lib.Tuning = tuning_lib.Tuning(tune=True), model: str = "model", progress=print) -> dict:
+    """Tune the model for `preset` into its database (created or resumed); returns the database summary."""
+    precision = preset.resolve_precision(precision)
+    _refuse_wgpu_tuning(preset)
+    mod, _, key = relax_program(proto, preset, batch, precision)
+    return tuning_lib.tune_into(key, preset, tuning, tuning_lib.prepare(mod, preset), model, progress)
+
+
+def _refuse_wgpu_tuning(preset: TargetPreset) -> None:
+    if preset.uses_wgpu:
+        raise MixerEdgeError(f"target {preset.name} builds WGSL with DLight's schedules, which MetaSchedule does "
+                             "not tune: drop --tune/--tuning-db")
+
+
+def build(proto, preset: TargetPreset, batch: int = 1, precision: str | None = None,
+          tuning: tuning_lib.Tuning = tuning_lib.Tuning(), model: str = "model", progress=print) -> Built:
+    """Compile an ONNX Mixer for `preset`: TVM's pipeline for the target, with MetaSchedule's records
+    for this (graph, target, precision) where a tuning database has them (tuning first if asked)."""
     import tvm
 
     precision = preset.resolve_precision(precision)
-    check_toolchain(preset)
     start = time.perf_counter()
-    mod, params = import_onnx(proto, batch)
-    if precision == "float16":
-        mod, params = mixed_precision(mod, params)
+    mod, params, key = relax_program(proto, preset, batch, precision)
     if preset.uses_wgpu:
+        if tuning.wanted:
+            _refuse_wgpu_tuning(preset)
         prog = webgpu.program(mod, tvm.target.Target({**preset.webgpu_target, "host": {"kind": "llvm"}}))
         return Built(None, params, preset, batch, precision, time.perf_counter() - start, program=prog)
+    if preset.kind == "cpu" or tuning.wanted or tuning_lib.find_database(key):
+        mod = tuning_lib.prepare(mod, preset)
+    database, record = tuning_lib.database_for(key, preset, tuning, mod, model, progress)
+    if database is not None:
+        mod = tuning_lib.apply(mod, preset, database)
+    mod, params = run_transform_params(mod, params)
     target = preset.tvm_target()
     with target:
         try:
@@ -175,4 +222,5 @@ def build(proto, preset: TargetPreset, batch: int = 1, precision: str | None = N
     if preset.kind == "cuda":
         source = cuda_source(executable)
         fat_binary = CudaKernels(compile_fat_binary(source, preset), runtime.sha256_text(source))
-    return Built(executable, params, preset, batch, precision, time.perf_counter() - start, fat_binary)
+    return Built(executable, params, preset, batch, precision, time.perf_counter() - start, fat_binary,
+                 tuning=record)

@@ -11,7 +11,7 @@ import json
 import platform
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MixerEdgeError
@@ -19,6 +19,7 @@ from ..resources import data_dir
 from ..runtime import machine_cpu_features
 
 KINDS = ("cpu", "cuda", "vulkan")
+TUNING_DEFAULTS = {"trials_per_task": 64, "time_budget": "15m"}  # a preset's [tune] table overrides these
 PRECISIONS = ("float32", "float16")  # float16 = mixed precision: fp16 compute, fp32 accumulation
 # LLVM feature name -> the name Linux reports (x86 /proc/cpuinfo flags, arm64 HWCAP names).
 # These are the features a build may use that older CPUs of the same ISA lack.
@@ -45,6 +46,7 @@ class TargetPreset:
     precision: str = "float32"  # the default
     precisions: tuple[str, ...] = ("float32",)  # what the device runs well
     webgpu_target: dict | None = None  # Vulkan presets: the WGSL route when TVM has no Vulkan codegen
+    tuning: dict = field(default_factory=lambda: dict(TUNING_DEFAULTS))  # MetaSchedule budget per model
     source: str = ""  # the file it came from, for error messages
 
     @property
@@ -111,7 +113,7 @@ def _preset_from_dict(name: str, data: dict, source: str) -> TargetPreset:
         cuda_ptx=bool(build.get("cuda_ptx", False)), emulator_cpu=device.get("emulator_cpu"),
         host_candidate=bool(data.get("host_candidate", False)), source=source,
         precision=data.get("precision", "float32"), precisions=tuple(data.get("precisions", ("float32",))),
-        webgpu_target=build.get("webgpu"),
+        webgpu_target=build.get("webgpu"), tuning={**TUNING_DEFAULTS, **data.get("tune", {})},
     )
     validate(preset)
     return preset
@@ -146,6 +148,9 @@ def validate(preset: TargetPreset) -> None:
     for attr in llvm.get("mattr", []):
         if attr.startswith("+") and attr[1:] not in known:
             raise MixerEdgeError(f"{src}: mattr '{attr}' is not a feature LLVM knows for {triple}: fix or remove it")
+    if set(preset.tuning) - set(TUNING_DEFAULTS) or not isinstance(preset.tuning["trials_per_task"], int) \
+            or preset.tuning["trials_per_task"] < 1:
+        raise MixerEdgeError(f"{src}: [tune] takes trials_per_task (a positive integer) and time_budget (e.g. \"15m\")")
     if preset.kind == "cuda":
         archs = preset.cuda_archs or (preset.target.get("arch"),)
         for arch in archs:

@@ -1,0 +1,391 @@
+"""MetaSchedule tuning with databases keyed by (model graph, target, precision).
+
+A database is a directory: TVM's JSON database (`database_workload.json`,
+`database_tuning_record.json`, one JSON record per line, appended as tuning measures) plus
+`key.json`, which says what it was tuned for. It is only ever applied to that same key, so records
+measured on one board never reach another. A run killed mid-way leaves at most a torn last line,
+which `open_database` drops (rewriting the file atomically); every complete record survives and the
+next run resumes from them, skipping tasks that already have their share of trials.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..atomic import atomic_dir, atomic_file
+from ..errors import MixerEdgeError
+from .targets import TargetPreset
+
+WORKLOADS, RECORDS, KEY = "database_workload.json", "database_tuning_record.json", "key.json"
+
+
+@dataclass(frozen=True)
+class TuningKey:
+    """What a database was tuned for; records apply only where all three match."""
+
+    graph: str  # sha256 of the Relax program before scheduling (weights excluded, shapes included)
+    target: str  # the TVM target, canonical JSON
+    precision: str
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        return f"target {self.target}, precision {self.precision}, graph {self.graph[:12]}"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much tuning to do: total trials and wall-clock seconds (whichever runs out first)."""
+
+    trials: int | None = None  # None: the preset's trials per task times the number of tasks
+    seconds: float | None = None  # None: the preset's time budget
+
+
+@dataclass(frozen=True)
+class RpcBoard:
+    """Boards registered under `key` with a TVM RPC tracker; measurements spread over all of them."""
+
+    host: str
+    port: int
+    key: str
+
+    @classmethod
+    def parse(cls, tracker: str, key: str | None) -> RpcBoard:
+        match = re.fullmatch(r"(.+):(\d+)", tracker or "")
+        if not match:
+            raise MixerEdgeError(f"--rpc-tracker '{tracker}' should be HOST:PORT, e.g. 127.0.0.1:9190")
+        if not key:
+            raise MixerEdgeError("--rpc-tracker needs --rpc-key, the key the boards registered under")
+        return cls(match[1], int(match[2]), key)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How a build uses MetaSchedule: which database, and whether to tune into it first."""
+
+    database: Path | None = None  # None: this key's database in the cache, else the shipped one, if any
+    tune: bool = False
+    budget: Budget = Budget()
+    rpc: RpcBoard | None = None
+
+    @property
+    def wanted(self) -> bool:
+        return self.tune or self.database is not None
+
+
+def tune_into(key: TuningKey, preset: TargetPreset, tuning: Tuning, prepared, model: str, progress=print) -> dict:
+    """Tune `prepared` (see `prepare`) into `tuning.database`, or into the cache's database for `key`
+    (seeded from the shipped one when there is one); returns the database summary."""
+    path = Path(tuning.database) if tuning.database else cache_root() / key.digest
+    if tuning.database is None and not path.exists() and (shipped_root() / key.digest).is_dir():
+        shutil.copytree(shipped_root() / key.digest, path)
+    return tune(prepared, preset, key, path, model, tuning.budget, tuning.rpc, progress)
+
+
+def database_for(key: TuningKey, preset: TargetPreset, tuning: Tuning, prepared, model: str, progress=print):
+    """The database a build applies (tuned first if asked) and its summary, or (None, None)."""
+    if tuning.tune:
+        path = Path(tune_into(key, preset, tuning, prepared, model, progress)["path"])
+    else:
+        path = Path(tuning.database) if tuning.database else find_database(key)
+    if path is None:
+        return None, None
+    if not path.is_dir():
+        raise MixerEdgeError(f"tuning database {path} does not exist: pass a directory `mixer-edge tune` wrote")
+    database = open_database(path, key)
+    record = summary(path)
+    progress(f"applying {record['records']} tuning records from {path}")
+    return database, record
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '10m', '1h30m' or plain seconds -> seconds."""
+    text = str(text).strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise MixerEdgeError(f"--time-budget '{text}' is not a duration: write e.g. 90s, 10m or 1h30m")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def graph_key(mod, preset: TargetPreset, precision: str) -> TuningKey:
+    """The key of `mod` (an imported Relax program with its weights detached) for `preset`."""
+    graph = hashlib.sha256(mod.script(show_meta=True).encode()).hexdigest()
+    return TuningKey(graph, json.dumps(preset.target, sort_keys=True), precision)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MIXER_EDGE_CACHE", Path.home() / ".cache" / "mixer-edge")) / "tuning"
+
+
+def shipped_root() -> Path:
+    """Databases that ship inside the package (mixer_edge/tuning_db/KEY_DIGEST/)."""
+    return Path(__file__).resolve().parent.parent / "tuning_db"
+
+
+def find_database(key: TuningKey) -> Path | None:
+    """This key's database in the user's cache, else the one shipped with mixer-edge, else None."""
+    for root in (cache_root(), shipped_root()):
+        if (root / key.digest / KEY).is_file():
+            return root / key.digest
+    return None
+
+
+def read_key(path: Path) -> dict:
+    try:
+        return json.loads((path / KEY).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MixerEdgeError(f"{path} is not a mixer-edge tuning database (no readable {KEY}): pass the directory "
+                             "`mixer-edge tune` wrote") from exc
+
+
+def check_key(path: Path, key: TuningKey) -> None:
+    """Refuse a database tuned for another target, precision or model graph."""
+    have = read_key(path)
+    for field, label in (("target", "target"), ("precision", "precision"), ("graph", "model graph")):
+        if have.get(field) != getattr(key, field):
+            raise MixerEdgeError(f"tuning database {path} was tuned for another {label} ({have.get(field)}, not "
+                                 f"{getattr(key, field)}): tune this target with `mixer-edge tune`, or pass its own "
+                                 "--tuning-db")
+
+
+def _repair(path: Path) -> None:
+    """Drop torn lines (a run killed mid-append) and records of workloads the file lacks, atomically."""
+    workloads = _keep_valid_lines(path / WORKLOADS, lambda row: True)
+    _keep_valid_lines(path / RECORDS, lambda row: isinstance(row, list) and 0 <= row[0] < len(workloads))
+
+
+def _keep_valid_lines(file: Path, keep) -> list[str]:
+    """The lines of `file` that parse as JSON and pass `keep`; the file is rewritten if others were there."""
+    text = file.read_text() if file.exists() else ""
+    good = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if keep(row):
+            good.append(line)
+    clean = "".join(line + "\n" for line in good)
+    if clean != text:
+        with atomic_file(file) as tmp:
+            tmp.write_text(clean)
+    return good
+
+
+def _json_lines(file: Path) -> list:
+    return [json.loads(line) for line in file.read_text().splitlines()] if file.exists() else []
+
+
+def open_database(path: Path, key: TuningKey):
+    """TVM's JSON database at `path`, checked against `key` and repaired after a kill."""
+    from tvm.s_tir import meta_schedule as ms
+
+    check_key(path, key)
+    _repair(path)
+    return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
+
+
+def create_database(path: Path, key: TuningKey, model: str) -> None:
+    """An empty database for `key` at `path` (kept as is when one for the same key is there)."""
+    if (path / KEY).exists():
+        check_key(path, key)
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path / KEY) as tmp:
+        tmp.write_text(json.dumps({**key.__dict__, "model": model}, indent=1) + "\n")
+
+
+def summary(path: Path) -> dict:
+    """What a database holds: its key, how many workloads and records, and their digest."""
+    _repair(path)
+    records = (path / RECORDS).read_bytes() if (path / RECORDS).exists() else b""
+    return {**read_key(path), "path": str(path), "workloads": len(_json_lines(path / WORKLOADS)),
+            "records": records.count(b"\n"), "sha256": hashlib.sha256(records).hexdigest()}
+
+
+def merge(sources: list[Path], out: Path, best_only: bool = False) -> dict:
+    """Combine databases of one key into `out` (written atomically); the best record per workload wins.
+
+    `best_only` keeps just that best record per workload (smallest, for shipping).
+    """
+    keys = [read_key(Path(s)) for s in sources]
+    fields = ("graph", "target", "precision")
+    for src, k in zip(sources[1:], keys[1:]):
+        if any(k.get(f) != keys[0].get(f) for f in fields):
+            raise MixerEdgeError(f"tuning databases {sources[0]} and {src} were tuned for different keys "
+                                 f"({TuningKey(*(keys[0].get(f) for f in fields)).describe()} vs "
+                                 f"{TuningKey(*(k.get(f) for f in fields)).describe()}): merge only databases of one "
+                                 "model, target and precision")
+    workloads: dict[str, int] = {}  # workload line -> index in the merged file
+    records: dict[int, list] = {}  # merged workload index -> its records, best first
+    for src in map(Path, sources):
+        _repair(src)
+        index = [workloads.setdefault(json.dumps(w), len(workloads)) for w in _json_lines(src / WORKLOADS)]
+        for wid, record in _json_lines(src / RECORDS):
+            if record not in records.setdefault(index[wid], []):
+                records[index[wid]].append(record)
+    with atomic_dir(out) as stage:
+        (stage / KEY).write_text(json.dumps(keys[0], indent=1) + "\n")
+        (stage / WORKLOADS).write_text("".join(w + "\n" for w in workloads))
+        lines = []
+        for wid, recs in sorted(records.items()):
+            recs.sort(key=_mean_seconds)
+            lines += [json.dumps([wid, r]) + "\n" for r in recs[: 1 if best_only else None]]
+        (stage / RECORDS).write_text("".join(lines))
+    return summary(out)
+
+
+def _mean_seconds(record: list) -> float:
+    secs = [s for s in record[1] or [] if s is not None and s < 1e9]  # TVM marks failed runs 1e10
+    return sum(secs) / len(secs) if secs else math.inf
+
+
+def prepare(mod, preset: TargetPreset):
+    """The program as MetaSchedule sees it: fused TIR functions; on CPUs, GELU's erf in its fast form and
+    the weights marked free for layout rewriting (prepacked once at build time)."""
+    import tvm
+    from tvm import relax
+
+    cpu = preset.kind == "cpu"
+    passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
+              *([relax.transform.FastMathTransform()] if cpu else []), relax.get_pipeline("zero"),
+              *([relax.transform.AttachAttrLayoutFreeBuffers()] if cpu else [])]
+    with preset.tvm_target():
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def apply(mod, preset: TargetPreset, database):
+    """`prepare`d program with the database's best schedules; on CPUs the weight layout rewrites split off
+    into `main_transform_params`, for the caller to run once."""
+    import tvm
+    from tvm import relax
+
+    with preset.tvm_target(), database:  # the pass reads both from the context when it is created
+        passes = [relax.transform.MetaScheduleApplyDatabase()]
+        if preset.kind == "cpu":
+            passes += [relax.transform.SplitLayoutRewritePreproc(), relax.transform.LiftTransformParams(),
+                       relax.transform.FoldConstant()]
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def _build_for_measure(mod, target, _params):
+    """MetaSchedule's default build minus its import of tvm.s_tir.tensor_intrin (up to 100 s per worker)."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def _export_cross(cross_compiler: str, mod) -> str:
+    """A measured candidate as a shared library the board can load (RPC upload)."""
+    from tvm.support.cc import cross_compiler as cc
+
+    path = os.path.join(tempfile.mkdtemp(prefix="mixer-edge-ms-"), "candidate.so")
+    mod.export_library(path, fcompile=cc(cross_compiler))
+    return path
+
+
+def _runner(preset: TargetPreset, rpc: RpcBoard | None):
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    if rpc is not None:
+        config = ms.runner.RPCConfig(rpc.host, rpc.port, rpc.key, session_timeout_sec=120)
+        try:
+            servers = config.count_num_servers(allow_missing=False)
+        except Exception as exc:
+            raise MixerEdgeError(f"RPC tracker {rpc.host}:{rpc.port} has no board under key '{rpc.key}' "
+                                 f"({str(exc).strip().splitlines()[-1]}): start the board's server with "
+                                 "`python -m mixer_edge.rpc_server` (or `mixer-edge emulator serve`)") from exc
+        return ms.runner.RPCRunner(config, ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50),
+                                   max_workers=servers)
+    if preset.cross_compiler:
+        raise MixerEdgeError(f"target {preset.name} is measured on the board itself: pass --rpc-tracker and "
+                             "--rpc-key of a tracker its RPC server registered with")
+    if preset.kind != "cpu" and not tvm.device(preset.target["kind"]).exist:
+        raise MixerEdgeError(f"tuning for {preset.name} measures on a {preset.kind} device and this machine has "
+                             "none: tune on a machine that has one, or over RPC (--rpc-tracker, --rpc-key)")
+    return ms.runner.LocalRunner(timeout_sec=60)
+
+
+def tune(mod, preset: TargetPreset, key: TuningKey, path: Path, model: str, budget: Budget = Budget(),
+         rpc: RpcBoard | None = None, progress=print) -> dict:
+    """Tune `prepare`d `mod` into the database at `path`, resuming whatever it already holds."""
+    from tvm.s_tir import meta_schedule as ms
+
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # our own progress lines instead
+    target = preset.tvm_target()
+    runner = _runner(preset, rpc)  # refuses before anything is written
+    create_database(path, key, model)
+    database = open_database(path, key)
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    total = budget.trials or preset.tuning["trials_per_task"] * len(tasks)
+    seconds = budget.seconds if budget.seconds is not None else parse_duration(preset.tuning["time_budget"])
+    already = len(database.get_all_tuning_records())
+    todo = total - already  # a resumed run spends only what the killed one had left
+    progress(f"tuning {len(tasks)} tasks for {preset.name}: {total} trials, at most {seconds / 60:.0f} min; "
+             f"database {path}" + (f" (resuming: {already} records there)" if already else ""))
+    if todo <= 0:
+        progress(f"the database already holds {already} records, the whole budget: pass a larger --trials to go on")
+    start = time.perf_counter()
+    if todo > 0:
+        with tempfile.TemporaryDirectory(prefix="mixer-edge-tune-") as work:
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                tasks, work, num_threads=os.cpu_count() or 1)
+            watch = _progress_callback([t.task_name for t in tasks], weights, todo, start + seconds, progress)
+            builder = ms.builder.LocalBuilder(
+                f_build=_build_for_measure, timeout_sec=120 if rpc else 30,
+                f_export=functools.partial(_export_cross, preset.cross_compiler) if preset.cross_compiler else None)
+            # No per-task cap: after one round over every task the gradient scheduler spends the trials
+            # where the model's latency is (the big GEMMs), and spatial-only tasks stop after one trial.
+            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work, max_trials_global=todo,
+                          max_trials_per_task=todo, num_trials_per_iter=min(32, max(1, todo // len(tasks))),
+                          builder=builder, runner=runner, database=database, cost_model="xgb",
+                          measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), watch])
+    result = {**summary(path), "tasks": len(tasks), "seconds": round(time.perf_counter() - start, 1)}
+    progress(f"tuning done in {result['seconds']:.0f}s: {result['records']} records in {path}")
+    return result
+
+
+def _progress_callback(names, weights, trials, deadline, progress):
+    """A measure callback that prints a line per batch (trials, the task's best time, the model's
+    estimate) and ends every task once the wall-clock budget is spent."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    best = [math.inf] * len(names)
+    done = [0]
+    start = time.perf_counter()
+
+    @derived_object
+    class Progress(PyMeasureCallback):
+        def apply(self, scheduler, task_id, candidates, builder_results, runner_results):
+            done[0] += len(candidates)
+            for result in runner_results:
+                if result.error_msg is None and result.run_secs:
+                    best[task_id] = min(best[task_id], sum(map(float, result.run_secs)) / len(result.run_secs))
+            measured = [b * w for b, w in zip(best, weights) if b < math.inf]
+            elapsed = time.perf_counter() - start
+            progress(f"  [{elapsed // 60:3.0f}:{elapsed % 60:02.0f}] {done[0]}/{trials} trials  "
+                     f"task {task_id + 1}/{len(names)} {names[task_id][:40]}: best {best[task_id] * 1e3:.3f} ms  "
+                     f"model estimate {sum(measured) * 1e3:.2f} ms ({len(measured)}/{len(names)} tasks measured)")
+            if time.perf_counter() > deadline:
+                for i in range(len(names)):
+                    scheduler.terminate_task(i)
+
+    return Progress()

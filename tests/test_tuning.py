@@ -1,0 +1,234 @@
+"""MetaSchedule tuning: databases keyed by graph/target/precision, resume after SIGKILL, merging,
+and measurement over TVM RPC on the emulated aarch64 board."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import agreement, assert_one_line_error, quiet
+from mixer_edge import emulator, runtime
+from mixer_edge.compiler import Budget, RpcBoard, Tuning, compile_model, resolve_target, tune_model
+from mixer_edge.compiler import tuning
+from mixer_edge.errors import MixerEdgeError
+
+HOST_TRIALS = 30  # two per task: enough to exercise every path, not to be fast
+
+
+def fake_database(path: Path, target: str, records: list[list], workloads: int = 2) -> Path:
+    """A database directory with TVM's line format, for tests of the file handling alone."""
+    path.mkdir(parents=True)
+    key = {"graph": "g" * 64, "target": target, "precision": "float32", "model": "m"}
+    (path / tuning.KEY).write_text(json.dumps(key))
+    (path / tuning.WORKLOADS).write_text("".join(json.dumps([str(i), f"mod{i}"]) + "\n" for i in range(workloads)))
+    (path / tuning.RECORDS).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def record(workload: int, secs: float, trace: str = "t") -> list:
+    return [workload, [[trace, []], [secs], {"kind": "llvm"}, []]]
+
+
+def lines(path: Path) -> list:
+    return [json.loads(ln) for ln in (path / tuning.RECORDS).read_text().splitlines()]
+
+
+def test_time_budgets_parse():
+    assert tuning.parse_duration("90s") == 90
+    assert tuning.parse_duration("10m") == 600
+    assert tuning.parse_duration("1h30m") == 5400
+    assert tuning.parse_duration("45") == 45
+    with pytest.raises(MixerEdgeError, match="--time-budget '10 minutes'"):
+        tuning.parse_duration("10 minutes")
+
+
+def test_a_torn_last_line_is_dropped_and_every_complete_record_kept(tmp_path):
+    db = fake_database(tmp_path / "db", "host", [record(0, 1.0), record(1, 2.0)])
+    with open(db / tuning.RECORDS, "a") as f:
+        f.write('[1, [["half a rec')  # what SIGKILL mid-append leaves
+    assert tuning.summary(db)["records"] == 2
+    assert lines(db) == [record(0, 1.0), record(1, 2.0)]
+    assert not [p for p in db.iterdir() if p.name.startswith(".")]
+
+
+def test_merge_combines_and_the_best_record_wins(tmp_path):
+    a = fake_database(tmp_path / "a", "host", [record(0, 3.0, "slow"), record(1, 1.0)])
+    b = fake_database(tmp_path / "b", "host", [record(0, 2.0, "fast"), record(1, 1.0)])
+    merged = tuning.merge([a, b], tmp_path / "all")
+    assert merged["records"] == 3  # the duplicate counted once
+    best = tuning.merge([a, b], tmp_path / "best", best_only=True)
+    assert best["records"] == 2
+    assert record(0, 2.0, "fast") in lines(tmp_path / "best")
+
+
+def test_merge_refuses_databases_of_different_targets(tmp_path, run_cli):
+    a = fake_database(tmp_path / "a", "host", [record(0, 1.0)])
+    b = fake_database(tmp_path / "b", "rpi5", [record(0, 1.0)])
+    code, _, err = run_cli("tuning-db", "merge", a, b, "-o", tmp_path / "out")
+    assert_one_line_error(code, err, "different keys", "rpi5")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_database_for_another_target_is_refused(tmp_path, run_cli):
+    host = json.dumps(resolve_target("host").target, sort_keys=True)
+    db = fake_database(tmp_path / "host-db", host, [record(0, 1.0)])
+    code, _, err = run_cli("compile", "--target", "x86-avx2", "--tuning-db", db, "-o", tmp_path / "a")
+    assert_one_line_error(code, err, str(db), "another target", "haswell")
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["compile", "--trials", "5"], ["add --tune"]),
+    (["tune", "--rpc-tracker", "localhost", "--rpc-key", "k"], ["HOST:PORT"]),
+    (["tune", "--rpc-tracker", "127.0.0.1:9190"], ["--rpc-key"]),
+    (["tune", "--time-budget", "soon"], ["--time-budget 'soon'"]),
+    (["tune", "--trials", "0"], ["--trials"]),
+    (["tune", "--target", "rpi5"], ["rpi5", "--rpc-tracker"]),
+    (["tune", "--target", "android-vulkan"], ["android-vulkan", "does not tune"]),
+    (["tune", "--target", "cuda"], ["cuda", "has none", "--rpc-tracker"]),
+    (["tune", "--target", "host,rpi5"], ["one target"]),
+])
+def test_bad_tuning_arguments(run_cli, args, fragments):
+    assert_one_line_error(*run_cli(*args)[::2], *fragments)
+
+
+@pytest.fixture(scope="module")
+def host_db(digits_source, tmp_path_factory):
+    """The digits model tuned for the host, a few trials per task."""
+    path = tmp_path_factory.mktemp("tuning") / "host"
+    tune_model(digits_source, "host", tuning=Tuning(path, tune=True, budget=Budget(trials=HOST_TRIALS)),
+               progress=quiet)
+    return path
+
+
+@pytest.mark.slow
+def test_tuning_writes_records_and_compile_applies_them(host_db, digits_source, digits_test, torch_logits, tmp_path):
+    info = tuning.summary(host_db)
+    assert info["records"] >= 10 and info["workloads"] >= 10
+    assert info["target"] == json.dumps(resolve_target("host").target, sort_keys=True)
+    manifest = compile_model(digits_source, "host", tmp_path / "a", tuning=Tuning(host_db), progress=quiet)
+    assert manifest["build"]["tuning_db"]["sha256"] == info["sha256"]
+    assert "MetaSchedule" in manifest["build"]["pipeline"]
+    logits = runtime.load(tmp_path / "a")(digits_test[0])
+    assert agreement(logits, torch_logits) == 1.0
+
+
+@pytest.mark.slow
+def test_databases_are_found_only_for_their_own_target(host_db, digits_source, tmp_path, monkeypatch):
+    from mixer_edge.compiler.build import import_onnx
+
+    monkeypatch.setenv("MIXER_EDGE_CACHE", str(tmp_path))
+    mod, _ = import_onnx(digits_source.onnx_model, 1)
+    host_key = tuning.graph_key(mod, resolve_target("host"), "float32")
+    avx2_key = tuning.graph_key(mod, resolve_target("x86-avx2"), "float32")
+    (tuning.cache_root()).mkdir(parents=True)
+    tuning.merge([host_db], tuning.cache_root() / host_key.digest)
+    assert tuning.find_database(host_key) == tuning.cache_root() / host_key.digest
+    assert tuning.find_database(avx2_key) is None
+    manifest = compile_model(digits_source, "x86-avx2", tmp_path / "avx2", verify=False, progress=quiet)
+    assert manifest["build"]["tuning_db"] is None
+    manifest = compile_model(digits_source, "host", tmp_path / "host", verify=False, progress=quiet)
+    assert manifest["build"]["tuning_db"]["records"] == tuning.summary(host_db)["records"]
+
+
+@pytest.mark.slow
+def test_a_killed_tuning_run_resumes_without_losing_records(tmp_path):
+    db = tmp_path / "db"
+    cmd = [sys.executable, "-m", "mixer_edge.cli", "tune", "--tuning-db", str(db), "--trials", "400"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (db / tuning.RECORDS).exists() and len((db / tuning.RECORDS).read_text().splitlines()) >= 8:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    os.killpg(proc.pid, signal.SIGKILL)  # the builder and runner workers too
+    proc.wait()
+    with open(db / tuning.RECORDS, "a") as f:
+        f.write('[3, [["torn')  # as if the kill had landed mid-line
+    before = [json.loads(ln) for ln in (db / tuning.RECORDS).read_text().splitlines()[:-1]]
+    resumed = subprocess.run([*cmd[:-1], str(len(before) + 16)], capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    after = lines(db)  # every line parses
+    for rec in before:
+        assert rec in after
+    assert len(after) > len(before)
+
+
+def wait_for(ready, seconds: float, failure: str) -> None:
+    deadline = time.time() + seconds
+    while True:
+        try:
+            if ready():
+                return
+        except Exception:
+            pass
+        assert time.time() < deadline, failure
+        time.sleep(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def rpc_board(board):
+    """A TVM RPC tracker on loopback with the emulated Cortex-A76 board registered under 'rpi5'."""
+    from tvm import rpc
+
+    port = free_port()
+    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
+                                str(port), "--port-end", str(port + 50), "--silent"], start_new_session=True)
+    server = None
+    try:
+        wait_for(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None, 60,
+                 "the RPC tracker never started")
+        server = subprocess.Popen([sys.executable, "-m", "mixer_edge.cli", "emulator", "serve", "--board", "rpi5",
+                                   "--tracker", f"127.0.0.1:{port}", "--key", "rpi5"], start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"].get("rpi5", {}).get("free"),
+                 300, "the emulated board never registered with the tracker")
+        yield RpcBoard("127.0.0.1", port, "rpi5")
+    finally:
+        for proc in (server, tracker):
+            if proc is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.emulation
+def test_tuning_over_rpc_on_the_emulated_board(rpc_board, board, digits_source, digits_test, torch_logits, tmp_path):
+    db = tmp_path / "rpi5-db"
+    info = tune_model(digits_source, "rpi5", tuning=Tuning(db, tune=True, budget=Budget(trials=20), rpc=rpc_board),
+                      progress=quiet)
+    assert info["records"] >= 5
+    assert json.loads(info["target"])["mcpu"] == "cortex-a76"
+    compile_model(digits_source, "rpi5", tmp_path / "a", tuning=Tuning(db), verify=False, progress=quiet)
+    logits = emulator.run_artifact(tmp_path / "a", digits_test[0], "cortex-a76")
+    assert agreement(logits, torch_logits) == 1.0
+
+
+def test_the_shipped_mixer_s16_database_applies_without_tuning(tmp_path):
+    """The README's tuned Mixer-S/16 host figure is reproducible from the database in the package."""
+    from mixer_edge.export import open_model
+
+    if resolve_target("host").name != "x86-avx512-vnni":
+        pytest.skip("the shipped database is for x86-avx512-vnni hosts; this one is another preset")
+    source = open_model("mixer_s16", progress=quiet)
+    manifest = compile_model(source, "host", tmp_path / "s16", progress=quiet)
+    used = manifest["build"]["tuning_db"]
+    shipped = [tuning.summary(p) for p in tuning.shipped_root().iterdir() if (p / tuning.KEY).exists()]
+    assert used is not None and used["sha256"] in [s["sha256"] for s in shipped]
+    assert manifest["verification"]["top1_agreement"] == 1.0
