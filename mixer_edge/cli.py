@@ -178,6 +178,29 @@ def cmd_tuning_db(args) -> None:
                       f"({info['target']}), {info['records']} records for {info['workloads']} workloads")
 
 
+def cmd_calibrate(args) -> None:
+    from .quant import calibrate, resolve_recipe
+
+    recipe = resolve_recipe(args.calibration)  # before the slow export
+    if args.calib_samples is not None and args.calib_samples < 1:
+        raise MixerEdgeError(f"--calib-samples must be at least 1, not {args.calib_samples}")
+    out = Path(args.output)
+    if out.suffix != ".onnx":
+        raise MixerEdgeError(f"-o {out}: the QDQ model is written as an .onnx file (the table goes beside it)")
+    source = _open_model(args, _batches(args.batch))
+    qdq, table, summary = calibrate(source, recipe, args.calib_data, args.calib_samples, progress=say)
+    table_path = out.with_suffix(".calibration.json")
+    with atomic_file(out) as tmp_onnx, atomic_file(table_path) as tmp_table:
+        tmp_onnx.write_bytes(qdq.SerializeToString())
+        tmp_table.write_text(json.dumps({"model": source.name, **summary, "tensors": table}, indent=1) + "\n")
+    print(f"wrote {out} (QDQ int8, runs in onnxruntime) and {table_path} ({len(table)} tensors)")
+    if "evaluation" in summary:
+        e = summary["evaluation"]
+        print(f"onnxruntime on {e['data']} ({e['samples']} samples): float {e['float_accuracy']:.2%}, int8 "
+              f"{e['int8_accuracy']:.2%}, top-1 agreement {e['top1_agreement']:.2%}, max |logit diff| "
+              f"{e['max_abs_logit_diff']:.3f}")
+
+
 def cmd_bench(args) -> None:
     import tempfile
 
@@ -322,6 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for every candidate (default: all cores)")
     _tuning_args(p, compile_=True)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("calibrate", help="int8 post-training quantization: write a QDQ ONNX and its calibration table")
+    _model_args(p)
+    p.add_argument("--calibration", help="recipe: a name in calibration/ (default, minmax, entropy, mse) or a .toml")
+    p.add_argument("--calib-data", help="calibration inputs: image folder, .npy/.npz, digits-train "
+                   "(default for the demo model)")
+    p.add_argument("--calib-samples", type=int, help="how many samples to draw (default: the recipe's)")
+    p.add_argument("-o", "--output", required=True, help="the QDQ .onnx to write; the table goes to "
+                   "NAME.calibration.json beside it")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("tune", help="autotune a model for a target with MetaSchedule into its tuning database")
     _model_args(p)

@@ -91,11 +91,16 @@ def export_onnx(model, path: str | Path, batch: int = 1, dynamic_batch: bool = F
 
 
 def run_onnxruntime(proto, x: np.ndarray) -> np.ndarray:
-    """First output of an ONNX model on input `x`, run by onnxruntime on the CPU."""
+    """First output of an ONNX model on input `x`, run by onnxruntime on the CPU (in chunks of a static batch)."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    name, batch = sess.get_inputs()[0].name, sess.get_inputs()[0].shape[0]
+    if not isinstance(batch, int) or batch == len(x):
+        return sess.run(None, {name: x})[0]
+    if len(x) % batch:
+        raise MixerEdgeError(f"the model's static batch {batch} does not divide the {len(x)} inputs")
+    return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 
 
 def load_onnx(path: str | Path):
