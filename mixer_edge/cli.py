@@ -179,20 +179,31 @@ def cmd_tuning_db(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
-    from .quant import calibrate, resolve_recipe
+    from .quant import calibrate, format_sensitivity, resolve_recipe
 
     recipe = resolve_recipe(args.calibration)  # before the slow export
+    if args.max_accuracy_drop is not None and args.max_accuracy_drop < 0:
+        raise MixerEdgeError(f"--max-accuracy-drop is in percentage points, at least 0, not {args.max_accuracy_drop}")
     if args.calib_samples is not None and args.calib_samples < 1:
         raise MixerEdgeError(f"--calib-samples must be at least 1, not {args.calib_samples}")
     out = Path(args.output)
     if out.suffix != ".onnx":
         raise MixerEdgeError(f"-o {out}: the QDQ model is written as an .onnx file (the table goes beside it)")
     source = _open_model(args, _batches(args.batch))
-    qdq, table, summary = calibrate(source, recipe, args.calib_data, args.calib_samples, progress=say)
+    qdq, table, summary = calibrate(source, recipe, args.calib_data, args.calib_samples, sensitivity=args.sensitivity,
+                                    max_accuracy_drop=args.max_accuracy_drop, val_data=args.val_data, progress=say)
     table_path = out.with_suffix(".calibration.json")
     with atomic_file(out) as tmp_onnx, atomic_file(table_path) as tmp_table:
         tmp_onnx.write_bytes(qdq.SerializeToString())
         tmp_table.write_text(json.dumps({"model": source.name, **summary, "tensors": table}, indent=1) + "\n")
+    if "sensitivity" in summary:
+        kept = summary.get("mixed_precision", {}).get("float_layers", [])
+        print(format_sensitivity(summary["sensitivity"], kept))
+    if "mixed_precision" in summary:
+        m = summary["mixed_precision"]
+        print(f"kept in float: {', '.join(m['float_layers']) or 'none'}; accuracy on {m['validation_data']} "
+              f"{m['int8_accuracy']:.2%} vs float {m['float_accuracy']:.2%} (drop {m['drop_points']:.2f} points, "
+              f"budget {m['max_accuracy_drop_points']}{'' if m['within_budget'] else ', NOT met with every layer float'})")
     print(f"wrote {out} (QDQ int8, runs in onnxruntime) and {table_path} ({len(table)} tensors)")
     if "evaluation" in summary:
         e = summary["evaluation"]
@@ -352,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-data", help="calibration inputs: image folder, .npy/.npz, digits-train "
                    "(default for the demo model)")
     p.add_argument("--calib-samples", type=int, help="how many samples to draw (default: the recipe's)")
+    p.add_argument("--sensitivity", action="store_true", help="print each layer's SQNR with only it in int8")
+    p.add_argument("--max-accuracy-drop", type=float, metavar="POINTS", help="keep the most sensitive layers in "
+                   "float until the accuracy drop on the validation data is at most this many percentage points")
+    p.add_argument("--val-data", help="labelled validation data for --max-accuracy-drop (default: the model's "
+                   "evaluation data, digits-test for the demo model)")
     p.add_argument("-o", "--output", required=True, help="the QDQ .onnx to write; the table goes to "
                    "NAME.calibration.json beside it")
     p.set_defaults(func=cmd_calibrate)

@@ -159,3 +159,27 @@ def test_unknown_recipe_is_refused_before_the_export(run_cli, tmp_path):
     code, _, err = run_cli("calibrate", "--calibration", "fast", "-o", tmp_path / "q.onnx")
     assert_one_line_error(code, err, "unknown calibration recipe 'fast'", "default")
     assert "exporting" not in err
+
+
+def test_sensitivity_gives_every_layer_an_sqnr(digits_source):
+    _, _, summary = calibrate(digits_source, "minmax", samples=64, sensitivity=True, progress=quiet)
+    rows = summary["sensitivity"]
+    assert [r["layer"] for r in rows] == [l.name for l in layers(digits_source.onnx_model)]
+    assert all(20 < r["sqnr_db"] < 120 for r in rows)
+
+
+def test_accuracy_budget_keeps_the_most_sensitive_layers_in_float(digits_source, tmp_path):
+    harsh = tmp_path / "harsh.toml"  # clips at the 60th percentile: int8 alone is far off
+    harsh.write_text('observer = "percentile"\npercentile = 60\nsamples = 128\n')
+    _, table, summary = calibrate(digits_source, resolve_recipe(str(harsh)), max_accuracy_drop=0.5, progress=quiet)
+    m = summary["mixed_precision"]
+    assert m["within_budget"] and m["drop_points"] <= 0.5 and m["float_layers"]
+    worst = min(summary["sensitivity"], key=lambda r: r["sqnr_db"])["layer"]
+    assert m["float_layers"][0] == worst
+    quantized_layers = {name for t in table.values() for name in t["layers"]}
+    assert not quantized_layers & set(m["float_layers"])
+
+
+def test_negative_accuracy_budget_is_refused(run_cli, tmp_path):
+    code, _, err = run_cli("calibrate", "--max-accuracy-drop", "-1", "-o", tmp_path / "q.onnx")
+    assert_one_line_error(code, err, "--max-accuracy-drop")

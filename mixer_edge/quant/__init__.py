@@ -4,16 +4,22 @@ from __future__ import annotations
 
 from .calibration import Recipe, calibration_data, list_recipes, resolve_recipe
 from .qdq import layers, quantize_model
+from .sensitivity import fallback, format_sensitivity, layer_sensitivity
 
-__all__ = ["Recipe", "calibrate", "calibration_data", "layers", "list_recipes", "quantize_model", "resolve_recipe"]
+__all__ = ["Recipe", "calibrate", "calibration_data", "fallback", "format_sensitivity", "layer_sensitivity", "layers",
+           "list_recipes", "quantize_model", "resolve_recipe"]
 
 
 def calibrate(source, recipe: str | Recipe | None = None, calib_data: str | None = None, samples: int | None = None,
+              sensitivity: bool = False, max_accuracy_drop: float | None = None, val_data: str | None = None,
               progress=print):
     """Quantize `source` (an export.ModelSource): returns (QDQ ONNX, calibration table, summary).
 
-    The summary compares the QDQ model with the float one under onnxruntime on the source's
-    evaluation data (the digits test split for the demo model), when it has some.
+    `sensitivity` adds each layer's SQNR (that layer alone in int8) to the summary;
+    `max_accuracy_drop` (percentage points) keeps the most sensitive layers in float until the
+    accuracy on `val_data` (default: the source's evaluation data) is within budget. The summary
+    compares the QDQ model with the float one under onnxruntime on the source's evaluation data
+    (the digits test split for the demo model), when it has some.
     """
     import numpy as np
 
@@ -27,8 +33,19 @@ def calibrate(source, recipe: str | Recipe | None = None, calib_data: str | None
         raise MixerEdgeError(f"{source.name} has no bundled calibration data: pass --calib-data (an image folder, "
                              ".npy/.npz) with inputs like the ones it will see")
     x = calibration_data(data, source.preprocess, samples or recipe.samples, recipe.seed, progress)
-    qdq, table = quantize_model(source.onnx_model, x, recipe, progress)
     summary = {"recipe": recipe.to_dict(), "calibration_data": str(data), "samples": len(x)}
+    if max_accuracy_drop is not None:
+        val = val_data or source.eval_data
+        if val is None:
+            raise MixerEdgeError("--max-accuracy-drop needs labelled validation data: pass --val-data")
+        val_x, val_y = load_inputs(val, source.preprocess)
+        qdq, table, report = fallback(source.onnx_model, x, recipe, val_x, val_y, max_accuracy_drop, progress)
+        summary["sensitivity"] = report.pop("sensitivity")
+        summary["mixed_precision"] = {"validation_data": str(val), **report}
+    else:
+        qdq, table = quantize_model(source.onnx_model, x, recipe, progress)
+        if sensitivity:
+            summary["sensitivity"] = layer_sensitivity(source.onnx_model, x, recipe, progress)[0]
     if source.eval_data:
         ex, ey = load_inputs(source.eval_data, source.preprocess)
         ref, got = run_onnxruntime(source.onnx_model, ex), run_onnxruntime(qdq, ex)

@@ -97,20 +97,35 @@ def activation_histograms(proto, tensors: list[str], x: np.ndarray, symmetric: b
     return hists
 
 
-def quantize_model(proto, x: np.ndarray, recipe: Recipe, progress=print):
-    """The QDQ ONNX of `proto` calibrated on `x` with `recipe`, and its calibration table."""
+def with_node_names(proto):
+    """A copy of `proto` whose nodes all have names (Q/DQ placement goes by node name)."""
     import onnx
-    from onnx import helper, numpy_helper
 
     named = onnx.ModelProto()
     named.CopyFrom(proto)
     for i, node in enumerate(named.graph.node):
-        node.name = node.name or f"{node.op_type}_{i}"  # Q/DQ placement goes by node name
-    proto = named
-    found = layers(proto)
-    chosen = [layer for layer in found if not kept_in_float(layer, recipe)]
+        node.name = node.name or f"{node.op_type}_{i}"
+    return named
+
+
+def quantize_model(proto, x: np.ndarray, recipe: Recipe, progress=print):
+    """The QDQ ONNX of `proto` calibrated on `x` with `recipe`, and its calibration table."""
+    proto = with_node_names(proto)
+    chosen = [layer for layer in layers(proto) if not kept_in_float(layer, recipe)]
+    hists = activation_histograms(proto, list(dict.fromkeys(l.activation for l in chosen)), x, recipe.symmetric,
+                                  progress)
+    qdq, table = build_qdq(proto, chosen, hists, recipe)
+    progress(f"quantized {len(chosen)} of {len(layers(proto))} layers to int8 ({recipe.name} recipe, "
+             f"{recipe.observer} observer)")
+    return qdq, table
+
+
+def build_qdq(proto, chosen: list[Layer], hists: dict, recipe: Recipe):
+    """`proto` (with node names) with the `chosen` layers in int8, activation ranges from `hists`."""
+    import onnx
+    from onnx import helper, numpy_helper
+
     activations = list(dict.fromkeys(layer.activation for layer in chosen))
-    hists = activation_histograms(proto, activations, x, recipe.symmetric, progress)
     table: dict[str, dict] = {}
     inits = {i.name: i for i in proto.graph.initializer}
     new_inits, qdq_nodes = [], {}  # consumer node name -> Q/DQ nodes to emit before it
@@ -163,5 +178,4 @@ def quantize_model(proto, x: np.ndarray, recipe: Recipe, progress=print):
     del out.graph.initializer[:]
     out.graph.initializer.extend(kept + new_inits)
     onnx.checker.check_model(out)
-    progress(f"quantized {len(chosen)} of {len(found)} layers to int8 ({recipe.name} recipe, {recipe.observer} observer)")
     return out, table
