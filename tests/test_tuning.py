@@ -142,7 +142,7 @@ def test_databases_are_found_only_for_their_own_target(host_db, digits_source, t
 @pytest.mark.slow
 def test_a_killed_tuning_run_resumes_without_losing_records(tmp_path):
     db = tmp_path / "db"
-    cmd = [sys.executable, "-m", "mixer_edge.cli", "tune", "--tuning-db", str(db), "--trials", "400"]
+    cmd = [sys.executable, "-m", "mixer_edge.cli", "tune", "--tuning-db", str(db), "--trials", "2000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:

@@ -328,7 +328,7 @@ def tune(mod, preset: TargetPreset, key: TuningKey, path: Path, model: str, budg
     """Tune `prepare`d `mod` into the database at `path`, resuming whatever it already holds."""
     from tvm.s_tir import meta_schedule as ms
 
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # our own progress lines instead
+    _quiet_meta_schedule_logs()
     target = preset.tvm_target()
     runner = _runner(preset, rpc)  # refuses before anything is written
     create_database(path, key, model)
@@ -360,6 +360,16 @@ def tune(mod, preset: TargetPreset, key: TuningKey, path: Path, model: str, budg
     result = {**summary(path), "tasks": len(tasks), "seconds": round(time.perf_counter() - start, 1)}
     progress(f"tuning done in {result['seconds']:.0f}s: {result['records']} records in {path}")
     return result
+
+
+def _quiet_meta_schedule_logs() -> None:
+    """MetaSchedule's console logs off (we print progress lines), and its handlers from an earlier run in this
+    process dropped: TVM lists them by name in its next logging config, and some have none (a crash there)."""
+    meta = logging.getLogger("tvm.s_tir.meta_schedule")
+    for handler in list(meta.handlers):
+        meta.removeHandler(handler)
+        handler.close()
+    meta.setLevel(logging.WARNING)
 
 
 def _progress_callback(names, weights, trials, deadline, progress):
