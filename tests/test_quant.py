@@ -183,3 +183,11 @@ def test_accuracy_budget_keeps_the_most_sensitive_layers_in_float(digits_source,
 def test_negative_accuracy_budget_is_refused(run_cli, tmp_path):
     code, _, err = run_cli("calibrate", "--max-accuracy-drop", "-1", "-o", tmp_path / "q.onnx")
     assert_one_line_error(code, err, "--max-accuracy-drop")
+
+
+def test_a_dynamic_batch_model_calibrates_on_a_few_samples():
+    from mixer_edge.export import open_model
+
+    source = open_model(dynamic_batch=True, progress=quiet)
+    qdq, _, summary = calibrate(source, "minmax", samples=10, progress=quiet)
+    assert summary["samples"] == 10 and summary["evaluation"]["top1_agreement"] >= 0.95

@@ -77,8 +77,13 @@ def activation_histograms(proto, tensors: list[str], x: np.ndarray, symmetric: b
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors)
     sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     spec = input_spec(proto)
-    batch = spec.shape[0] if isinstance(spec.shape[0], int) else 32
-    chunks = [x[i:i + batch] for i in range(0, len(x) - batch + 1, batch)]
+    if isinstance(spec.shape[0], int):  # a static batch: whole batches only
+        batch = spec.shape[0]
+        if len(x) < batch:
+            raise MixerEdgeError(f"the model's static batch is {batch}: calibrate with at least {batch} samples")
+        chunks = [x[i:i + batch] for i in range(0, len(x) - batch + 1, batch)]
+    else:
+        chunks = [x[i:i + 32] for i in range(0, len(x), 32)]
 
     def outputs(desc):
         for chunk in tqdm(chunks, desc=desc, unit="batch", leave=False, disable=None):
@@ -93,7 +98,7 @@ def activation_histograms(proto, tensors: list[str], x: np.ndarray, symmetric: b
     for outs in outputs("calibration histograms"):
         for t, v in zip(tensors, outs):
             hists[t].add(v)
-    progress(f"observed {len(tensors)} activations over {len(chunks) * batch} samples")
+    progress(f"observed {len(tensors)} activations over {sum(len(c) for c in chunks)} samples")
     return hists
 
 
