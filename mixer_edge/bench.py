@@ -110,15 +110,13 @@ def agreement(got: np.ndarray, ref: np.ndarray) -> dict:
 
 def compare(source, artifacts: list[Path], rounds: int = 20, threads: int | None = None, progress=print) -> list[dict]:
     """Time each artifact (they share one model) beside the baselines at its batch size, every candidate on
-    `threads` CPU threads (default: all cores); check its outputs."""
-    import os
-
+    `threads` CPU threads (default: the physical cores); check its outputs."""
     import torch
 
-    threads = threads or os.cpu_count() or 1
-    use_threads(threads)
     from . import runtime
 
+    threads = threads or runtime.physical_cores()
+    use_threads(threads)
     rows = []
     rng = np.random.default_rng(0)
     for path in artifacts:

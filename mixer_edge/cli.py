@@ -173,9 +173,8 @@ def cmd_tuning_db(args) -> None:
         for path in sorted([root] if (root / tuning.KEY).exists() else root.glob("*/")):
             if (path / tuning.KEY).exists():
                 info = tuning.summary(path)
-                target = json.loads(info["target"])
-                print(f"{path}\n    {info.get('model', '?')}, {info['precision']}, target {target.get('mcpu') or target.get('arch') or target['kind']} "
-                      f"({info['target']}), {info['records']} records for {info['workloads']} workloads")
+                print(f"{path}\n    {info.get('model', '?')}, {info['precision']}, {info['records']} records for "
+                      f"{info['workloads']} workloads, target {info['target']}")
 
 
 def cmd_calibrate(args) -> None:
@@ -215,15 +214,14 @@ def cmd_calibrate(args) -> None:
 def cmd_bench(args) -> None:
     import tempfile
 
-    import os
-
     from .bench import compare, format_rows, use_threads
+    from .runtime import physical_cores
 
     if args.model and args.model.lower().endswith(".onnx"):
         raise MixerEdgeError("bench times artifacts beside PyTorch: give a preset (and --checkpoint), not an ONNX file")
     if args.threads is not None and args.threads < 1:
         raise MixerEdgeError(f"--threads must be at least 1, not {args.threads}")
-    use_threads(args.threads or os.cpu_count() or 1)  # before the build starts TVM's thread pool
+    use_threads(args.threads or physical_cores())  # before the build starts TVM's thread pool
     with tempfile.TemporaryDirectory() as tmp:
         # compare() checks every artifact against PyTorch itself
         source, built = _compile_all(args, None, tmp, verify=False)
@@ -353,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     _build_args(p)
     p.add_argument("--rounds", type=int, default=20, help="interleaved rounds (each runs every candidate 5 times)")
     p.add_argument("--json", help="also write the measurements to this file")
-    p.add_argument("--threads", type=int, help="CPU threads for every candidate (default: all cores)")
+    p.add_argument("--threads", type=int, help="CPU threads for every candidate (default: the physical cores)")
     _tuning_args(p, compile_=True)
     p.set_defaults(func=cmd_bench)
 

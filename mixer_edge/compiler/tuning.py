@@ -4,8 +4,8 @@ A database is a directory: TVM's JSON database (`database_workload.json`,
 `database_tuning_record.json`, one JSON record per line, appended as tuning measures) plus
 `key.json`, which says what it was tuned for. It is only ever applied to that same key, so records
 measured on one board never reach another. A run killed mid-way leaves at most a torn last line,
-which `open_database` drops (rewriting the file atomically); every complete record survives and the
-next run resumes from them, skipping tasks that already have their share of trials.
+which `open_database` drops (rewriting the file atomically); every complete record survives, and the
+next run starts its search from them and spends only what is left of the trial budget.
 """
 
 from __future__ import annotations
