@@ -42,6 +42,12 @@ class TuningKey:
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:16]
 
+    @classmethod
+    def stored_at(cls, path: Path) -> TuningKey:
+        """The key a database directory says it was tuned for."""
+        have = read_key(path)
+        return cls(*(have.get(f) for f in ("graph", "target", "precision")))
+
     def describe(self) -> str:
         return f"target {self.target}, precision {self.precision}, graph {self.graph[:12]}"
 
@@ -155,10 +161,10 @@ def read_key(path: Path) -> dict:
 
 def check_key(path: Path, key: TuningKey) -> None:
     """Refuse a database tuned for another target, precision or model graph."""
-    have = read_key(path)
+    have = TuningKey.stored_at(path)
     for field, label in (("target", "target"), ("precision", "precision"), ("graph", "model graph")):
-        if have.get(field) != getattr(key, field):
-            raise MixerEdgeError(f"tuning database {path} was tuned for another {label} ({have.get(field)}, not "
+        if getattr(have, field) != getattr(key, field):
+            raise MixerEdgeError(f"tuning database {path} was tuned for another {label} ({getattr(have, field)}, not "
                                  f"{getattr(key, field)}): tune this target with `mixer-edge tune`, or pass its own "
                                  "--tuning-db")
 
@@ -223,13 +229,11 @@ def merge(sources: list[Path], out: Path, best_only: bool = False) -> dict:
 
     `best_only` keeps just that best record per workload (smallest, for shipping).
     """
-    keys = [read_key(Path(s)) for s in sources]
-    fields = ("graph", "target", "precision")
-    for src, k in zip(sources[1:], keys[1:]):
-        if any(k.get(f) != keys[0].get(f) for f in fields):
+    first = TuningKey.stored_at(Path(sources[0]))
+    for src in sources[1:]:
+        if (other := TuningKey.stored_at(Path(src))) != first:
             raise MixerEdgeError(f"tuning databases {sources[0]} and {src} were tuned for different keys "
-                                 f"({TuningKey(*(keys[0].get(f) for f in fields)).describe()} vs "
-                                 f"{TuningKey(*(k.get(f) for f in fields)).describe()}): merge only databases of one "
+                                 f"({first.describe()} vs {other.describe()}): merge only databases of one "
                                  "model, target and precision")
     workloads: dict[str, int] = {}  # workload line -> index in the merged file
     records: dict[int, list] = {}  # merged workload index -> its records, best first
@@ -240,7 +244,7 @@ def merge(sources: list[Path], out: Path, best_only: bool = False) -> dict:
             if record not in records.setdefault(index[wid], []):
                 records[index[wid]].append(record)
     with atomic_dir(out) as stage:
-        (stage / KEY).write_text(json.dumps(keys[0], indent=1) + "\n")
+        (stage / KEY).write_text(json.dumps(read_key(Path(sources[0])), indent=1) + "\n")
         (stage / WORKLOADS).write_text("".join(w + "\n" for w in workloads))
         lines = []
         for wid, recs in sorted(records.items()):
@@ -340,10 +344,10 @@ def tune(mod, preset: TargetPreset, key: TuningKey, path: Path, model: str, budg
     todo = total - already  # a resumed run spends only what the killed one had left
     progress(f"tuning {len(tasks)} tasks for {preset.name}: {total} trials, at most {seconds / 60:.0f} min; "
              f"database {path}" + (f" (resuming: {already} records there)" if already else ""))
+    start = time.perf_counter()
     if todo <= 0:
         progress(f"the database already holds {already} records, the whole budget: pass a larger --trials to go on")
-    start = time.perf_counter()
-    if todo > 0:
+    else:
         with tempfile.TemporaryDirectory(prefix="mixer-edge-tune-") as work:
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 tasks, work, num_threads=os.cpu_count() or 1)

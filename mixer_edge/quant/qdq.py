@@ -116,11 +116,12 @@ def with_node_names(proto):
 def quantize_model(proto, x: np.ndarray, recipe: Recipe, progress=print):
     """The QDQ ONNX of `proto` calibrated on `x` with `recipe`, and its calibration table."""
     proto = with_node_names(proto)
-    chosen = [layer for layer in layers(proto) if not kept_in_float(layer, recipe)]
+    found = layers(proto)
+    chosen = [layer for layer in found if not kept_in_float(layer, recipe)]
     hists = activation_histograms(proto, list(dict.fromkeys(l.activation for l in chosen)), x, recipe.symmetric,
                                   progress)
     qdq, table = build_qdq(proto, chosen, hists, recipe)
-    progress(f"quantized {len(chosen)} of {len(layers(proto))} layers to int8 ({recipe.name} recipe, "
+    progress(f"quantized {len(chosen)} of {len(found)} layers to int8 ({recipe.name} recipe, "
              f"{recipe.observer} observer)")
     return qdq, table
 
