@@ -12,6 +12,7 @@ import json
 import platform
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -22,7 +23,20 @@ from .atomic import atomic_dir, atomic_file
 from .compiler.build import Built
 from .compiler.webgpu import dispatch_count
 from .errors import MixerEdgeError
-from .export import ModelSource, run_onnxruntime
+from .export import ModelSource, input_spec, run_onnxruntime
+
+
+@dataclass
+class Quantization:
+    """What an int8 build was compiled from: its QDQ ONNX, calibration table and summary (quant.calibrate)."""
+
+    qdq: object  # onnx.ModelProto
+    table: dict | None  # None for a QDQ ONNX given as it is
+    summary: dict
+
+    def manifest(self, lowered: dict) -> dict:
+        keep = ("recipe", "calibration_data", "samples", "evaluation", "mixed_precision", "sensitivity")
+        return {**lowered, **{k: self.summary[k] for k in keep if k in self.summary}, "table": self.table}
 
 
 def versions() -> dict:
@@ -48,7 +62,7 @@ def manifest_for(built: Built, source: ModelSource) -> dict:
         "labels": source.labels,
         "target": {"preset": preset.name, "description": preset.description, "tvm": preset.target,
                    "device": preset.device_requirements()},
-        "precision": {"compute": built.precision, "accumulation": "float32",
+        "precision": {"compute": built.precision, "accumulation": "int32" if built.int8 else "float32",
                       "weights": sorted({str(a.dtype) for a in built.params.values()})},
         "params": list(built.params),
         "export": source.export,
@@ -60,23 +74,26 @@ def manifest_for(built: Built, source: ModelSource) -> dict:
     }
 
 
-def write_artifact(out: str | Path, built: Built, source: ModelSource, verify: bool = True, progress=print) -> dict:
+def write_artifact(out: str | Path, built: Built, source: ModelSource, verify: bool = True,
+                   quantization: Quantization | None = None, progress=print) -> dict:
     """Write the artifact directory (or `.tar`) at `out` atomically; returns its manifest."""
     out = Path(out)
     if out.suffix != ".tar":
         with atomic_dir(out) as stage:
-            return _fill(stage, built, source, verify, progress)
+            return _fill(stage, built, source, verify, quantization, progress)
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp) / out.stem
         stage.mkdir()
-        manifest = _fill(stage, built, source, verify, progress)
+        manifest = _fill(stage, built, source, verify, quantization, progress)
         with atomic_file(out) as tmp_tar, tarfile.open(tmp_tar, "w") as tar:
             tar.add(stage, arcname=out.stem)
     return manifest
 
 
-def _fill(stage: Path, built: Built, source: ModelSource, verify: bool, progress) -> dict:
+def _fill(stage: Path, built: Built, source: ModelSource, verify: bool, quantization, progress) -> dict:
     manifest = manifest_for(built, source)
+    if quantization is not None:
+        manifest["quantization"] = quantization.manifest(built.int8)
     if built.program is not None:
         manifest["vulkan"] = {"backend": "wgpu", "dispatches": dispatch_count(built.program),
                               "kernels": len(built.program["kernels"])}
@@ -99,7 +116,7 @@ def _fill(stage: Path, built: Built, source: ModelSource, verify: bool, progress
     manifest["files"] = {p.name: runtime.sha256(p) for p in sorted(stage.iterdir())}
     _write_manifest(stage, manifest)
     if verify:
-        manifest["verification"] = verify_artifact(stage, source, progress)
+        manifest["verification"] = verify_artifact(stage, source, quantization and quantization.qdq, progress)
         _write_manifest(stage, manifest)
     return manifest
 
@@ -108,8 +125,12 @@ def _write_manifest(root: Path, manifest: dict) -> None:
     (root / runtime.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def verify_artifact(root: Path, source: ModelSource, progress=print) -> dict:
-    """Compare the artifact with the reference model on this machine, if it can run here."""
+def verify_artifact(root: Path, source: ModelSource, qdq=None, progress=print) -> dict:
+    """Compare the artifact with the reference model on this machine, if it can run here.
+
+    int8 builds are compared with the float reference (what quantization cost) and with onnxruntime
+    running their QDQ ONNX `qdq` (whether the integer kernels compute what the QDQ graph says).
+    """
     try:
         model = runtime.load(root)
     except MixerEdgeError as exc:
@@ -124,7 +145,7 @@ def verify_artifact(root: Path, source: ModelSource, progress=print) -> dict:
         rng = np.random.default_rng(0)
         x, y = rng.standard_normal((2, *model.input_shape[1:])).astype(np.float32), None
         data = "2 random inputs"  # untuned CPU builds of paper-size models take seconds per image
-    reference = reference_logits(source, x)
+    reference = reference_logits(source.torch_model, source.onnx_model, x)
     got = model(x)
     report = {
         "status": "verified",
@@ -139,20 +160,27 @@ def verify_artifact(root: Path, source: ModelSource, progress=print) -> dict:
         report["reference_accuracy"] = float((reference.argmax(1) == y).mean())
     progress(f"verified on {data}: top-1 agreement {report['top1_agreement']:.2%}, "
              f"max |logit diff| {report['max_abs_logit_diff']:.2e}")
+    if qdq is not None:
+        ort = reference_logits(None, qdq, x)
+        report["onnxruntime_qdq"] = {"top1_agreement": float((got.argmax(1) == ort.argmax(1)).mean()),
+                                     "max_abs_logit_diff": float(np.abs(got - ort).max())}
+        progress(f"against onnxruntime on the same QDQ model: top-1 agreement "
+                 f"{report['onnxruntime_qdq']['top1_agreement']:.2%}, max |logit diff| "
+                 f"{report['onnxruntime_qdq']['max_abs_logit_diff']:.2e}")
     return report
 
 
-def reference_logits(source: ModelSource, x: np.ndarray) -> np.ndarray:
-    """Logits of the float reference: the torch model, else onnxruntime on the ONNX graph."""
-    if source.torch_model is not None:
+def reference_logits(torch_model, onnx_model, x: np.ndarray) -> np.ndarray:
+    """Logits of a reference: the torch model if given, else onnxruntime on the ONNX graph."""
+    if torch_model is not None:
         import torch
 
         with torch.no_grad():
-            return source.torch_model(torch.from_numpy(x)).numpy()
-    batch = source.input.shape[0]
+            return torch_model(torch.from_numpy(x)).numpy()
+    batch = input_spec(onnx_model).shape[0]
     if not isinstance(batch, int):
-        return run_onnxruntime(source.onnx_model, x)
+        return run_onnxruntime(onnx_model, x)
     pad = -len(x) % batch  # a static-batch graph takes whole batches only
     padded = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-    chunks = [run_onnxruntime(source.onnx_model, padded[i:i + batch]) for i in range(0, len(padded), batch)]
+    chunks = [run_onnxruntime(onnx_model, padded[i:i + batch]) for i in range(0, len(padded), batch)]
     return np.concatenate(chunks)[:len(x)]

@@ -87,7 +87,7 @@ def use_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def onnxruntime_candidate(proto, x: np.ndarray, device: str, threads: int) -> Candidate | None:
+def onnxruntime_candidate(proto, x: np.ndarray, device: str, threads: int, label: str = "") -> Candidate | None:
     """onnxruntime on the same device, or None where it has no provider for it."""
     import onnxruntime as ort
 
@@ -98,7 +98,7 @@ def onnxruntime_candidate(proto, x: np.ndarray, device: str, threads: int) -> Ca
     options.intra_op_num_threads = threads
     sess = ort.InferenceSession(proto.SerializeToString(), options, providers=[provider])
     feed = {sess.get_inputs()[0].name: x}
-    return Candidate(f"onnxruntime {provider.removesuffix('ExecutionProvider')}", lambda: sess.run(None, feed))
+    return Candidate(f"onnxruntime {provider.removesuffix('ExecutionProvider')}{label}", lambda: sess.run(None, feed))
 
 
 def agreement(got: np.ndarray, ref: np.ndarray) -> dict:
@@ -108,9 +108,11 @@ def agreement(got: np.ndarray, ref: np.ndarray) -> dict:
             "max_abs_diff": float(np.abs(got - ref).max()), "min_cosine": float(cos.min())}
 
 
-def compare(source, artifacts: list[Path], rounds: int = 20, threads: int | None = None, progress=print) -> list[dict]:
+def compare(source, artifacts: list[Path], rounds: int = 20, threads: int | None = None, qdq=None,
+            progress=print) -> list[dict]:
     """Time each artifact (they share one model) beside the baselines at its batch size, every candidate on
-    `threads` CPU threads (default: the physical cores); check its outputs."""
+    `threads` CPU threads (default: the physical cores); check its outputs. int8 artifacts are timed
+    beside onnxruntime running `qdq`, the QDQ ONNX they were compiled from."""
     import torch
 
     from . import runtime
@@ -119,9 +121,14 @@ def compare(source, artifacts: list[Path], rounds: int = 20, threads: int | None
     use_threads(threads)
     rows = []
     rng = np.random.default_rng(0)
+    if source.eval_data:  # real inputs: int8 ranges were calibrated on data like them
+        from .data import load_inputs
+
+        real = load_inputs(source.eval_data, source.preprocess)[0]
     for path in artifacts:
         model = runtime.load(path)
-        x = rng.standard_normal(model.input_shape).astype(np.float32)
+        x = real[:model.batch] if source.eval_data and len(real) >= model.batch else \
+            rng.standard_normal(model.input_shape).astype(np.float32)
         device = "cuda" if model.manifest["target"]["device"]["kind"] == "cuda" else "cpu"
         with torch.no_grad():
             reference = source.torch_model(torch.from_numpy(x)).numpy()
@@ -129,7 +136,8 @@ def compare(source, artifacts: list[Path], rounds: int = 20, threads: int | None
         mine = f"mixer-edge {precision}"
         cands = [artifact_candidate(mine, model, x), *torch_candidates(source.torch_model, x, device)]
         onnx_batch = source.input.shape[0]
-        ort = onnxruntime_candidate(source.onnx_model, x, device, threads) \
+        proto, label = (qdq, " int8 (QDQ)") if precision == "int8" else (source.onnx_model, "")
+        ort = onnxruntime_candidate(proto, x, device, threads, label) \
             if isinstance(onnx_batch, str) or onnx_batch == model.batch else None
         cands += [ort] if ort else []
         progress(f"timing {path.name}: {', '.join(c.name for c in cands)} ({rounds} interleaved rounds)")
@@ -154,4 +162,23 @@ def format_rows(rows: list[dict]) -> str:
         a = row["vs_torch_fp32"]
         lines.append(f"| {Path(row['artifact']).name} | {a['top1_agreement']:.2%} | {a['max_abs_diff']:.2e} | "
                      f"{a['min_cosine']:.6f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + int8_ratios(rows))
+
+
+def int8_ratios(rows: list[dict]) -> list[str]:
+    """Speed-up of int8 over float32 at each batch that has both: mixer-edge's, and onnxruntime's (QDQ)."""
+    latency = {(row["batch"], row["precision"]): row["latency"] for row in rows}
+    lines = []
+    for (batch, precision), int8 in latency.items():
+        fp32 = latency.get((batch, "float32"))
+        if precision != "int8" or fp32 is None:
+            continue
+        ort = {p: next((t["median_ms"] for n, t in lat.items() if n.startswith("onnxruntime")), None)
+               for p, lat in (("float32", fp32), ("int8", int8))}
+        mine = fp32["mixer-edge float32"]["median_ms"] / int8["mixer-edge int8"]["median_ms"]
+        line = f"batch {batch}: mixer-edge int8 is {mine:.2f}x the speed of mixer-edge float32"
+        if None not in ort.values():
+            line += (f"; onnxruntime QDQ int8 {ort['float32'] / ort['int8']:.2f}x onnxruntime float32; "
+                     f"mixer-edge int8 {ort['int8'] / int8['mixer-edge int8']['median_ms']:.2f}x onnxruntime int8")
+        lines.append(line)
+    return ["", *lines] if lines else []

@@ -27,8 +27,29 @@ def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", action="append",
                    help="preset name, host (the default), a .toml file or a JSON TVM target; repeat or "
                    "comma-separate for several")
-    p.add_argument("--precision", help="float32, or float16 (fp16 compute, fp32 accumulation) where the target "
-                   "has it; comma-separate for several (default: the target's)")
+    p.add_argument("--precision", help="float32; float16 (fp16 compute, fp32 accumulation) or int8 (integer "
+                   "kernels, calibrated first) where the target has it; comma-separate for several (default: the "
+                   "target's)")
+
+
+def _calibration_args(p: argparse.ArgumentParser, int8_only: bool) -> None:
+    g = p.add_argument_group("int8 calibration" + (" (with --precision int8)" if int8_only else ""))
+    g.add_argument("--calibration", help="recipe: a name in calibration/ (default, minmax, entropy, mse) or a .toml")
+    g.add_argument("--calib-data", help="calibration inputs: image folder, .npy/.npz, digits-train "
+                   "(default for the demo model)")
+    g.add_argument("--calib-samples", type=int, help="how many samples to draw (default: the recipe's)")
+
+
+def _calibration(args):
+    """The int8 calibration the arguments ask for (None if they name none), checked before any slow work."""
+    from .quant import Calibration, resolve_recipe
+
+    if args.calib_samples is not None and args.calib_samples < 1:
+        raise MixerEdgeError(f"--calib-samples must be at least 1, not {args.calib_samples}")
+    if args.calibration is None and args.calib_data is None and args.calib_samples is None:
+        return None
+    resolve_recipe(args.calibration)
+    return Calibration(args.calibration, args.calib_data, args.calib_samples)
 
 
 def _tuning_args(p: argparse.ArgumentParser, compile_: bool) -> None:
@@ -120,21 +141,26 @@ def _builds(args):
 
 def _compile_all(args, output: str | None, parent: str, verify: bool):
     """Compile every (target, precision, batch) the arguments name; returns the source and (path, manifest) pairs."""
-    from .compiler import compile_model
+    from .compiler import compile_model, quantize
 
     builds, batches = _builds(args)
     tuning = _tuning(args, args.tune)
+    calibration = _calibration(args)
     if tuning.database and len(builds) > 1:
         raise MixerEdgeError("--tuning-db holds one model/target/precision/batch: compile one build with it")
+    if calibration and all(precision != "int8" for _, precision, _ in builds):
+        raise MixerEdgeError("--calibration/--calib-data/--calib-samples apply to --precision int8 only")
     source = _open_model(args, batches)
+    quantized = quantize(source, calibration, say) if any(p == "int8" for _, p, _ in builds) else None
     built = []
     for preset, precision, batch in builds:
-        name = f"{source.name}-{preset.name}" + ("-fp16" if precision == "float16" else "") + \
+        name = f"{source.name}-{preset.name}" + {"float16": "-fp16", "int8": "-int8"}.get(precision, "") + \
             (f"-b{batch}" if batch != 1 else "")
         out = Path(output) if output and len(builds) == 1 else Path(output or parent) / name
         built.append((out, compile_model(source, preset, out, batch=batch, precision=precision, verify=verify,
-                                         tuning=tuning, progress=say)))
-    return source, built
+                                         tuning=tuning, quantized=quantized if precision == "int8" else None,
+                                         progress=say)))
+    return source, built, quantized
 
 
 def cmd_compile(args) -> None:
@@ -154,7 +180,10 @@ def cmd_tune(args) -> None:
         raise MixerEdgeError("tune takes one target, precision and batch: run it once for each")
     tuning = _tuning(args, True)
     preset, precision, batch = builds[0]
-    result = tune_model(_open_model(args, batches), preset, batch, precision, tuning, progress=say)
+    calibration = _calibration(args)
+    if calibration and precision != "int8":
+        raise MixerEdgeError("--calibration/--calib-data/--calib-samples apply to --precision int8 only")
+    result = tune_model(_open_model(args, batches), preset, batch, precision, tuning, calibration, progress=say)
     print(f"{result['path']}: {result['records']} records for {result['workloads']} workloads "
           f"({result['model']}, {preset.name}, {result['precision']}); later compiles apply it")
 
@@ -181,10 +210,9 @@ def cmd_calibrate(args) -> None:
     from .quant import calibrate, format_sensitivity, resolve_recipe
 
     recipe = resolve_recipe(args.calibration)  # before the slow export
+    _calibration(args)
     if args.max_accuracy_drop is not None and args.max_accuracy_drop < 0:
         raise MixerEdgeError(f"--max-accuracy-drop is in percentage points, at least 0, not {args.max_accuracy_drop}")
-    if args.calib_samples is not None and args.calib_samples < 1:
-        raise MixerEdgeError(f"--calib-samples must be at least 1, not {args.calib_samples}")
     out = Path(args.output)
     if out.suffix != ".onnx":
         raise MixerEdgeError(f"-o {out}: the QDQ model is written as an .onnx file (the table goes beside it)")
@@ -224,8 +252,9 @@ def cmd_bench(args) -> None:
     use_threads(args.threads or physical_cores())  # before the build starts TVM's thread pool
     with tempfile.TemporaryDirectory() as tmp:
         # compare() checks every artifact against PyTorch itself
-        source, built = _compile_all(args, None, tmp, verify=False)
-        rows = compare(source, [out for out, _ in built], rounds=args.rounds, threads=args.threads, progress=say)
+        source, built, quantized = _compile_all(args, None, tmp, verify=False)
+        rows = compare(source, [out for out, _ in built], rounds=args.rounds, threads=args.threads,
+                       qdq=quantized and quantized.qdq, progress=say)
     print(format_rows(rows))
     if args.json:
         from .artifact import versions
@@ -289,10 +318,17 @@ def cmd_inspect(args) -> None:
     precision = manifest["precision"]
     print(f"precision  {precision['compute']} compute, {precision['accumulation']} accumulation, "
           f"weights {'/'.join(precision['weights'])}; batch {manifest['input']['shape'][0]}")
+    if "quantization" in manifest:
+        q = manifest["quantization"]
+        recipe = q["recipe"]["name"] if isinstance(q["recipe"], dict) else q["recipe"]
+        print(f"int8       {q['layers']} layers on {q['dot_product']} kernels ({q['activations']} activations); "
+              f"recipe {recipe}" + (f", {q['samples']} samples of {q['calibration_data']}" if "samples" in q else ""))
     print(f"built      {manifest['created']} in {manifest['build']['seconds']}s with TVM {manifest['versions'].get('apache-tvm')}")
     if check.get("status") == "verified":
         print(f"verified   on {check['data']}: top-1 agreement {check['top1_agreement']:.2%}, "
-              f"max |logit diff| {check['max_abs_logit_diff']:.1e}")
+              f"max |logit diff| {check['max_abs_logit_diff']:.1e}"
+              + (f"; accuracy {check['accuracy']:.2%} (reference {check['reference_accuracy']:.2%})"
+                 if "accuracy" in check else ""))
     for name, digest in manifest["files"].items():
         print(f"file       {name}  sha256 {digest[:16]}...")
 
@@ -343,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="artifact directory (or .tar); with several builds, their parent "
                    "(default artifacts/MODEL-TARGET[-fp16][-bBATCH])")
     p.add_argument("--no-verify", action="store_true", help="skip running the artifact against the reference")
+    _calibration_args(p, int8_only=True)
     _tuning_args(p, compile_=True)
     p.set_defaults(func=cmd_compile)
 
@@ -352,15 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=20, help="interleaved rounds (each runs every candidate 5 times)")
     p.add_argument("--json", help="also write the measurements to this file")
     p.add_argument("--threads", type=int, help="CPU threads for every candidate (default: the physical cores)")
+    _calibration_args(p, int8_only=True)
     _tuning_args(p, compile_=True)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("calibrate", help="int8 post-training quantization: write a QDQ ONNX and its calibration table")
     _model_args(p)
-    p.add_argument("--calibration", help="recipe: a name in calibration/ (default, minmax, entropy, mse) or a .toml")
-    p.add_argument("--calib-data", help="calibration inputs: image folder, .npy/.npz, digits-train "
-                   "(default for the demo model)")
-    p.add_argument("--calib-samples", type=int, help="how many samples to draw (default: the recipe's)")
+    _calibration_args(p, int8_only=False)
     p.add_argument("--sensitivity", action="store_true", help="print each layer's SQNR with only it in int8")
     p.add_argument("--max-accuracy-drop", type=float, metavar="POINTS", help="keep the most sensitive layers in "
                    "float until the accuracy drop on the validation data is at most this many percentage points")
@@ -373,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="autotune a model for a target with MetaSchedule into its tuning database")
     _model_args(p)
     _build_args(p)
+    _calibration_args(p, int8_only=True)
     _tuning_args(p, compile_=False)
     p.set_defaults(func=cmd_tune)
 

@@ -66,6 +66,19 @@ def test_bench_reports_ratios_beside_pytorch_and_onnxruntime(run_cli, tmp_path):
     assert rows[0]["latency"]["pytorch eager float32"]["speedup_vs_pytorch_fp32"] == 1.0
 
 
+def test_int8_compile_and_bench(run_cli, tmp_path):
+    code, out, err = run_cli("compile", "--precision", "int8", "--calibration", "minmax", "--calib-samples", "128",
+                             "-o", tmp_path / "art")
+    assert code == 0, err
+    assert "layers on int8" in err and "against onnxruntime on the same QDQ model" in err
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["quantization"]["recipe"]["name"] == "minmax" and manifest["quantization"]["samples"] == 128
+    code, out, err = run_cli("bench", "--precision", "float32,int8", "--rounds", "2")
+    assert code == 0, err
+    assert "| mixer-edge int8 |" in out and "| onnxruntime CPU int8 (QDQ) |" in out
+    assert "batch 1: mixer-edge int8 is" in out and "x onnxruntime int8" in out
+
+
 def test_unknown_target(run_cli, tmp_path):
     code, _, err = run_cli("compile", "--target", "rpi6", "-o", tmp_path / "out")
     assert_one_line_error(code, err, "unknown target 'rpi6'", "rpi5")
@@ -111,7 +124,12 @@ def test_missing_cross_compiler(run_cli, tmp_path, monkeypatch):
 @pytest.mark.parametrize("args, message", [
     (("compile", "--batch", "0"), "--batch takes positive whole numbers"),
     (("compile", "--batch", "1,x"), "--batch takes positive whole numbers"),
-    (("compile", "--target", "rpi4", "--precision", "float16"), "target rpi4 builds float32, not float16"),
+    (("compile", "--target", "rpi4", "--precision", "float16"), "target rpi4 builds float32 or int8, not float16"),
+    (("compile", "--target", "rpi5-vulkan", "--precision", "int8"), "target rpi5-vulkan builds float32, not int8"),
+    (("compile", "--calibration", "minmax"), "apply to --precision int8 only"),
+    (("compile", "--precision", "int8", "--calibration", "nope"), "nope"),
+    (("compile", "--precision", "int8", "--calib-samples", "0"), "--calib-samples must be at least 1"),
+    (("tune", "--calib-data", "digits-train"), "apply to --precision int8 only"),
     (("compile", "--target", "cuda", "--precision", "bfloat16"), "not bfloat16"),
     (("bench", "--model", "other.onnx"), "not an ONNX file"),
     (("export", "-o", "x.onnx", "--batch", "1,8"), "give one --batch"),

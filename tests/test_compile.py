@@ -101,7 +101,7 @@ def test_precision_and_batch_are_recorded(digits_source, tmp_path):
 
 
 def test_float16_is_refused_where_the_target_lacks_it(digits_source, tmp_path):
-    with pytest.raises(MixerEdgeError, match="target rpi5 builds float32, not float16"):
+    with pytest.raises(MixerEdgeError, match="target rpi5 builds float32 or int8, not float16"):
         compile_model(digits_source, "rpi5", tmp_path / "x", precision="float16", progress=quiet)
 
 

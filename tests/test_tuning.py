@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import agreement, assert_one_line_error, quiet
@@ -164,6 +165,14 @@ def test_a_killed_tuning_run_resumes_without_losing_records(tmp_path):
     assert len(after) > len(before)
 
 
+@pytest.mark.slow
+def test_a_spent_time_budget_ends_every_task_cleanly(run_cli, tmp_path):
+    code, _, err = run_cli("tune", "--tuning-db", tmp_path / "db", "--time-budget", "1s")
+    assert code == 0, err
+    assert "tuning done in" in err
+    lines(tmp_path / "db")  # what did land parses
+
+
 def wait_for(ready, attempts: int, failure: str) -> None:
     """Poll `ready` once a second; fail the test after `attempts` tries."""
     for _ in range(attempts):
@@ -231,4 +240,20 @@ def test_the_shipped_mixer_s16_database_applies_without_tuning(tmp_path):
     used = manifest["build"]["tuning_db"]
     shipped = [tuning.summary(p) for p in tuning.shipped_root().iterdir() if (p / tuning.KEY).exists()]
     assert used is not None and used["sha256"] in [s["sha256"] for s in shipped]
+    assert manifest["verification"]["top1_agreement"] == 1.0
+
+
+def test_the_shipped_mixer_s16_int8_database_applies_without_tuning(tmp_path):
+    """So does the int8 one: any calibration of the default recipe gives the same graph (scales are inputs)."""
+    from mixer_edge.export import open_model
+    from mixer_edge.quant import Calibration
+
+    if resolve_target("host").name != "x86-avx512-vnni":
+        pytest.skip("the shipped database is for x86-avx512-vnni devices: this CPU needs another preset")
+    source = open_model("mixer_s16", progress=quiet)
+    np.save(tmp_path / "calib.npy", np.random.default_rng(1).standard_normal((16, 3, 224, 224)).astype(np.float32))
+    manifest = compile_model(source, "host", tmp_path / "s16", precision="int8", progress=quiet,
+                             calibration=Calibration(data=str(tmp_path / "calib.npy"), samples=16))
+    assert manifest["build"]["tuning_db"]["precision"] == "int8"
+    assert manifest["quantization"]["layers"] == 34 and manifest["quantization"]["dot_product"] == "vnni"
     assert manifest["verification"]["top1_agreement"] == 1.0

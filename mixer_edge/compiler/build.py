@@ -42,6 +42,7 @@ class Built:
     cuda: CudaKernels | None = None
     program: dict | None = None  # the WebGPU route's kernels and launch plan (compiler/webgpu.py)
     tuning: dict | None = None  # the tuning database applied (tuning.summary), if any
+    int8: dict | None = None  # int8 builds: the layers lowered to integer kernels and the instruction
 
     def export_library(self, path: Path) -> None:
         """Write the shared library, with the preset's cross compiler where it has one."""
@@ -108,15 +109,16 @@ def weights_by_name(mod, arrays) -> dict[str, np.ndarray]:
     return named
 
 
-def cuda_source(executable) -> str:
-    """The CUDA C source of every kernel in a built executable (TVM keeps it uncompiled)."""
+def module_source(executable, kind: str, fmt: str = "") -> str:
+    """The source of the built executable's `kind` module: CUDA C (kind cuda, which TVM keeps
+    uncompiled) or the CPU code's assembly (kind llvm, fmt asm)."""
     pending = [executable.mod]
     while pending:
         module = pending.pop()
-        if module.kind == "cuda":
-            return str(module.inspect_source())
+        if module.kind == kind:
+            return str(module.inspect_source(fmt))
         pending.extend(module.imports)
-    raise MixerEdgeError("the CUDA build produced no CUDA kernels")
+    raise MixerEdgeError(f"the build produced no {kind} code")
 
 
 def compile_fat_binary(source: str, preset: TargetPreset) -> bytes:
@@ -153,11 +155,11 @@ def run_transform_params(mod, params: dict[str, np.ndarray]):
 
     if "main_transform_params" not in [gv.name_hint for gv in mod.functions]:
         return mod, params
-    transform = relax.transform.DeadCodeElimination(["main_transform_params"])(mod)
+    transform = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint != "main"}, attrs=mod.attrs)
+    transform = relax.transform.DeadCodeElimination(["main_transform_params"])(transform)
     for gv, func in transform.functions.items():
         if isinstance(func, tvm.tirx.PrimFunc) and "target" in (func.attrs or {}):
             transform[gv] = func.without_attr("target")  # compiled for the host, whatever the device
-    del transform["main"]
     vm = relax.VirtualMachine(tvm.compile(transform, tvm.target.Target({"kind": "llvm"})), tvm.cpu())
     lifted = vm["main_transform_params"]([tvm.runtime.tensor(p) for p in params.values()])
     mod = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint != "main_transform_params"},
@@ -167,13 +169,22 @@ def run_transform_params(mod, params: dict[str, np.ndarray]):
 
 
 def relax_program(proto, preset: TargetPreset, batch: int, precision: str):
-    """The ONNX graph as the Relax program a build starts from, its weights, and its tuning key."""
+    """The ONNX graph as the Relax program a build starts from, its weights, its tuning key, and
+    (int8: `proto` is a QDQ model) what the integer lowering did."""
     check_toolchain(preset)
     mod, params = import_onnx(proto, batch)
     key = tuning_lib.graph_key(mod, preset, precision)
+    lowered = None
     if precision == "float16":
         mod, params = run_transform_params(mixed_precision(mod), params)
-    return mod, params, key
+    elif precision == "int8":
+        from . import int8
+
+        mod, count = int8.lower(mod, params, preset)
+        mod, params = run_transform_params(mod, params)
+        dot = int8.dot_product(preset)
+        lowered = {"layers": count, "dot_product": dot.name, "activations": dot.activation}
+    return mod, params, key, lowered
 
 
 def tune(proto, preset: TargetPreset, batch: int = 1, precision: str | None = None,
@@ -181,7 +192,7 @@ def tune(proto, preset: TargetPreset, batch: int = 1, precision: str | None = No
     """Tune the model for `preset` into its database (created or resumed); returns the database summary."""
     precision = preset.resolve_precision(precision)
     _refuse_wgpu_tuning(preset)
-    mod, _, key = relax_program(proto, preset, batch, precision)
+    mod, _, key, _ = relax_program(proto, preset, batch, precision)
     return tuning_lib.tune_into(key, preset, tuning, tuning_lib.prepare(mod, preset), model, progress)
 
 
@@ -199,7 +210,7 @@ def build(proto, preset: TargetPreset, batch: int = 1, precision: str | None = N
 
     precision = preset.resolve_precision(precision)
     start = time.perf_counter()
-    mod, params, key = relax_program(proto, preset, batch, precision)
+    mod, params, key, lowered = relax_program(proto, preset, batch, precision)
     if preset.uses_wgpu:
         if tuning.wanted:
             _refuse_wgpu_tuning(preset)
@@ -220,7 +231,7 @@ def build(proto, preset: TargetPreset, batch: int = 1, precision: str | None = N
             raise MixerEdgeError(f"TVM could not compile the model for {preset.name} ({first})") from exc
     fat_binary = None
     if preset.kind == "cuda":
-        source = cuda_source(executable)
+        source = module_source(executable, "cuda")
         fat_binary = CudaKernels(compile_fat_binary(source, preset), runtime.sha256_text(source))
     return Built(executable, params, preset, batch, precision, time.perf_counter() - start, fat_binary,
-                 tuning=record)
+                 tuning=record, int8=lowered)

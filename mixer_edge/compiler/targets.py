@@ -20,7 +20,7 @@ from ..runtime import machine_cpu_features
 
 KINDS = ("cpu", "cuda", "vulkan")
 TUNING_DEFAULTS = {"trials_per_task": 64, "time_budget": "15m"}  # a preset's [tune] table overrides these
-PRECISIONS = ("float32", "float16")  # float16 = mixed precision: fp16 compute, fp32 accumulation
+PRECISIONS = ("float32", "float16", "int8")  # float16: fp16 compute, fp32 accumulation; int8: compiler/int8.py
 # LLVM feature name -> the name Linux reports (x86 /proc/cpuinfo flags, arm64 HWCAP names).
 # These are the features a build may use that older CPUs of the same ISA lack.
 LLVM_TO_LINUX_FEATURE = {

@@ -327,6 +327,11 @@ def _runner(preset: TargetPreset, rpc: RpcBoard | None):
     return ms.runner.LocalRunner(timeout_sec=60)
 
 
+def _scheduled(mod) -> bool:
+    """True for a task whose function came scheduled (the int8 kernels): nothing to tune."""
+    return any(func.attrs is not None and func.attrs.get("tirx.is_scheduled", False) for func in mod.functions.values())
+
+
 def tune(mod, preset: TargetPreset, key: TuningKey, path: Path, model: str, budget: Budget = Budget(),
          rpc: RpcBoard | None = None, progress=print) -> dict:
     """Tune `prepare`d `mod` into the database at `path`, resuming whatever it already holds."""
@@ -337,7 +342,7 @@ def tune(mod, preset: TargetPreset, key: TuningKey, path: Path, model: str, budg
     runner = _runner(preset, rpc)  # refuses before anything is written
     create_database(path, key, model)
     database = open_database(path, key)
-    tasks = ms.relax_integration.extract_tasks(mod, target)
+    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target) if not _scheduled(t.mod)]
     total = budget.trials or preset.tuning["trials_per_task"] * len(tasks)
     seconds = budget.seconds if budget.seconds is not None else parse_duration(preset.tuning["time_budget"])
     already = len(database.get_all_tuning_records())
@@ -394,12 +399,13 @@ def _progress_callback(names, weights, trials, deadline, progress):
                 if result.error_msg is None and result.run_secs:
                     best[task_id] = min(best[task_id], sum(map(float, result.run_secs)) / len(result.run_secs))
             measured = [b * w for b, w in zip(best, weights) if b < math.inf]
-            elapsed = time.perf_counter() - start
-            progress(f"  [{elapsed // 60:3.0f}:{elapsed % 60:02.0f}] {done[0]}/{trials} trials  "
+            minutes, seconds = divmod(int(time.perf_counter() - start), 60)
+            progress(f"  [{minutes:3d}:{seconds:02d}] {done[0]}/{trials} trials  "
                      f"task {task_id + 1}/{len(names)} {names[task_id][:40]}: best {best[task_id] * 1e3:.3f} ms  "
                      f"model estimate {sum(measured) * 1e3:.2f} ms ({len(measured)}/{len(names)} tasks measured)")
             if time.perf_counter() > deadline:
-                for i in range(len(names)):
-                    scheduler.terminate_task(i)
+                for i, task in enumerate(scheduler.tasks_):
+                    if not task.is_terminated:  # TVM refuses to end a task twice
+                        scheduler.terminate_task(i)
 
     return Progress()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .calibration import Recipe, calibration_data, list_recipes, resolve_recipe
 from .qdq import layers, quantize_model
 from .sensitivity import fallback, format_sensitivity, layer_sensitivity
 
-__all__ = ["Recipe", "calibrate", "calibration_data", "fallback", "format_sensitivity", "layer_sensitivity", "layers",
+__all__ = ["Calibration", "Recipe", "calibrate", "is_qdq", "quantize_for_build", "calibration_data", "fallback", "format_sensitivity", "layer_sensitivity", "layers",
            "list_recipes", "quantize_model", "resolve_recipe"]
 
 
@@ -55,3 +57,33 @@ def calibrate(source, recipe: str | Recipe | None = None, calib_data: str | None
             "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
             "max_abs_logit_diff": float(np.abs(got - ref).max())}
     return qdq, table, summary
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How `compile --precision int8` calibrates: a recipe (name or path), data, and a sample count."""
+
+    recipe: str | None = None  # None: calibration/default.toml
+    data: str | None = None  # None: the model's bundled training split (the digits demo)
+    samples: int | None = None  # None: the recipe's
+
+
+def is_qdq(proto) -> bool:
+    """True when the ONNX graph is already quantized (has DequantizeLinear nodes)."""
+    return any(node.op_type == "DequantizeLinear" for node in proto.graph.node)
+
+
+def quantize_for_build(source, calibration: Calibration = Calibration(), progress=print):
+    """(QDQ ONNX, calibration table, summary) for an int8 build of `source`.
+
+    An ONNX that is already QDQ is compiled as it is (no table: its scales came from elsewhere).
+    """
+    if is_qdq(source.onnx_model):
+        if calibration != Calibration():
+            from ..errors import MixerEdgeError
+
+            raise MixerEdgeError(f"{source.name} is already a QDQ ONNX: drop --calibration/--calib-data/"
+                                 "--calib-samples, or pass the float model")
+        progress(f"{source.name} is a QDQ ONNX: compiling its quantization as it is")
+        return source.onnx_model, None, {"recipe": "given (pre-quantized QDQ ONNX)"}
+    return calibrate(source, calibration.recipe, calibration.data, calibration.samples, progress=progress)

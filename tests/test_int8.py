@@ -1,0 +1,136 @@
+"""int8 builds: the calibrated QDQ model compiled to integer kernels (VNNI, sdot, dp4a) and checked."""
+
+import numpy as np
+import pytest
+
+from mixer_edge import emulator
+from mixer_edge.compiler import build, compile_model, quantize, resolve_target
+from mixer_edge.compiler.build import module_source
+from mixer_edge.errors import MixerEdgeError
+from mixer_edge.runtime import load, read_manifest
+
+from conftest import agreement, quiet
+from test_compile import cuobjdump
+
+DIGITS_LAYERS = 18  # stem + 4 blocks x (2 token + 2 channel) + head
+
+
+@pytest.fixture(scope="session")
+def quantized(digits_source):
+    """The digits Mixer calibrated with the default recipe on digits-train (the QDQ ONNX + table)."""
+    return quantize(digits_source, progress=quiet)
+
+
+@pytest.fixture(scope="session")
+def int8_artifact(digits_source, quantized, tmp_path_factory):
+    """int8_artifact(target) -> path of the digits model compiled in int8 for that target (built once)."""
+    built = {}
+
+    def make(target: str):
+        if target not in built:
+            out = tmp_path_factory.mktemp("int8") / target
+            compile_model(digits_source, target, out, precision="int8", quantized=quantized, progress=quiet)
+            built[target] = out
+        return built[target]
+
+    return make
+
+
+def test_host_int8_keeps_the_digits_accuracy(int8_artifact):
+    manifest = load(int8_artifact("host")).manifest
+    check = manifest["verification"]
+    assert check["samples"] == 360 and check["reference"] == "torch"
+    assert check["reference_accuracy"] - check["accuracy"] <= 0.005  # <= 0.5 points lost on the digits test split
+    assert check["top1_agreement"] >= 0.99
+    # the integer kernels compute what the QDQ graph says (onnxruntime runs it in fake-quant float)
+    assert check["onnxruntime_qdq"]["top1_agreement"] >= 0.99
+    assert check["onnxruntime_qdq"]["max_abs_logit_diff"] < 0.1
+    assert manifest["precision"] == {"compute": "int8", "accumulation": "int32", "weights": ["float32", "int32", "int8"]}
+    quant = manifest["quantization"]
+    assert quant["layers"] == DIGITS_LAYERS and quant["recipe"]["name"] == "default"
+    assert quant["calibration_data"] == "digits-train" and quant["samples"] == 256
+    weights = [t for t in quant["table"].values() if t["kind"] == "weight"]
+    activations = [t for t in quant["table"].values() if t["kind"] == "activation"]
+    assert len(weights) == DIGITS_LAYERS and all(t["scheme"] == "symmetric per channel" for t in weights)
+    assert all(t["scale"] > 0 and t["zero_point"] == 0 for t in activations)
+
+
+def test_int8_weights_ship_packed_in_int8(int8_artifact):
+    params = np.load(int8_artifact("host") / "params.npz")
+    weights = [params[k] for k in params.files if params[k].dtype == np.int8 and params[k].ndim]  # not zero points
+    assert len(weights) == DIGITS_LAYERS
+    assert all(w.ndim == 4 and w.shape[2:] == (16, 4) for w in weights)  # [N/16, K/4, 16 channels, 4 steps]
+
+
+@pytest.mark.parametrize("target, dot_product, instruction", [
+    ("x86-avx512-vnni", "vnni", "vpdpbusd"),
+    ("rpi5", "sdot", "sdot\tv"),
+])
+def test_cpu_int8_kernels_use_the_dot_product_instruction(quantized, target, dot_product, instruction):
+    built = build(quantized.qdq, resolve_target(target), precision="int8", progress=quiet)
+    assert built.int8 == {"layers": DIGITS_LAYERS, "dot_product": dot_product,
+                          "activations": "uint8" if dot_product == "vnni" else "int8"}
+    asm = module_source(built.executable, "llvm", "asm")
+    kernels = {line.split(":")[0] for line in asm.splitlines() if line.startswith("int8_dense_")}
+    assert len(kernels) >= 4  # one per distinct matmul shape (stem, token fc1/fc2, channel fc1/fc2, head)
+    assert asm.count(instruction) >= len(kernels)
+
+
+def test_cpu_without_a_dot_product_gets_plain_integer_kernels(quantized, int8_artifact, digits_test):
+    built = build(quantized.qdq, resolve_target("rpi4"), precision="int8", progress=quiet)
+    assert built.int8["dot_product"] == "plain"
+    assert "sdot" not in module_source(built.executable, "llvm", "asm")
+    # the same plain schedule on x86 (AVX2: no VNNI) runs here and matches the VNNI build
+    x = digits_test[0]
+    plain = load(int8_artifact("x86-avx2"))
+    assert plain.manifest["quantization"]["dot_product"] == "plain"
+    assert np.abs(plain(x) - load(int8_artifact("host"))(x)).max() < 1e-4
+
+
+@pytest.mark.parametrize("target, listing", [("cuda", "--dump-ptx"), ("jetson-orin", "--dump-sass")])
+def test_cuda_int8_kernels_use_dp4a(int8_artifact, target, listing):
+    root = int8_artifact(target)
+    code = cuobjdump(listing, str(root / "kernels.fatbin"))
+    instruction = "dp4a.s32.s32" if listing == "--dump-ptx" else "IDP.4A"
+    assert code.count(instruction) >= 1
+    assert read_manifest(root)["quantization"]["dot_product"] == "dp4a"
+
+
+@pytest.mark.emulation
+def test_rpi5_int8_on_the_board_agrees_with_the_host_int8_build(board, int8_artifact, digits_test):
+    x, y = digits_test
+    on_board = emulator.run_artifact(int8_artifact("rpi5"), x, "cortex-a76", board)
+    on_host = load(int8_artifact("host"))(x)
+    assert agreement(on_board, on_host) == 1.0
+    # the integer parts are exact; the float epilogues (GELU, requantize) round differently on the two
+    # CPUs now and then, and a value on a rounding edge moves one int8 step
+    same = (np.abs(on_board - on_host).max(1) < 1e-4).mean()
+    print(f"identical logits on {same:.1%} of the images, max |diff| {np.abs(on_board - on_host).max():.3g}")
+    assert same >= 0.9
+    assert np.abs(on_board - on_host).max() < 0.05
+    assert (on_board.argmax(1) == y).mean() >= 0.98
+
+
+def test_an_already_quantized_onnx_compiles_as_it_is(digits_source, quantized, tmp_path):
+    from dataclasses import replace
+
+    from mixer_edge.quant import Calibration
+
+    given = replace(digits_source, onnx_model=quantized.qdq, torch_model=None)
+    manifest = compile_model(given, "host", tmp_path / "a", precision="int8", progress=quiet)
+    assert manifest["quantization"]["recipe"] == "given (pre-quantized QDQ ONNX)"
+    assert manifest["quantization"]["table"] is None
+    assert manifest["verification"]["onnxruntime_qdq"]["top1_agreement"] >= 0.99
+    with pytest.raises(MixerEdgeError, match="already a QDQ ONNX"):
+        compile_model(given, "host", tmp_path / "b", precision="int8", calibration=Calibration("minmax"),
+                      progress=quiet)
+    assert not (tmp_path / "b").exists()
+
+
+def test_int8_needs_quantized_matmuls(digits_source, tmp_path):
+    from mixer_edge.compiler import int8
+    from mixer_edge.compiler.build import import_onnx
+
+    mod, params = import_onnx(digits_source.onnx_model, 1)
+    with pytest.raises(MixerEdgeError, match="found no quantized matmul"):
+        int8.lower(mod, params, resolve_target("host"))
