@@ -303,27 +303,20 @@ def _register_intrinsics() -> None:
                         C[vi] = C[vi] + T.cast(A[vr], "int32") * T.cast(B[vi, vr], "int32")
         return f
 
-    @T.prim_func(s_tir=True)
-    def vnni(A: T.Buffer((STEP,), "uint8", offset_factor=1), B: T.Buffer((16, STEP), "int8", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:STEP], B[0:16, 0:STEP])
-            T.writes(C[0:16])
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), C.vload([0], dtype="int32x16"),
-                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16), dtype="uint8x64"),
-                B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
-
-    @T.prim_func(s_tir=True)
-    def sdot(A: T.Buffer((STEP,), "int8", offset_factor=1), B: T.Buffer((4, STEP), "int8", offset_factor=1),
-             C: T.Buffer((4,), "int32", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:4], A[0:STEP], B[0:4, 0:STEP])
-            T.writes(C[0:4])
-            C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), C.vload([0], dtype="int32x4"),
-                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16"),
-                B.vload([0, 0], dtype="int8x16"), dtype="int32x4")
+    def impl(a_dtype: str, lanes: int, intrinsic: str):
+        """C[lanes] += A[4] . B[lanes, 4] in one LLVM intrinsic: A broadcast to every lane."""
+        @T.prim_func(s_tir=True)
+        def f(A: T.Buffer((STEP,), a_dtype, offset_factor=1), B: T.Buffer((lanes, STEP), "int8", offset_factor=1),
+              C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:STEP], B[0:lanes, 0:STEP])
+                T.writes(C[0:lanes])
+                C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(intrinsic), C.vload([0], dtype=f"int32x{lanes}"),
+                    T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], f"{a_dtype}x4"), dtype="int32"), lanes),
+                                  dtype=f"{a_dtype}x{lanes * STEP}"),
+                    B.vload([0, 0], dtype=f"int8x{lanes * STEP}"), dtype=f"int32x{lanes}")
+        return f
 
     @T.prim_func(s_tir=True)
     def dp4a_desc(A: T.Buffer((STEP,), "int8", offset_factor=1), B: T.Buffer((STEP,), "int8", offset_factor=1),
@@ -345,6 +338,6 @@ def _register_intrinsics() -> None:
             C[0] = C[0] + T.call_pure_extern("__dp4a", A.vload([0], "int8x4"), B.vload([0], "int8x4"),
                                              T.int32(0), dtype="int32")
 
-    TensorIntrin.register(VNNI, desc("uint8", 16), vnni)
-    TensorIntrin.register(SDOT, desc("int8", 4), sdot)
+    TensorIntrin.register(VNNI, desc("uint8", 16), impl("uint8", 16, "llvm.x86.avx512.vpdpbusd.512"))
+    TensorIntrin.register(SDOT, desc("int8", 4), impl("int8", 4, "llvm.aarch64.neon.sdot.v4i32.v16i8"))
     TensorIntrin.register(DP4A, dp4a_desc, dp4a)
