@@ -12,7 +12,6 @@ import json
 import platform
 import tarfile
 import tempfile
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -24,19 +23,6 @@ from .compiler.build import Built
 from .compiler.webgpu import dispatch_count
 from .errors import MixerEdgeError
 from .export import ModelSource, input_spec, run_onnxruntime
-
-
-@dataclass
-class Quantization:
-    """What an int8 build was compiled from: its QDQ ONNX, calibration table and summary (quant.calibrate)."""
-
-    qdq: object  # onnx.ModelProto
-    table: dict | None  # None for a QDQ ONNX given as it is
-    summary: dict
-
-    def manifest(self, lowered: dict) -> dict:
-        keep = ("recipe", "calibration_data", "samples", "evaluation", "mixed_precision", "sensitivity")
-        return {**lowered, **{k: self.summary[k] for k in keep if k in self.summary}, "table": self.table}
 
 
 def versions() -> dict:
@@ -75,8 +61,10 @@ def manifest_for(built: Built, source: ModelSource) -> dict:
 
 
 def write_artifact(out: str | Path, built: Built, source: ModelSource, verify: bool = True,
-                   quantization: Quantization | None = None, progress=print) -> dict:
-    """Write the artifact directory (or `.tar`) at `out` atomically; returns its manifest."""
+                   quantization=None, progress=print) -> dict:
+    """Write the artifact directory (or `.tar`) at `out` atomically; returns its manifest.
+
+    int8 builds pass their `quantization` (a quant.Quantization): table and recipe go into the manifest."""
     out = Path(out)
     if out.suffix != ".tar":
         with atomic_dir(out) as stage:

@@ -40,14 +40,17 @@ def _calibration_args(p: argparse.ArgumentParser, int8_only: bool) -> None:
     g.add_argument("--calib-samples", type=int, help="how many samples to draw (default: the recipe's)")
 
 
-def _calibration(args):
-    """The int8 calibration the arguments ask for (None if they name none), checked before any slow work."""
+def _calibration(args, precisions):
+    """The int8 calibration the arguments ask for (None if they name none), checked before any slow work:
+    refused unless one of `precisions` is int8."""
     from .quant import Calibration, resolve_recipe
 
     if args.calib_samples is not None and args.calib_samples < 1:
         raise MixerEdgeError(f"--calib-samples must be at least 1, not {args.calib_samples}")
     if args.calibration is None and args.calib_data is None and args.calib_samples is None:
         return None
+    if "int8" not in precisions:
+        raise MixerEdgeError("--calibration/--calib-data/--calib-samples apply to --precision int8 only")
     resolve_recipe(args.calibration)
     return Calibration(args.calibration, args.calib_data, args.calib_samples)
 
@@ -140,18 +143,19 @@ def _builds(args):
 
 
 def _compile_all(args, output: str | None, parent: str, verify: bool):
-    """Compile every (target, precision, batch) the arguments name; returns the source and (path, manifest) pairs."""
-    from .compiler import compile_model, quantize
+    """Compile every (target, precision, batch) the arguments name; returns the source, the (path, manifest)
+    pairs and the int8 builds' quant.Quantization (None without one)."""
+    from .compiler import compile_model
+    from .quant import quantize_for_build
 
     builds, batches = _builds(args)
     tuning = _tuning(args, args.tune)
-    calibration = _calibration(args)
+    precisions = [precision for _, precision, _ in builds]
+    calibration = _calibration(args, precisions)
     if tuning.database and len(builds) > 1:
         raise MixerEdgeError("--tuning-db holds one model/target/precision/batch: compile one build with it")
-    if calibration and all(precision != "int8" for _, precision, _ in builds):
-        raise MixerEdgeError("--calibration/--calib-data/--calib-samples apply to --precision int8 only")
     source = _open_model(args, batches)
-    quantized = quantize(source, calibration, say) if any(p == "int8" for _, p, _ in builds) else None
+    quantized = quantize_for_build(source, calibration, say) if "int8" in precisions else None
     built = []
     for preset, precision, batch in builds:
         name = f"{source.name}-{preset.name}" + {"float16": "-fp16", "int8": "-int8"}.get(precision, "") + \
@@ -180,9 +184,7 @@ def cmd_tune(args) -> None:
         raise MixerEdgeError("tune takes one target, precision and batch: run it once for each")
     tuning = _tuning(args, True)
     preset, precision, batch = builds[0]
-    calibration = _calibration(args)
-    if calibration and precision != "int8":
-        raise MixerEdgeError("--calibration/--calib-data/--calib-samples apply to --precision int8 only")
+    calibration = _calibration(args, [precision])
     result = tune_model(_open_model(args, batches), preset, batch, precision, tuning, calibration, progress=say)
     print(f"{result['path']}: {result['records']} records for {result['workloads']} workloads "
           f"({result['model']}, {preset.name}, {result['precision']}); later compiles apply it")
@@ -210,7 +212,7 @@ def cmd_calibrate(args) -> None:
     from .quant import calibrate, format_sensitivity, resolve_recipe
 
     recipe = resolve_recipe(args.calibration)  # before the slow export
-    _calibration(args)
+    _calibration(args, ["int8"])
     if args.max_accuracy_drop is not None and args.max_accuracy_drop < 0:
         raise MixerEdgeError(f"--max-accuracy-drop is in percentage points, at least 0, not {args.max_accuracy_drop}")
     out = Path(args.output)
@@ -377,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _build_args(p)
     p.add_argument("-o", "--output", help="artifact directory (or .tar); with several builds, their parent "
-                   "(default artifacts/MODEL-TARGET[-fp16][-bBATCH])")
+                   "(default artifacts/MODEL-TARGET[-fp16|-int8][-bBATCH])")
     p.add_argument("--no-verify", action="store_true", help="skip running the artifact against the reference")
     _calibration_args(p, int8_only=True)
     _tuning_args(p, compile_=True)

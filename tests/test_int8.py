@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from mixer_edge import emulator
-from mixer_edge.compiler import build, compile_model, quantize, resolve_target
+from mixer_edge.compiler import build, compile_model, resolve_target
 from mixer_edge.compiler.build import module_source
 from mixer_edge.errors import MixerEdgeError
+from mixer_edge.quant import quantize_for_build
 from mixer_edge.runtime import load, read_manifest
 
 from conftest import agreement, quiet
@@ -18,7 +19,7 @@ DIGITS_LAYERS = 18  # stem + 4 blocks x (2 token + 2 channel) + head
 @pytest.fixture(scope="session")
 def quantized(digits_source):
     """The digits Mixer calibrated with the default recipe on digits-train (the QDQ ONNX + table)."""
-    return quantize(digits_source, progress=quiet)
+    return quantize_for_build(digits_source, progress=quiet)
 
 
 @pytest.fixture(scope="session")

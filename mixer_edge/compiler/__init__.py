@@ -6,7 +6,7 @@ from .targets import TargetPreset, list_presets, resolve_target
 from .tuning import Budget, RpcBoard, Tuning
 
 __all__ = ["Built", "Budget", "RpcBoard", "Tuning", "TargetPreset", "build", "compile_model", "list_presets",
-           "quantize", "resolve_target", "tune", "tune_model"]
+           "resolve_target", "tune", "tune_model"]
 
 
 def _preset(target: str | TargetPreset) -> TargetPreset:
@@ -18,10 +18,11 @@ def compile_model(source, target: str | TargetPreset, out, batch: int = 1, preci
                   progress=print) -> dict:
     """Build `source` (an export.ModelSource) for `target` and write the artifact at `out`; returns its manifest.
 
-    int8 builds compile `quantized` (an artifact.Quantization, from `quantize`) or calibrate with
-    `calibration` (a quant.Calibration; default recipe and data) first.
+    int8 builds compile `quantized` (a quant.Quantization) or calibrate with `calibration` (a
+    quant.Calibration; default recipe and data) first.
     """
     from ..artifact import write_artifact
+    from ..quant import quantize_for_build
 
     preset = _preset(target)
     precision = preset.resolve_precision(precision)
@@ -29,7 +30,7 @@ def compile_model(source, target: str | TargetPreset, out, batch: int = 1, preci
     if precision != "int8" and (calibration or quantized):
         raise MixerEdgeError("--calibration/--calib-data/--calib-samples apply to --precision int8 only")
     if precision == "int8":
-        quantized = quantized or quantize(source, calibration, progress)
+        quantized = quantized or quantize_for_build(source, calibration, progress)
     built = build(quantized.qdq if quantized else source.onnx_model, preset, batch, precision, tuning=tuning,
                   model=source.name, progress=progress)
     progress(f"built in {built.seconds:.1f}s" + (f"; {built.int8['layers']} layers on int8 {built.int8['dot_product']} "
@@ -37,21 +38,14 @@ def compile_model(source, target: str | TargetPreset, out, batch: int = 1, preci
     return write_artifact(out, built, source, verify=verify, quantization=quantized, progress=progress)
 
 
-def quantize(source, calibration=None, progress=print):
-    """The artifact.Quantization an int8 build of `source` compiles: calibrated with `calibration`
-    (a quant.Calibration), or the ONNX itself when it is already QDQ."""
-    from ..artifact import Quantization
-    from ..quant import Calibration, quantize_for_build
-
-    return Quantization(*quantize_for_build(source, calibration or Calibration(), progress))
-
-
 def tune_model(source, target: str | TargetPreset, batch: int = 1, precision: str | None = None,
                tuning: Tuning = Tuning(tune=True), calibration=None, progress=print) -> dict:
     """Tune `source` for `target` into its database (see compiler/tuning.py); returns the database summary.
 
     int8 tunes the calibrated QDQ model's float epilogues (the integer kernels come scheduled)."""
+    from ..quant import quantize_for_build
+
     preset = _preset(target)
     precision = preset.resolve_precision(precision)
-    proto = quantize(source, calibration, progress).qdq if precision == "int8" else source.onnx_model
+    proto = quantize_for_build(source, calibration, progress).qdq if precision == "int8" else source.onnx_model
     return tune(proto, preset, batch, precision, tuning=tuning, model=source.name, progress=progress)

@@ -180,10 +180,8 @@ def relax_program(proto, preset: TargetPreset, batch: int, precision: str):
     elif precision == "int8":
         from . import int8
 
-        mod, count = int8.lower(mod, params, preset)
+        mod, lowered = int8.lower(mod, params, preset)
         mod, params = run_transform_params(mod, params)
-        dot = int8.dot_product(preset)
-        lowered = {"layers": count, "dot_product": dot.name, "activations": dot.activation}
     return mod, params, key, lowered
 
 

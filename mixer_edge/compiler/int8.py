@@ -61,12 +61,13 @@ def dot_product(preset: TargetPreset) -> DotProduct:
 
 
 def lower(mod, params: dict[str, np.ndarray], preset: TargetPreset):
-    """`mod` with its QDQ matmuls and patch convolutions in integer arithmetic; returns (mod, count).
+    """`mod` with its QDQ matmuls and patch convolutions in integer arithmetic, and what was lowered.
 
     Layers the QDQ model keeps in float (a recipe's `float_layers`) have no dequantize and stay float.
     """
     _register_intrinsics()
-    lowering = Lowering(mod, params, dot_product(preset))
+    dot = dot_product(preset)
+    lowering = Lowering(mod, params, dot)
     for gv, func in mod.functions.items():
         if isinstance(func, relax.Function):
             lowering.builder_.update_func(gv, lowering.visit_expr(func))
@@ -74,7 +75,8 @@ def lower(mod, params: dict[str, np.ndarray], preset: TargetPreset):
     if not lowering.count:
         raise MixerEdgeError("--precision int8 found no quantized matmul to lower: compile a QDQ model "
                              "(mixer-edge calibrate, or --calibration/--calib-data)")
-    return relax.transform.LiftTransformParams()(lowered), lowering.count
+    summary = {"layers": lowering.count, "dot_product": dot.name, "activations": dot.activation}
+    return relax.transform.LiftTransformParams()(lowered), summary
 
 
 @relax.expr_functor.mutator

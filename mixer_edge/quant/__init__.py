@@ -8,8 +8,9 @@ from .calibration import Recipe, calibration_data, list_recipes, resolve_recipe
 from .qdq import layers, quantize_model
 from .sensitivity import fallback, format_sensitivity, layer_sensitivity
 
-__all__ = ["Calibration", "Recipe", "calibrate", "is_qdq", "quantize_for_build", "calibration_data", "fallback", "format_sensitivity", "layer_sensitivity", "layers",
-           "list_recipes", "quantize_model", "resolve_recipe"]
+__all__ = ["Calibration", "Quantization", "Recipe", "calibrate", "calibration_data", "fallback", "format_sensitivity",
+           "is_qdq", "layer_sensitivity", "layers", "list_recipes", "quantize_for_build", "quantize_model",
+           "resolve_recipe"]
 
 
 def calibrate(source, recipe: str | Recipe | None = None, calib_data: str | None = None, samples: int | None = None,
@@ -68,16 +69,31 @@ class Calibration:
     samples: int | None = None  # None: the recipe's
 
 
+@dataclass
+class Quantization:
+    """What an int8 build compiles: the QDQ ONNX, its calibration table and the calibration summary."""
+
+    qdq: object  # onnx.ModelProto
+    table: dict | None  # None for a QDQ ONNX given as it is
+    summary: dict
+
+    def manifest(self, lowered: dict) -> dict:
+        """The artifact manifest's `quantization`: what the lowering did (`lowered`), how it was calibrated."""
+        keep = ("recipe", "calibration_data", "samples", "evaluation", "mixed_precision", "sensitivity")
+        return {**lowered, **{k: self.summary[k] for k in keep if k in self.summary}, "table": self.table}
+
+
 def is_qdq(proto) -> bool:
     """True when the ONNX graph is already quantized (has DequantizeLinear nodes)."""
     return any(node.op_type == "DequantizeLinear" for node in proto.graph.node)
 
 
-def quantize_for_build(source, calibration: Calibration = Calibration(), progress=print):
-    """(QDQ ONNX, calibration table, summary) for an int8 build of `source`.
+def quantize_for_build(source, calibration: Calibration | None = None, progress=print) -> Quantization:
+    """What an int8 build of `source` compiles: calibrated with `calibration` (default recipe and data).
 
     An ONNX that is already QDQ is compiled as it is (no table: its scales came from elsewhere).
     """
+    calibration = calibration or Calibration()
     if is_qdq(source.onnx_model):
         if calibration != Calibration():
             from ..errors import MixerEdgeError
@@ -85,5 +101,6 @@ def quantize_for_build(source, calibration: Calibration = Calibration(), progres
             raise MixerEdgeError(f"{source.name} is already a QDQ ONNX: drop --calibration/--calib-data/"
                                  "--calib-samples, or pass the float model")
         progress(f"{source.name} is a QDQ ONNX: compiling its quantization as it is")
-        return source.onnx_model, None, {"recipe": "given (pre-quantized QDQ ONNX)"}
-    return calibrate(source, calibration.recipe, calibration.data, calibration.samples, progress=progress)
+        return Quantization(source.onnx_model, None, {"recipe": "given (pre-quantized QDQ ONNX)"})
+    return Quantization(*calibrate(source, calibration.recipe, calibration.data, calibration.samples,
+                                   progress=progress))
