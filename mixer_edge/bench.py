@@ -138,7 +138,7 @@ def compare(source, artifacts: list[Path], rounds: int = 20, threads: int | None
         onnx_batch = source.input.shape[0]
         proto, label = (qdq, " int8 (QDQ)") if precision == "int8" else (source.onnx_model, "")
         ort = onnxruntime_candidate(proto, x, device, threads, label) \
-            if isinstance(onnx_batch, str) or onnx_batch == model.batch else None
+            if proto is not None and (isinstance(onnx_batch, str) or onnx_batch == model.batch) else None
         cands += [ort] if ort else []
         progress(f"timing {path.name}: {', '.join(c.name for c in cands)} ({rounds} interleaved rounds)")
         times = interleaved(cands, rounds=rounds)
