@@ -176,9 +176,7 @@ class Lowering(relax.PyExprMutator):
     def _int8_dense(self, x_q, w_q, s_w, s_x, z_x):
         """float32 [M, N] = dequantize(x_q [M, K]) @ dequantize(w_q [N, K]).T, computed in int32."""
         emit, op = self.builder_.emit, relax.op
-        m, k = _shape(x_q)
-        w_q = emit(w_q)
-        n = _shape(w_q)[0]
+        (m, k), n = _shape(x_q), _shape(w_q)[0]
         kp, np_ = -(-k // STEP) * STEP, -(-n // LANES) * LANES
         offset = relax.const(self.dot.offset, "int32")
         if self.dot.offset:
