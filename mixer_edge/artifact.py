@@ -21,6 +21,7 @@ from . import __version__, runtime
 from .atomic import atomic_dir, atomic_file
 from .compiler.build import Built
 from .compiler.webgpu import dispatch_count
+from .data import in_batches
 from .errors import MixerEdgeError
 from .export import ModelSource, input_spec, run_onnxruntime
 
@@ -168,7 +169,4 @@ def reference_logits(torch_model, onnx_model, x: np.ndarray) -> np.ndarray:
     batch = input_spec(onnx_model).shape[0]
     if not isinstance(batch, int):
         return run_onnxruntime(onnx_model, x)
-    pad = -len(x) % batch  # a static-batch graph takes whole batches only
-    padded = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-    chunks = [run_onnxruntime(onnx_model, padded[i:i + batch]) for i in range(0, len(padded), batch)]
-    return np.concatenate(chunks)[:len(x)]
+    return in_batches(lambda chunk: run_onnxruntime(onnx_model, chunk), x, batch)  # whole batches only

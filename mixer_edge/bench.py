@@ -21,19 +21,26 @@ class Candidate:
 
 
 def interleaved(candidates: list[Candidate], rounds: int = 20, inner: int = 5, warmup: int = 3) -> dict[str, dict]:
-    """Per-inference latency in ms of each candidate: median, p90 and min over rounds."""
+    """Per-inference latency of each candidate: every call of `rounds` x `inner` timed on its own."""
     for cand in candidates:
         for _ in range(warmup):
             cand.run()
     samples: dict[str, list[float]] = {c.name: [] for c in candidates}
     for _ in range(rounds):
         for cand in candidates:
-            start = time.perf_counter()
+            cand.run()  # untimed: wakes this engine's threads after the previous engine's turn
             for _ in range(inner):
+                start = time.perf_counter()
                 cand.run()
-            samples[cand.name].append((time.perf_counter() - start) / inner * 1e3)
-    return {name: {"median_ms": float(np.median(s)), "p90_ms": float(np.percentile(s, 90)), "min_ms": float(min(s))}
-            for name, s in samples.items()}
+                samples[cand.name].append((time.perf_counter() - start) * 1e3)
+    return {name: latency_stats(s) for name, s in samples.items()}
+
+
+def latency_stats(ms: list[float]) -> dict:
+    """Median, p90, p99 and min of per-call latencies in milliseconds."""
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"median_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "min_ms": float(min(ms)),
+            "calls": len(ms)}
 
 
 def artifact_candidate(name: str, model, x: np.ndarray) -> Candidate:
@@ -56,25 +63,47 @@ def artifact_candidate(name: str, model, x: np.ndarray) -> Candidate:
     return Candidate(name, run)
 
 
-def torch_candidates(torch_model, x: np.ndarray, device: str) -> list[Candidate]:
-    """PyTorch eager in float32, and in float16 on a GPU, on the same input."""
+def torch_candidates(torch_model, x: np.ndarray, device: str, compiled=None) -> list[Candidate]:
+    """PyTorch eager in float32, and in float16 on a GPU, on the same input; `compiled` (from
+    `compile_torch`) adds torch.compile in float32."""
     import copy
 
     import torch
 
-    cands = []
-    for dtype in (torch.float32, torch.float16) if device == "cuda" else (torch.float32,):
-        model = copy.deepcopy(torch_model).to(device=device, dtype=dtype).eval()
-        data = torch.from_numpy(x).to(device=device, dtype=dtype)
+    data = torch.from_numpy(x).to(device)
 
-        def run(model=model, data=data):
+    def timed(model, data):
+        def run():
             with torch.no_grad():
                 model(data)
             if device == "cuda":
                 torch.cuda.synchronize()
+        return run
 
-        cands.append(Candidate(f"pytorch eager {str(dtype).split('.')[1]}", run))
+    cands = []
+    for dtype in (torch.float32, torch.float16) if device == "cuda" else (torch.float32,):
+        model = copy.deepcopy(torch_model).to(device=device, dtype=dtype).eval()
+        cands.append(Candidate(f"pytorch eager {str(dtype).split('.')[1]}", timed(model, data.to(dtype))))
+    if compiled is not None:
+        cands.append(Candidate("torch.compile float32", timed(compiled, data)))
     return cands
+
+
+def compile_torch(torch_model, x: np.ndarray, device: str = "cpu", progress=print):
+    """torch.compile of the float32 model, compiled for `x`'s shape; None where it does not work here."""
+    import copy
+
+    import torch
+
+    progress(f"torch.compile for input {tuple(x.shape)} (tens of seconds)")
+    model = torch.compile(copy.deepcopy(torch_model).to(device).eval(), dynamic=False)
+    try:
+        with torch.no_grad():
+            model(torch.from_numpy(x).to(device))
+    except Exception as exc:  # no C++ compiler, an op Inductor lacks, ...: the baseline is then left out
+        progress(f"torch.compile does not work here ({str(exc).strip().splitlines()[0][:200]}); left out")
+        return None
+    return model
 
 
 def use_threads(threads: int) -> None:
@@ -96,6 +125,7 @@ def onnxruntime_candidate(proto, x: np.ndarray, device: str, threads: int, label
         return None
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads would slow the next candidate
     sess = ort.InferenceSession(proto.SerializeToString(), options, providers=[provider])
     feed = {sess.get_inputs()[0].name: x}
     return Candidate(f"onnxruntime {provider.removesuffix('ExecutionProvider')}{label}", lambda: sess.run(None, feed))
@@ -109,13 +139,18 @@ def agreement(got: np.ndarray, ref: np.ndarray) -> dict:
 
 
 def compare(source, artifacts: list[Path], rounds: int = 20, threads: int | None = None, qdq=None,
-            progress=print) -> list[dict]:
+            torch_compile: bool = False, rpc=None, progress=print) -> list[dict]:
     """Time each artifact (they share one model) beside the baselines at its batch size, every candidate on
     `threads` CPU threads (default: the physical cores); check its outputs. int8 artifacts are timed
-    beside onnxruntime running `qdq`, the QDQ ONNX they were compiled from."""
+    beside onnxruntime running `qdq`, the QDQ ONNX they were compiled from; `torch_compile` adds
+    torch.compile to the PyTorch baselines. With `rpc` (a compiler.tuning.RpcBoard) the artifacts run
+    and are timed on a board from that tracker instead, without baselines (they do not run there)."""
     import torch
 
     from . import runtime
+
+    if rpc is not None:
+        return [remote_row(source, path, rpc, rounds, progress) for path in artifacts]
 
     threads = threads or runtime.physical_cores()
     use_threads(threads)
@@ -125,6 +160,7 @@ def compare(source, artifacts: list[Path], rounds: int = 20, threads: int | None
         from .data import load_inputs
 
         real = load_inputs(source.eval_data, source.preprocess)[0]
+    compiled = {}
     for path in artifacts:
         model = runtime.load(path)
         x = real[:model.batch] if source.eval_data and len(real) >= model.batch else \
@@ -134,7 +170,10 @@ def compare(source, artifacts: list[Path], rounds: int = 20, threads: int | None
             reference = source.torch_model(torch.from_numpy(x)).numpy()
         precision = model.manifest["precision"]["compute"]
         mine = f"mixer-edge {precision}"
-        cands = [artifact_candidate(mine, model, x), *torch_candidates(source.torch_model, x, device)]
+        if torch_compile and (x.shape, device) not in compiled:
+            compiled[x.shape, device] = compile_torch(source.torch_model, x, device, progress)
+        cands = [artifact_candidate(mine, model, x),
+                 *torch_candidates(source.torch_model, x, device, compiled.get((x.shape, device)))]
         onnx_batch = source.input.shape[0]
         proto, label = (qdq, " int8 (QDQ)") if precision == "int8" else (source.onnx_model, "")
         ort = onnxruntime_candidate(proto, x, device, threads, label) \
@@ -146,17 +185,46 @@ def compare(source, artifacts: list[Path], rounds: int = 20, threads: int | None
         rows.append({"artifact": str(path), "batch": model.batch, "precision": precision, "device": device,
                      "threads": threads,
                      "vs_torch_fp32": agreement(model(x), reference),
-                     "latency": {name: {**t, "speedup_vs_pytorch_fp32": base / t["median_ms"]} for name, t in times.items()}})
+                     "latency": {name: {**t, "throughput_per_s": model.batch * 1e3 / t["median_ms"],
+                                        "speedup_vs_pytorch_fp32": base / t["median_ms"]}
+                                 for name, t in times.items()}})
     return rows
 
 
+def remote_row(source, path: Path, rpc, rounds: int, progress=print) -> dict:
+    """compare()'s row for an artifact run on a board over RPC: its latency there, its outputs against torch."""
+    import torch
+
+    from . import runtime
+
+    manifest = runtime.read_manifest(runtime.artifact_dir(path))
+    shape = manifest["input"]["shape"]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    if source.eval_data:
+        from .data import load_inputs
+
+        real = load_inputs(source.eval_data, source.preprocess)[0]
+        x = real[:shape[0]] if len(real) >= shape[0] else x
+    progress(f"timing {Path(path).name} on a '{rpc.key}' board from the tracker {rpc.host}:{rpc.port}")
+    measured = remote(path, rpc, x, rounds)
+    with torch.no_grad():
+        reference = source.torch_model(torch.from_numpy(x)).numpy()
+    precision = manifest["precision"]["compute"]
+    latency = {**measured["latency"], "throughput_per_s": shape[0] * 1e3 / measured["latency"]["median_ms"]}
+    return {"artifact": str(path), "batch": shape[0], "precision": precision, "device": f"rpc:{rpc.key}",
+            "threads": None, "vs_torch_fp32": agreement(measured["logits"], reference),
+            "latency": {f"mixer-edge {precision} on {rpc.key}": latency}}
+
+
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| artifact | batch | threads | candidate | median ms | p90 ms | speed-up vs PyTorch fp32 |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| artifact | batch | threads | candidate | median ms | p90 ms | p99 ms | min ms | inferences/s | "
+             "speed-up vs PyTorch fp32 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         for name, t in row["latency"].items():
-            lines.append(f"| {Path(row['artifact']).name} | {row['batch']} | {row['threads']} | {name} | "
-                         f"{t['median_ms']:.3f} | {t['p90_ms']:.3f} | {t['speedup_vs_pytorch_fp32']:.2f}x |")
+            speedup = f"{t['speedup_vs_pytorch_fp32']:.2f}x" if "speedup_vs_pytorch_fp32" in t else "–"
+            lines.append(f"| {Path(row['artifact']).name} | {row['batch']} | {row['threads'] or 'board'} | {name} | "
+                         f"{t['median_ms']:.3f} | {t['p90_ms']:.3f} | {t['p99_ms']:.3f} | {t['min_ms']:.3f} | "
+                         f"{t['throughput_per_s']:.1f} | {speedup} |")
     lines += ["", "| artifact | top-1 agreement vs PyTorch fp32 | max abs diff | min cosine |", "| --- | --- | --- | --- |"]
     for row in rows:
         a = row["vs_torch_fp32"]
@@ -182,3 +250,39 @@ def int8_ratios(rows: list[dict]) -> list[str]:
                      f"mixer-edge int8 {ort['int8'] / int8['mixer-edge int8']['median_ms']:.2f}x onnxruntime int8")
         lines.append(line)
     return ["", *lines] if lines else []
+
+
+def remote(path: Path, rpc, x: np.ndarray, rounds: int = 20, inner: int = 5) -> dict:
+    """Run and time artifact `path` on a board taken from a TVM RPC tracker (`rpc`: compiler.tuning.RpcBoard).
+
+    The artifact's hashes are checked here; its library is uploaded, loaded by the board's TVM runtime
+    and timed there by TVM's time_evaluator (`rounds` repeats, each the mean of `inner` calls).
+    Returns {"logits", "latency"} for the first batch of `x`.
+    """
+    import tvm
+    from tvm import rpc as tvm_rpc
+    from tvm.runtime.vm import VirtualMachine
+
+    from . import runtime
+    from .errors import MixerEdgeError
+
+    root = runtime.artifact_dir(path)
+    manifest = runtime.read_manifest(root)
+    if runtime.LIBRARY not in manifest["files"]:
+        raise MixerEdgeError(f"{path} is a wgpu (Vulkan) artifact: time it on the device with mixer-edge bench there")
+    try:
+        board = tvm_rpc.connect_tracker(rpc.host, rpc.port).request(rpc.key, session_timeout=600)
+    except Exception as exc:
+        raise MixerEdgeError(f"no board under key '{rpc.key}' at the tracker {rpc.host}:{rpc.port} "
+                             f"({str(exc).strip().splitlines()[-1]}): start one with python -m mixer_edge.rpc_server") from exc
+    board.upload(str(root / runtime.LIBRARY))
+    device = board.cuda(0) if manifest["target"]["device"]["kind"] == "cuda" else board.cpu(0)
+    vm = VirtualMachine(board.load_module(runtime.LIBRARY), device)
+    with np.load(root / runtime.PARAMS, allow_pickle=False) as npz:
+        params = [tvm.runtime.tensor(npz[name], device) for name in manifest["params"]]
+    batch = manifest["input"]["shape"][0]
+    data = tvm.runtime.tensor(np.ascontiguousarray(x[:batch], np.float32), device)
+    logits = vm["main"](data, *params).numpy()
+    result = vm.time_evaluator("main", device, number=inner, repeat=rounds)(data, *params)
+    return {"logits": logits, "latency": {**latency_stats([t * 1e3 for t in result.results]), "calls": rounds * inner,
+                                          "per": f"mean of {inner} calls"}}

@@ -68,16 +68,17 @@ def _tuning_args(p: argparse.ArgumentParser, compile_: bool) -> None:
     g.add_argument("--rpc-key", help="the key the boards registered under (e.g. rpi5)")
 
 
-def _tuning(args, tune: bool):
+def _tuning(args, tune: bool, measures: bool = False):
+    """The tuning the arguments ask for; `measures`: the command also runs on --rpc-tracker boards (bench)."""
     from .compiler.tuning import Budget, RpcBoard, Tuning, parse_duration
 
     if args.trials is not None and args.trials < 1:
         raise MixerEdgeError(f"--trials must be a positive number, not {args.trials}")
     budget = Budget(args.trials, parse_duration(args.time_budget) if args.time_budget else None)
     rpc = RpcBoard.parse(args.rpc_tracker, args.rpc_key) if args.rpc_tracker or args.rpc_key else None
-    if not tune and (args.trials or args.time_budget or rpc):
+    if not tune and (args.trials or args.time_budget or (rpc and not measures)):
         raise MixerEdgeError("--trials, --time-budget and --rpc-tracker apply to tuning: add --tune")
-    return Tuning(Path(args.tuning_db) if args.tuning_db else None, tune, budget, rpc)
+    return Tuning(Path(args.tuning_db) if args.tuning_db else None, tune, budget, rpc if tune else None), rpc
 
 
 def _batches(text: str) -> list[int]:
@@ -142,14 +143,14 @@ def _builds(args):
             for preset in presets for precision in precisions for batch in batches], batches
 
 
-def _compile_all(args, output: str | None, parent: str, verify: bool):
+def _compile_all(args, output: str | None, parent: str, verify: bool, measures: bool = False):
     """Compile every (target, precision, batch) the arguments name; returns the source, the (path, manifest)
     pairs and the int8 builds' quant.Quantization (None without one)."""
     from .compiler import compile_model
     from .quant import quantize_for_build
 
     builds, batches = _builds(args)
-    tuning = _tuning(args, args.tune)
+    tuning = _tuning(args, args.tune, measures)[0]
     precisions = [precision for _, precision, _ in builds]
     calibration = _calibration(args, precisions)
     if tuning.database and len(builds) > 1:
@@ -182,7 +183,7 @@ def cmd_tune(args) -> None:
     builds, batches = _builds(args)
     if len(builds) > 1:
         raise MixerEdgeError("tune takes one target, precision and batch: run it once for each")
-    tuning = _tuning(args, True)
+    tuning = _tuning(args, True)[0]
     preset, precision, batch = builds[0]
     calibration = _calibration(args, [precision])
     result = tune_model(_open_model(args, batches), preset, batch, precision, tuning, calibration, progress=say)
@@ -252,17 +253,42 @@ def cmd_bench(args) -> None:
     if args.threads is not None and args.threads < 1:
         raise MixerEdgeError(f"--threads must be at least 1, not {args.threads}")
     use_threads(args.threads or physical_cores())  # before the build starts TVM's thread pool
+    rpc = _tuning(args, args.tune, measures=True)[1]
     with tempfile.TemporaryDirectory() as tmp:
         # compare() checks every artifact against PyTorch itself
-        source, built, quantized = _compile_all(args, None, tmp, verify=False)
+        source, built, quantized = _compile_all(args, None, tmp, verify=False, measures=True)
         rows = compare(source, [out for out, _ in built], rounds=args.rounds, threads=args.threads,
-                       qdq=quantized and quantized.qdq, progress=say)
+                       qdq=quantized and quantized.qdq, torch_compile=not args.no_torch_compile, rpc=rpc,
+                       progress=say)
     print(format_rows(rows))
     if args.json:
         from .artifact import versions
 
         with atomic_file(args.json) as tmp_json:
             tmp_json.write_text(json.dumps({"versions": versions(), "rows": rows}, indent=2))
+
+
+def cmd_report(args) -> None:
+    from .compiler import resolve_target
+    from .report import Variant, make_report, markdown
+
+    presets = [resolve_target(t) for spec in (args.target or ["host,rpi5"]) for t in spec.split(",") if t]
+    variants = [Variant.parse(v) for v in args.variants.split(",") if v] if args.variants else None
+    batches = _batches(args.batch)
+    if len(batches) > 1:
+        raise MixerEdgeError("report times one batch size: give one --batch (bench takes several)")
+    for flag, value, least in (("--threads", args.threads, 1), ("--rounds", args.rounds, 1),
+                               ("--calib-samples", args.calib_samples, 1), ("--max-accuracy-drop", args.max_accuracy_drop, 0)):
+        if value is not None and value < least:
+            raise MixerEdgeError(f"{flag} must be at least {least}, not {value}")
+    tuning = _tuning(args, args.tune)[0]
+    report = make_report(_open_model(args, batches), presets, args.output, variants, eval_data=args.eval_data,
+                         batch=batches[0], rounds=args.rounds, threads=args.threads, calib_data=args.calib_data,
+                         calib_samples=args.calib_samples, max_accuracy_drop=args.max_accuracy_drop, tuning=tuning,
+                         torch_compile=not args.no_torch_compile, progress=say)
+    table = markdown(report).split("\n\n")
+    print("\n\n".join(table[4:5]))
+    print(f"\n{args.output}/report.html: the table and the plot; report.json: every measurement")
 
 
 def cmd_run(args) -> None:
@@ -391,9 +417,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=20, help="interleaved rounds (each runs every candidate 5 times)")
     p.add_argument("--json", help="also write the measurements to this file")
     p.add_argument("--threads", type=int, help="CPU threads for every candidate (default: the physical cores)")
+    p.add_argument("--no-torch-compile", action="store_true", help="leave out the torch.compile baseline")
     _calibration_args(p, int8_only=True)
     _tuning_args(p, compile_=True)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="which variant to ship: accuracy beside latency for every variant on every "
+                       "target, with the baselines (report.json, .md, .png, .html)")
+    _model_args(p)
+    p.add_argument("--target", action="append", help="presets to build for (default: host,rpi5); ARM boards run on "
+                   "the emulator, their latency marked emulated")
+    p.add_argument("--variants", help="comma-separated float32, float16, int8[:RECIPE], int8-mixed[:RECIPE] (default: "
+                   "the target's float precisions, int8 with each shipped recipe, and int8-mixed)")
+    p.add_argument("--eval-data", help="labelled data for accuracy: image folder, .npy/.npz, digits-test (default: "
+                   "the model's; without any, random inputs and agreement with float only)")
+    p.add_argument("--max-accuracy-drop", type=float, default=0.25, metavar="POINTS",
+                   help="int8-mixed: accuracy budget in percentage points on the evaluation data (default 0.25)")
+    p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (each runs every candidate 5 times)")
+    p.add_argument("--threads", type=int, help="CPU threads for every candidate (default: the physical cores)")
+    p.add_argument("--no-torch-compile", action="store_true", help="leave out the torch.compile baseline")
+    p.add_argument("-o", "--output", default="report", help="report directory (default report/), replaced whole")
+    g = p.add_argument_group("int8 calibration data (recipes come from --variants)")
+    g.add_argument("--calib-data", help="calibration inputs: image folder, .npy/.npz, digits-train (default for the "
+                   "demo model)")
+    g.add_argument("--calib-samples", type=int, help="how many samples to draw (default: the recipe's)")
+    _tuning_args(p, compile_=True)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("calibrate", help="int8 post-training quantization: write a QDQ ONNX and its calibration table")
     _model_args(p)

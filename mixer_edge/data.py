@@ -81,6 +81,17 @@ def read_image(path: Path, pre: Preprocess) -> np.ndarray:
     return arr[None]
 
 
+def in_batches(fn, x: np.ndarray, batch: int) -> np.ndarray:
+    """`fn` (a static-batch model) over all of `x`, `batch` rows at a time, the last chunk zero-padded."""
+    outs = []
+    for start in range(0, len(x), batch):
+        chunk = x[start:start + batch]
+        if len(chunk) < batch:
+            chunk = np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+        outs.append(fn(chunk))
+    return np.concatenate(outs)[:len(x)]
+
+
 def load_inputs(source: str | Path, pre: Preprocess) -> tuple[np.ndarray, np.ndarray | None]:
     """Model inputs (and labels where the source has them) from any supported source.
 

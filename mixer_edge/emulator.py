@@ -90,12 +90,18 @@ def setup(root: str | Path | None = None, progress=print) -> Path:
     return root
 
 
-@contextlib.contextmanager
-def _board(cpu: str, root: str | Path | None):
-    """The command prefix and environment that run the board's Python as CPU model `cpu` (a qemu -cpu name)."""
+def require_board(root: str | Path | None = None) -> Path:
+    """The emulated board's directory; refused with the fix if it was never set up."""
     root = board_dir(root)
     if not (root / "board.json").is_file():
         raise MixerEdgeError(f"no emulated board in {root}: run 'mixer-edge emulator setup' first")
+    return root
+
+
+@contextlib.contextmanager
+def _board(cpu: str, root: str | Path | None):
+    """The command prefix and environment that run the board's Python as CPU model `cpu` (a qemu -cpu name)."""
+    root = require_board(root)
     sysroot = root / "sysroot"
     with tempfile.TemporaryDirectory() as code:  # only mixer_edge, not the host's other packages
         (Path(code) / "mixer_edge").symlink_to(PACKAGE)
@@ -126,30 +132,51 @@ def serve(cpu: str, tracker_host: str, tracker_port: int, key: str, root: str | 
             proc.terminate()
 
 
-_RUN_ARTIFACT = """
-import sys, numpy as np
+_RUN_ARTIFACTS = """
+import json, sys, numpy as np
 from mixer_edge import runtime
+from mixer_edge.bench import artifact_candidate, interleaved
 from mixer_edge.errors import MixerEdgeError
 try:
-    model = runtime.load({artifact!r})
-    np.save({output!r}, model(np.load({inputs!r})))
+    models = [runtime.load(path) for path in {artifacts!r}]
 except MixerEdgeError as exc:
     print(exc, file=sys.stderr)
     sys.exit(3)
+x = np.load({inputs!r})
+for i, model in enumerate(models):
+    np.save(f"{output}/logits{{i}}.npy", model(x))
+if {rounds}:
+    cands = [artifact_candidate(str(i), model, x[:model.batch]) for i, model in enumerate(models)]
+    with open("{output}/latency.json", "w") as f:
+        json.dump(interleaved(cands, rounds={rounds}), f)
 """
 
 
-def run_artifact(artifact: str | Path, x: np.ndarray, cpu: str, root: str | Path | None = None) -> np.ndarray:
-    """Logits of `artifact` on inputs `x`, computed on the emulated board with CPU model `cpu`."""
+def run_artifacts(artifacts: list[str | Path], x: np.ndarray, cpu: str, rounds: int = 0,
+                  root: str | Path | None = None) -> tuple[list[np.ndarray], list[dict] | None]:
+    """Logits of each artifact on inputs `x`, computed on the emulated board with CPU model `cpu`, and with
+    `rounds`, their latencies there (bench.interleaved over the artifacts, on the first batch of `x`).
+    Emulated latency ranks builds for one board against each other; it is not the board's speed."""
     with tempfile.TemporaryDirectory() as tmp:
-        inputs, output = Path(tmp) / "x.npy", Path(tmp) / "logits.npy"
+        inputs = Path(tmp) / "x.npy"
         np.save(inputs, np.ascontiguousarray(x, np.float32))
-        script = _RUN_ARTIFACT.format(artifact=str(Path(artifact).resolve()), inputs=str(inputs), output=str(output))
-        proc = python(script, cpu, root)
+        paths = [str(Path(a).resolve()) for a in artifacts]
+        script = _RUN_ARTIFACTS.format(artifacts=paths, inputs=str(inputs), output=tmp, rounds=int(rounds))
+        proc = python(script, cpu, root, timeout=600 + 60 * len(paths))
         if proc.returncode == 3:
             raise MixerEdgeError(proc.stderr.strip().splitlines()[-1])
         if proc.returncode:
             signal = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
             last = proc.stderr.strip().splitlines()[-1:] or [""]
-            raise MixerEdgeError(f"the emulated {cpu} board failed running {artifact} ({signal}) {last[0]}".strip())
-        return np.load(output)
+            names = ", ".join(Path(a).name for a in artifacts)
+            raise MixerEdgeError(f"the emulated {cpu} board failed running {names} ({signal}) {last[0]}".strip())
+        logits = [np.load(Path(tmp) / f"logits{i}.npy") for i in range(len(paths))]
+        if not rounds:
+            return logits, None
+        latency = json.loads((Path(tmp) / "latency.json").read_text())
+        return logits, [latency[str(i)] for i in range(len(paths))]
+
+
+def run_artifact(artifact: str | Path, x: np.ndarray, cpu: str, root: str | Path | None = None) -> np.ndarray:
+    """Logits of `artifact` on inputs `x`, computed on the emulated board with CPU model `cpu`."""
+    return run_artifacts([artifact], x, cpu, root=root)[0][0]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Preprocess
+from .data import Preprocess, in_batches
 from .errors import MixerEdgeError
 
 FORMAT_VERSION = 1
@@ -226,13 +226,7 @@ class Model:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.shape[1:] != self.input_shape[1:]:
             raise MixerEdgeError(f"input shape {x.shape} does not match the artifact's {self.input_shape}")
-        outs, n, b = [], len(x), self.batch
-        for start in range(0, n, b):
-            chunk = x[start:start + b]
-            if len(chunk) < b:  # the artifact has a static batch: pad the last chunk
-                chunk = np.concatenate([chunk, np.zeros((b - len(chunk), *chunk.shape[1:]), np.float32)])
-            outs.append(self._run(chunk))
-        return np.concatenate(outs)[:n]
+        return in_batches(self._run, x, self.batch)  # the artifact has a static batch
 
     def classify(self, x: np.ndarray) -> np.ndarray:
         return self(x).argmax(axis=1)

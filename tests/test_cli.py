@@ -61,9 +61,14 @@ def test_bench_reports_ratios_beside_pytorch_and_onnxruntime(run_cli, tmp_path):
     code, out, err = run_cli("bench", "--target", "host", "--rounds", "2", "--json", tmp_path / "b.json")
     assert code == 0, err
     assert "| mixer-edge float32 |" in out and "| pytorch eager float32 |" in out and "onnxruntime CPU" in out
+    assert "| torch.compile float32 |" in out
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert rows[0]["vs_torch_fp32"]["top1_agreement"] == 1.0
-    assert rows[0]["latency"]["pytorch eager float32"]["speedup_vs_pytorch_fp32"] == 1.0
+    latency = rows[0]["latency"]
+    assert latency["pytorch eager float32"]["speedup_vs_pytorch_fp32"] == 1.0
+    for t in latency.values():  # every call of 2 rounds x 5 timed on its own
+        assert t["calls"] == 10 and t["min_ms"] <= t["median_ms"] <= t["p90_ms"] <= t["p99_ms"]
+        assert t["throughput_per_s"] == pytest.approx(1e3 / t["median_ms"])
 
 
 def test_int8_compile_and_bench(run_cli, tmp_path):
@@ -73,7 +78,7 @@ def test_int8_compile_and_bench(run_cli, tmp_path):
     assert "layers on int8" in err and "against onnxruntime on the same QDQ model" in err
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["quantization"]["recipe"]["name"] == "minmax" and manifest["quantization"]["samples"] == 128
-    code, out, err = run_cli("bench", "--precision", "float32,int8", "--rounds", "2")
+    code, out, err = run_cli("bench", "--precision", "float32,int8", "--rounds", "2", "--no-torch-compile")
     assert code == 0, err
     assert "| mixer-edge int8 |" in out and "| onnxruntime CPU int8 (QDQ) |" in out
     assert "batch 1: mixer-edge int8 is" in out and "x onnxruntime int8" in out

@@ -128,6 +128,23 @@ def test_an_already_quantized_onnx_compiles_as_it_is(digits_source, quantized, t
     assert not (tmp_path / "b").exists()
 
 
+def test_int8_ops_build_agrees_with_onnxruntime_on_the_same_qdq(digits_source, digits_test, tmp_path):
+    """LayerNorm, GELU and residual adds put in int8 by a recipe: TVM computes what the QDQ graph says."""
+    from mixer_edge.quant import Calibration
+
+    recipe = tmp_path / "all-ops.toml"
+    recipe.write_text('int8_ops = ["layernorm", "gelu", "residual"]\n')
+    manifest = compile_model(digits_source, "host", tmp_path / "a", precision="int8",
+                             calibration=Calibration(str(recipe)), progress=quiet)
+    check = manifest["verification"]
+    assert manifest["quantization"]["layers"] == DIGITS_LAYERS  # the matmuls still run on integer kernels
+    assert check["onnxruntime_qdq"]["top1_agreement"] >= 0.99
+    assert check["accuracy"] >= check["reference_accuracy"] - 0.02
+    ops = [e for e in manifest["quantization"]["table"].values() if e["kind"] == "activation"]
+    assert sum(name.endswith((".act", ".residual", "norm1", "norm2")) or name == "norm"
+               for e in ops for name in e["layers"]) == 8 + 8 + 9
+
+
 def test_int8_needs_quantized_matmuls(digits_source, tmp_path):
     from mixer_edge.compiler import int8
     from mixer_edge.compiler.build import import_onnx

@@ -102,6 +102,24 @@ def test_float_layers_stay_float(digits_source, tmp_path):
     assert len([t for t in table.values() if t["kind"] == "weight"]) == len(layers(digits_source.onnx_model)) - 2
 
 
+def test_int8_ops_put_chosen_layernorms_gelus_and_residual_adds_in_int8(digits_source, tmp_path):
+    recipe = tmp_path / "ops.toml"
+    recipe.write_text('samples = 64\nint8_ops = ["gelu:blocks.1.", "layernorm:blocks.0.norm1", "residual"]\n')
+    qdq, table, summary = calibrate(digits_source, resolve_recipe(str(recipe)), progress=quiet)
+    named = {name: entry for entry in table.values() for name in entry["layers"]}
+    assert {"blocks.1.mlp_tokens.act", "blocks.1.mlp_channels.act", "blocks.0.norm1"} <= set(named)
+    assert "blocks.0.mlp_tokens.act" not in named and "blocks.0.norm2" not in named  # other blocks stay float
+    assert sum(name.endswith(".residual") for name in named) == 8  # two per block
+    nodes = {node.name: node for node in qdq.graph.node}
+    dequantized = {o for node in qdq.graph.node if node.op_type == "DequantizeLinear" for o in node.output}
+    norm1 = next(n for n in qdq.graph.node if n.op_type == "LayerNormalization" and "blocks.0.norm1.weight" in n.input)
+    assert norm1.input[0] in dequantized  # the LayerNorm reads int8 values
+    gelu_reads = [n for n in qdq.graph.node if n.op_type == "Div" and n.input[0] in dequantized]
+    assert len(gelu_reads) == 2 and nodes  # the two GELUs of block 1
+    assert summary["recipe"]["int8_ops"] == ["gelu:blocks.1.", "layernorm:blocks.0.norm1", "residual"]
+    assert summary["evaluation"]["top1_agreement"] >= 0.97  # onnxruntime runs it
+
+
 def test_calibrate_cli_writes_qdq_and_table(run_cli, tmp_path):
     code, out, err = run_cli("calibrate", "--calibration", "minmax", "--calib-samples", "64", "-o", tmp_path / "q.onnx")
     assert code == 0, err
@@ -147,12 +165,22 @@ def test_bad_calibration_data_is_refused(run_cli, tmp_path, kind, fragments):
     ('activations = "signed"\n', "activations"),
     ('bins = 10\n', "unknown field"),
     ('observer = \n', "could not be read"),
+    ('int8_ops = ["softmax"]\n', "int8_ops entry 'softmax' names no op kind"),
+    ('int8_ops = "gelu"\n', "int8_ops must be a list of strings"),
 ])
 def test_bad_recipes_are_refused(tmp_path, text, fragment):
     path = tmp_path / "r.toml"
     path.write_text(text)
     with pytest.raises(MixerEdgeError, match=fragment):
         resolve_recipe(str(path))
+
+
+def test_int8_ops_that_match_nothing_are_refused(run_cli, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('int8_ops = ["gelu:blocks.9."]\n')
+    code, _, err = run_cli("calibrate", "--calibration", recipe, "-o", tmp_path / "q.onnx")
+    assert_one_line_error(code, err, "'gelu:blocks.9.' matches no gelu", "blocks.0.mlp_tokens.act")
+    assert not (tmp_path / "q.onnx").exists()
 
 
 def test_unknown_recipe_is_refused_before_the_export(run_cli, tmp_path):

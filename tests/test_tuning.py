@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import agreement, assert_one_line_error, quiet
-from mixer_edge import emulator, runtime
+from mixer_edge import bench, emulator, runtime
 from mixer_edge.compiler import Budget, RpcBoard, Tuning, compile_model, resolve_target, tune_model
 from mixer_edge.compiler import tuning
 from mixer_edge.errors import MixerEdgeError
@@ -227,6 +227,13 @@ def test_tuning_over_rpc_on_the_emulated_board(rpc_board, board, digits_source, 
     compile_model(digits_source, "rpi5", tmp_path / "a", tuning=Tuning(db), verify=False, progress=quiet)
     logits = emulator.run_artifact(tmp_path / "a", digits_test[0], "cortex-a76")
     assert agreement(logits, torch_logits) == 1.0
+    # the same board times the artifact for bench: outputs come back from it, latency from time_evaluator
+    row = bench.compare(digits_source, [tmp_path / "a"], rounds=3, rpc=rpc_board, progress=quiet)[0]
+    assert row["device"] == "rpc:rpi5" and row["vs_torch_fp32"]["top1_agreement"] == 1.0
+    assert row["vs_torch_fp32"]["max_abs_diff"] < 1e-4
+    timing = row["latency"]["mixer-edge float32 on rpi5"]
+    assert timing["calls"] == 15 and 0 < timing["min_ms"] <= timing["median_ms"]
+    assert "| mixer-edge float32 on rpi5 |" in bench.format_rows([row])
 
 
 def test_the_shipped_mixer_s16_database_applies_without_tuning(tmp_path):

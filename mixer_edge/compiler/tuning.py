@@ -362,10 +362,15 @@ def tune(mod, preset: TargetPreset, key: TuningKey, path: Path, model: str, budg
                 f_export=functools.partial(_export_cross, preset.cross_compiler) if preset.cross_compiler else None)
             # No per-task cap: after one round over every task the gradient scheduler spends the trials
             # where the model's latency is (the big GEMMs), and spatial-only tasks stop after one trial.
-            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work, max_trials_global=todo,
-                          max_trials_per_task=todo, num_trials_per_iter=min(32, max(1, todo // len(tasks))),
-                          builder=builder, runner=runner, database=database, cost_model="xgb",
-                          measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), watch])
+            try:
+                ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work, max_trials_global=todo,
+                              max_trials_per_task=todo, num_trials_per_iter=min(32, max(1, todo // len(tasks))),
+                              builder=builder, runner=runner, database=database, cost_model="xgb",
+                              measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), watch])
+            except Exception as exc:  # the budget's stop arrives wrapped by TVM's FFI
+                if TimeBudgetSpent.message not in str(exc):
+                    raise
+                progress(f"time budget of {seconds / 60:.1f} min spent: tuning stopped")
     result = {**summary(path), "tasks": len(tasks), "seconds": round(time.perf_counter() - start, 1)}
     progress(f"tuning done in {result['seconds']:.0f}s: {result['records']} records in {path}")
     return result
@@ -383,12 +388,13 @@ def _quiet_meta_schedule_logs() -> None:
 
 def _progress_callback(names, weights, trials, deadline, progress):
     """A measure callback that prints a line per batch (trials, the task's best time, the model's
-    estimate) and ends every task once the wall-clock budget is spent."""
+    estimate) and stops the tuning once the wall-clock budget is spent."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
     best = [math.inf] * len(names)
     done = [0]
+    stopping = []
     start = time.perf_counter()
 
     @derived_object
@@ -403,9 +409,20 @@ def _progress_callback(names, weights, trials, deadline, progress):
             progress(f"  [{minutes:3d}:{seconds:02d}] {done[0]}/{trials} trials  "
                      f"task {task_id + 1}/{len(names)} {names[task_id][:40]}: best {best[task_id] * 1e3:.3f} ms  "
                      f"model estimate {sum(measured) * 1e3:.2f} ms ({len(measured)}/{len(names)} tasks measured)")
-            if time.perf_counter() > deadline:
-                for i, task in enumerate(scheduler.tasks_):
-                    if not task.is_terminated:  # TVM refuses to end a task twice
-                        scheduler.terminate_task(i)
+            if time.perf_counter() > deadline and not stopping:
+                # Ending tasks from here is unsafe: TVM may be joining this very task on its way to running it
+                # again (its scheduler then aborts on a finished task). So collect the batches other tasks
+                # have in flight (their records go to the database too), then stop the tuning by raising.
+                stopping.append(task_id)
+                for other, task in enumerate(scheduler.tasks_):
+                    if other != task_id and task.runner_futures is not None:
+                        scheduler.join_running_task(other)
+                raise TimeBudgetSpent(TimeBudgetSpent.message)
 
     return Progress()
+
+
+class TimeBudgetSpent(Exception):
+    """Raised by the progress callback to stop MetaSchedule when the wall-clock budget is spent."""
+
+    message = "mixer-edge: the tuning time budget is spent"

@@ -13,6 +13,8 @@ from ..errors import MixerEdgeError
 from ..resources import data_dir
 from .observers import OBSERVERS
 
+INT8_OPS = ("layernorm", "gelu", "residual")  # float unless a recipe's int8_ops lists them
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -23,6 +25,7 @@ class Recipe:
     seed: int = 0
     activations: str = "symmetric"  # or "affine"
     float_layers: tuple[str, ...] = ()  # layer names (or prefixes, e.g. "head", "blocks.0.") kept in float
+    int8_ops: tuple[str, ...] = ()  # LayerNorm/GELU/residual ops put in int8: KIND or KIND:NAME_PREFIX
     description: str = ""
     source: str = field(default="", compare=False)
 
@@ -31,7 +34,8 @@ class Recipe:
         return self.activations == "symmetric"
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "source"} | {"float_layers": list(self.float_layers)}
+        return {k: v for k, v in self.__dict__.items() if k != "source"} | \
+            {"float_layers": list(self.float_layers), "int8_ops": list(self.int8_ops)}
 
 
 def list_recipes() -> dict[str, Recipe]:
@@ -60,7 +64,15 @@ def load_recipe_file(path: Path) -> Recipe:
     if set(data) - known:
         raise MixerEdgeError(f"{path}: unknown field(s) {', '.join(sorted(set(data) - known))}; "
                              f"a recipe takes {', '.join(sorted(known))}")
-    recipe = Recipe(name=path.stem, source=str(path), **{**data, "float_layers": tuple(data.get("float_layers", ()))})
+    lists = {key: data.get(key, ()) for key in ("float_layers", "int8_ops")}
+    for key, value in lists.items():
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise MixerEdgeError(f"{path}: {key} must be a list of strings, not {value!r}")
+    recipe = Recipe(name=path.stem, source=str(path), **{**data, **{k: tuple(v) for k, v in lists.items()}})
+    for entry in recipe.int8_ops:
+        if entry.partition(":")[0] not in INT8_OPS:
+            raise MixerEdgeError(f"{path}: int8_ops entry '{entry}' names no op kind: use {', '.join(INT8_OPS)}, "
+                                 "optionally with :LAYER_PREFIX (e.g. \"gelu:blocks.0.\")")
     if recipe.observer not in OBSERVERS:
         raise MixerEdgeError(f"{path}: observer '{recipe.observer}' is not one of {', '.join(OBSERVERS)}")
     if recipe.activations not in ("symmetric", "affine"):

@@ -3,7 +3,10 @@
 Every MatMul/Gemm/Conv with a constant weight (token- and channel-mixing MLPs, stem, head) gets
 int8 weights, symmetric per output channel, behind a DequantizeLinear, and its activation input a
 QuantizeLinear -> DequantizeLinear pair with the recipe's observer's range (int8 per tensor).
-LayerNorm, GELU and the residual adds stay float. onnxruntime runs the result as is.
+LayerNorm, GELU and the residual adds stay float unless a recipe's `int8_ops` names them (per kind
+and layer-name prefix): then their input (LayerNorm, GELU) or output (residual add) gets a Q/DQ
+pair too, so the op sees int8-rounded values, as an integer kernel would. onnxruntime runs the
+result as is.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from .calibration import Recipe
 from .observers import Histogram, activation_qparams, observe, quantize, weight_qparams
 
 QUANTIZABLE = ("MatMul", "Gemm", "Conv")
+SHAPE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,71 @@ def layers(proto) -> list[Layer]:
     if not found:
         raise MixerEdgeError("the model has no MatMul/Gemm/Conv with constant weights to quantize: is it a Mixer?")
     return found
+
+
+@dataclass(frozen=True)
+class OpSite:
+    """A float op that a recipe's `int8_ops` can put in int8: the tensor that gets Q/DQ and who reads it."""
+
+    name: str  # e.g. blocks.0.norm1, blocks.0.mlp_tokens.act (GELU), blocks.0.mlp_tokens.residual
+    kind: str  # layernorm, gelu or residual (calibration.INT8_OPS)
+    tensor: str  # LayerNorm's and GELU's input, the residual add's output
+    consumers: tuple[str, ...]  # the nodes that then read its int8 version
+
+
+def op_sites(proto, found: list[Layer]) -> list[OpSite]:
+    """The LayerNorms, GELUs (Gelu, or the Erf form torch exports) and residual adds of `proto` (named nodes),
+    named after the model's layers where the weights have names."""
+    graph = proto.graph
+    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.name)
+    position = {layer.node: i for i, layer in enumerate(found)}
+
+    def layer_above(tensor):  # the quantizable layer that computed `tensor`, through reshapes and transposes
+        node = producer.get(tensor)
+        while node is not None and node.name not in position and node.op_type in SHAPE_OPS:
+            node = producer.get(node.input[0])
+        return found[position[node.name]] if node is not None and node.name in position else None
+
+    sites = []
+    for node in graph.node:
+        if node.op_type == "LayerNormalization":
+            weight = node.input[1] if len(node.input) > 1 else ""
+            sites.append(OpSite(weight.removesuffix(".weight") if weight.endswith(".weight") else node.name,
+                                "layernorm", node.input[0], (node.name,)))
+        elif node.op_type in ("Gelu", "Erf"):
+            x = node.input[0]
+            if node.op_type == "Erf":  # x * 0.5 * (1 + erf(x / sqrt(2))): x is the scaled input's other operand
+                x = next((i for i in producer[x].input if i not in constants), x) if x in producer else x
+            fc = layer_above(x)
+            name = fc.name.rsplit(".", 1)[0] + ".act" if fc and "." in fc.name else node.name
+            sites.append(OpSite(name, "gelu", x, tuple(readers[x])))
+        elif node.op_type == "Add" and len(node.input) == 2 and not constants & set(node.input) \
+                and all(i in producer for i in node.input):
+            branch = max((layer for layer in map(layer_above, node.input) if layer), key=lambda l: position[l.node],
+                         default=None)  # the residual branch is the one computed last
+            name = branch.name.rsplit(".", 1)[0] + ".residual" if branch and "." in branch.name else node.name
+            sites.append(OpSite(name, "residual", node.output[0], tuple(readers.get(node.output[0], ()))))
+    return [site for site in sites if site.consumers]
+
+
+def chosen_sites(proto, found: list[Layer], recipe: Recipe) -> list[OpSite]:
+    """The op sites the recipe's `int8_ops` entries (KIND or KIND:NAME_PREFIX) select; refused if one selects none."""
+    sites = op_sites(proto, found) if recipe.int8_ops else []
+    chosen: dict[str, OpSite] = {}
+    for entry in recipe.int8_ops:
+        kind, _, prefix = entry.partition(":")
+        matched = [s for s in sites if s.kind == kind and s.name.startswith(prefix)]
+        if not matched:
+            names = [s.name for s in sites if s.kind == kind]
+            raise MixerEdgeError(f"recipe {recipe.name}: int8_ops entry '{entry}' matches no {kind} of the model "
+                                 f"(its {kind} ops: {', '.join(names[:4]) or 'none'}{', ...' if len(names) > 4 else ''})")
+        chosen.update((s.name + s.tensor, s) for s in matched)
+    return list(chosen.values())
 
 
 def kept_in_float(layer: Layer, recipe: Recipe) -> bool:
@@ -118,40 +187,49 @@ def quantize_model(proto, x: np.ndarray, recipe: Recipe, progress=print):
     proto = with_node_names(proto)
     found = layers(proto)
     chosen = [layer for layer in found if not kept_in_float(layer, recipe)]
-    hists = activation_histograms(proto, list(dict.fromkeys(l.activation for l in chosen)), x, recipe.symmetric,
-                                  progress)
-    qdq, table = build_qdq(proto, chosen, hists, recipe)
+    sites = chosen_sites(proto, found, recipe)
+    tensors = list(dict.fromkeys([l.activation for l in chosen] + [s.tensor for s in sites]))
+    hists = activation_histograms(proto, tensors, x, recipe.symmetric, progress)
+    qdq, table = build_qdq(proto, chosen, hists, recipe, sites)
     progress(f"quantized {len(chosen)} of {len(found)} layers to int8 ({recipe.name} recipe, "
-             f"{recipe.observer} observer)")
+             f"{recipe.observer} observer)" + (f"; int8 inputs/outputs for {len(sites)} LayerNorm/GELU/residual ops"
+                                               if sites else ""))
     return qdq, table
 
 
-def build_qdq(proto, chosen: list[Layer], hists: dict, recipe: Recipe):
-    """`proto` (with node names) with the `chosen` layers in int8, activation ranges from `hists`."""
+def build_qdq(proto, chosen: list[Layer], hists: dict, recipe: Recipe, sites: list[OpSite] = ()):
+    """`proto` (with node names) with the `chosen` layers in int8 and Q/DQ at the op `sites`, activation
+    ranges from `hists`."""
     import onnx
     from onnx import helper, numpy_helper
 
-    activations = list(dict.fromkeys(layer.activation for layer in chosen))
+    uses: dict[str, list[tuple[str, str]]] = {}  # activation -> (reading node, layer or op name)
+    for layer in chosen:
+        uses.setdefault(layer.activation, []).append((layer.node, layer.name))
+    for site in sites:
+        uses.setdefault(site.tensor, []).extend((node, site.name) for node in site.consumers)
+    position = {node.name: i for i, node in enumerate(proto.graph.node)}
     table: dict[str, dict] = {}
     inits = {i.name: i for i in proto.graph.initializer}
     new_inits, qdq_nodes = [], {}  # consumer node name -> Q/DQ nodes to emit before it
     rename = {}  # (node name, old input) -> new input
 
-    for tensor in activations:
+    for tensor, users in uses.items():
         lo, hi = observe(recipe.observer, hists[tensor], recipe.percentile)
         scale, zero = activation_qparams(lo, hi, recipe.symmetric)
-        users = [layer for layer in chosen if layer.activation == tensor]
-        table[tensor] = {"kind": "activation", "layers": [u.name for u in users], "scale": scale, "zero_point": zero,
-                         "observer": recipe.observer, "range": [lo, hi], "observed": [hists[tensor].lo, hists[tensor].hi]}
+        table[tensor] = {"kind": "activation", "layers": list(dict.fromkeys(name for _, name in users)),
+                         "scale": scale, "zero_point": zero, "observer": recipe.observer, "range": [lo, hi],
+                         "observed": [hists[tensor].lo, hists[tensor].hi]}
         new_inits += [numpy_helper.from_array(np.array(scale, np.float32), f"{tensor}_scale"),
                       numpy_helper.from_array(np.array(zero, np.int8), f"{tensor}_zero_point")]
-        qdq_nodes.setdefault(users[0].node, []).extend([
+        first = min((node for node, _ in users), key=position.__getitem__)
+        qdq_nodes.setdefault(first, []).extend([
             helper.make_node("QuantizeLinear", [tensor, f"{tensor}_scale", f"{tensor}_zero_point"], [f"{tensor}_q"],
                              name=f"{tensor}_QuantizeLinear"),
             helper.make_node("DequantizeLinear", [f"{tensor}_q", f"{tensor}_scale", f"{tensor}_zero_point"],
                              [f"{tensor}_dq"], name=f"{tensor}_DequantizeLinear")])
-        for u in users:
-            rename[(u.node, tensor)] = f"{tensor}_dq"
+        for node, _ in users:
+            rename[(node, tensor)] = f"{tensor}_dq"
 
     for layer in chosen:
         w = numpy_helper.to_array(inits[layer.weight]).astype(np.float32)

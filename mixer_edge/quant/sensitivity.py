@@ -7,7 +7,7 @@ import numpy as np
 from ..errors import MixerEdgeError
 from ..export import run_onnxruntime
 from .calibration import Recipe
-from .qdq import activation_histograms, build_qdq, kept_in_float, layers, with_node_names
+from .qdq import activation_histograms, build_qdq, chosen_sites, kept_in_float, layers, with_node_names
 
 
 def sqnr_db(reference: np.ndarray, got: np.ndarray) -> float:
@@ -19,14 +19,14 @@ def sqnr_db(reference: np.ndarray, got: np.ndarray) -> float:
 def layer_sensitivity(proto, x: np.ndarray, recipe: Recipe, progress=print) -> tuple[list[dict], dict]:
     """SQNR of the model's logits on the calibration inputs `x` with each layer alone in int8.
 
-    Returns the rows (graph order) and the activation histograms, for reuse.
+    Returns the rows (graph order) and the activation histograms (also of the recipe's int8_ops), for reuse.
     """
     from tqdm import tqdm
 
     proto = with_node_names(proto)
     found = layers(proto)
-    hists = activation_histograms(proto, list(dict.fromkeys(l.activation for l in found)), x, recipe.symmetric,
-                                  progress)
+    tensors = [l.activation for l in found] + [s.tensor for s in chosen_sites(proto, found, recipe)]
+    hists = activation_histograms(proto, list(dict.fromkeys(tensors)), x, recipe.symmetric, progress)
     reference = run_onnxruntime(proto, x)
     rows = []
     for layer in tqdm(found, desc="sensitivity", unit="layer", leave=False, disable=None):
@@ -51,10 +51,11 @@ def fallback(proto, x: np.ndarray, recipe: Recipe, val_x: np.ndarray, val_y: np.
     rows, hists = layer_sensitivity(proto, x, recipe, progress)
     order = [r["layer"] for r in sorted(rows, key=lambda r: r["sqnr_db"])]  # most sensitive first
     kept = [l.name for l in found if kept_in_float(l, recipe)]
+    sites = chosen_sites(proto, found, recipe)
     float_accuracy = accuracy(proto, val_x, val_y)
     while True:
         chosen = [l for l in found if l.name not in kept]
-        qdq, table = build_qdq(proto, chosen, hists, recipe)
+        qdq, table = build_qdq(proto, chosen, hists, recipe, sites)
         int8_accuracy = accuracy(qdq, val_x, val_y)
         drop = 100 * (float_accuracy - int8_accuracy)
         progress(f"{len(chosen)} int8 layers, {len(kept)} float: accuracy {int8_accuracy:.2%} "

@@ -1,0 +1,149 @@
+"""`mixer-edge report`: every number in it is checked against the artifacts and baselines themselves."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from conftest import assert_one_line_error, leftovers, quiet
+from mixer_edge import runtime
+from mixer_edge.compiler import resolve_target
+from mixer_edge.export import run_onnxruntime
+from mixer_edge.report import Variant, make_report, mark_pareto, metrics
+
+
+def dominated(row, rows, score):
+    """Some other row of the device is at least as fast and as accurate, and better in one."""
+    t, s = row["latency"]["median_ms"], row[score]
+    return any(o is not row and o["device"] == row["device"] and o["latency"]["median_ms"] <= t and o[score] >= s
+               and (o["latency"]["median_ms"] < t or o[score] > s) for o in rows if o["latency"])
+
+
+def test_pareto_marks_exactly_the_undominated_rows_of_each_device():
+    def row(device, ms, top1):
+        return {"device": device, "latency": {"median_ms": ms}, "top1": top1}
+
+    rows = [row("a", 1.0, 0.90), row("a", 2.0, 0.95), row("a", 3.0, 0.94), row("a", 0.5, 0.80),
+            row("a", 2.0, 0.95), row("b", 9.0, 0.10), {"device": "a", "latency": None, "top1": None}]
+    mark_pareto(rows, "top1")
+    # 3.0/0.94 loses to 2.0/0.95; two identical rows are both optimal; device b has its own front
+    assert [r["pareto"] for r in rows] == [True, True, False, True, True, True, False]
+
+
+def test_metrics_of_known_logits():
+    ref = np.array([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]])
+    got = np.array([[1.0, 2.0, 0.0], [0.0, 1.0, 3.0]])
+    m = metrics(got, ref, np.array([0, 2]))
+    assert m["top1"] == 0.5 and m["top5"] == 1.0 and m["agreement"] == 0.5
+    assert m["sqnr_db"] == pytest.approx(10 * np.log10(15 / 2))
+    assert m["cosine"] == pytest.approx((0.8 + 1.0) / 2)
+
+
+@pytest.fixture(scope="module")
+def host_report(digits_source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "r"
+    variants = [Variant.parse(v) for v in ("float32", "int8", "int8:minmax")]
+    report = make_report(digits_source, [resolve_target("host")], out, variants, rounds=3, torch_compile=False,
+                         progress=quiet)
+    return out, report
+
+
+def test_report_rows_are_what_the_artifacts_and_baselines_measure(host_report, digits_source, digits_test,
+                                                                  torch_logits):
+    out, report = host_report
+    assert report == json.loads((out / "report.json").read_text())
+    x, y = digits_test
+    rows = {(r["engine"], r["variant"]): r for r in report["rows"]}
+    assert set(rows) == {("mixer-edge", "float32"), ("mixer-edge", "int8:default"), ("mixer-edge", "int8:minmax"),
+                         ("pytorch eager", "float32"), ("onnxruntime", "float32"),
+                         ("onnxruntime", "int8:default (QDQ)"), ("onnxruntime", "int8:minmax (QDQ)")}
+    for variant in ("float32", "int8:default", "int8:minmax"):
+        row = rows["mixer-edge", variant]
+        artifact = out / row["artifact"]
+        logits = runtime.load(artifact)(x)
+        assert row["top1"] == pytest.approx((logits.argmax(1) == y).mean())
+        assert row["agreement"] == pytest.approx((logits.argmax(1) == torch_logits.argmax(1)).mean())
+        assert row["size_bytes"] == sum(f.stat().st_size for f in artifact.iterdir())
+        assert row["latency"]["calls"] == 15 and row["device"] == "this machine" and not row["emulated"]
+        assert runtime.read_manifest(artifact)["precision"]["compute"] == row["precision"]
+    assert rows["mixer-edge", "float32"]["agreement"] == 1.0
+    if report["rows"][0]["target"] == "x86-avx512-vnni":  # the tuned digits database ships for this preset
+        assert rows["mixer-edge", "float32"]["tuning_db_records"] == 15
+    assert rows["mixer-edge", "int8:default"]["top1"] >= rows["mixer-edge", "float32"]["top1"] - 0.005
+    ort = run_onnxruntime(digits_source.onnx_model, x)
+    assert rows["onnxruntime", "float32"]["top1"] == pytest.approx((ort.argmax(1) == y).mean())
+    assert rows["pytorch eager", "float32"]["top1"] == pytest.approx((torch_logits.argmax(1) == y).mean())
+    assert report["score"] == "top1" and report["evaluation"]["samples"] == len(x)
+    assert report["threads"] >= 1 and report["versions"]["apache-tvm"] and report["machine"]["physical_cores"] >= 1
+
+
+def test_report_marks_the_pareto_front_and_writes_it_everywhere(host_report):
+    out, report = host_report
+    rows = report["rows"]
+    marked = [r for r in rows if r["pareto"]]
+    assert marked and all(not dominated(r, rows, "top1") for r in marked)
+    assert all(dominated(r, rows, "top1") for r in rows if not r["pareto"])
+    md = (out / "report.md").read_text()
+    table = [line for line in md.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(table) == len(rows)
+    assert [line.endswith("| ★ |") for line in table] == [r["pareto"] for r in rows]
+    for r, line in zip(rows, table):
+        assert f"| {r['latency']['median_ms']:.3f} |" in line and f"| {r['top1']:.2%} |" in line
+    page = (out / "report.html").read_text()
+    assert page.count('<tr class="pareto">') == len(marked)
+    assert "data:image/png;base64," in page and 'src="http' not in page  # self-contained
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not leftovers(out.parent)
+
+
+@pytest.mark.emulation
+def test_report_on_host_and_emulated_rpi5_with_torch_compile(digits_source, board, tmp_path):
+    variants = [Variant.parse(v) for v in ("float32", "int8")]
+    report = make_report(digits_source, [resolve_target("host"), resolve_target("rpi5")], tmp_path / "r", variants,
+                         rounds=2, progress=quiet)
+    rows = report["rows"]
+    board_rows = [r for r in rows if r["target"] == "rpi5"]
+    assert [r["variant"] for r in board_rows] == ["float32", "int8:default"]
+    assert all(r["emulated"] and r["device"] == "emulated rpi5 (cortex-a76)" and r["latency"]["calls"] == 10
+               for r in board_rows)
+    host = {r["variant"]: r for r in rows if r["target"] == "x86-avx512-vnni" or r["engine"] != "mixer-edge"}
+    assert board_rows[0]["agreement"] == 1.0 and board_rows[1]["top1"] >= 0.98
+    assert board_rows[1]["agreement"] == pytest.approx(host["int8:default"]["agreement"], abs=0.01)
+    assert any(r["engine"] == "torch.compile" and r["agreement"] == 1.0 for r in rows)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert md.count("| emulated rpi5 (cortex-a76) | mixer-edge |") == 2 and "not the board's speed" in md
+
+
+def test_report_cli_writes_four_files_and_prints_the_table(run_cli, tmp_path):
+    code, out, err = run_cli("report", "--target", "host", "--variants", "float32,int8:entropy", "--rounds", "2",
+                             "--no-torch-compile", "-o", tmp_path / "rep")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == \
+        ["artifacts", "report.html", "report.json", "report.md", "report.png"]
+    assert "| 2 | this machine | mixer-edge | int8:entropy |" in out
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("--variants", "int9"), "'int9' is not a variant"),
+    (("--variants", "int8:nope"), "nope"),
+    (("--target", "rpi5", "--variants", "float16"), "no target builds"),
+    (("--batch", "1,8"), "one batch size"),
+    (("--rounds", "0"), "--rounds must be at least 1"),
+    (("--variants", "int8-mixed", "--eval-data", "x.npy"), "int8-mixed needs labelled"),
+])
+def test_report_refuses_bad_requests_before_any_build(run_cli, tmp_path, args, fragment):
+    np.save(tmp_path / "x.npy", np.zeros((4, 1, 8, 8), np.float32))
+    code, _, err = run_cli("report", "--target", "host", *[str(tmp_path / a) if a == "x.npy" else a for a in args],
+                           "-o", tmp_path / "rep")
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "rep").exists()
+
+
+def test_report_without_a_board_says_how_to_make_one(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXER_EDGE_BOARD", str(tmp_path / "no-board"))
+    code, _, err = run_cli("report", "--target", "rpi5", "--variants", "float32", "-o", tmp_path / "rep")
+    assert_one_line_error(code, err, "mixer-edge emulator setup")
+    assert not (tmp_path / "rep").exists()
