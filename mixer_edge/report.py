@@ -143,6 +143,8 @@ def make_report(source, presets: list, out: str | Path, variants: list[Variant] 
     if not plan:
         raise MixerEdgeError("no target builds any of the variants asked for: see `mixer-edge targets` for each "
                              "target's precisions")
+    if tuning.database and len(plan) > 1:
+        raise MixerEdgeError("--tuning-db holds one model/target/precision: report on one target and variant with it")
     if y is None and any(v.mixed for _, v in plan):
         raise MixerEdgeError("int8-mixed needs labelled evaluation data (--eval-data) to measure the accuracy drop")
     if any(p.emulator_cpu and p.arch != platform.machine() for p, _ in plan):
@@ -180,7 +182,8 @@ def make_report(source, presets: list, out: str | Path, variants: list[Variant] 
         for row in rows:
             row.update(metrics(row.pop("logits"), reference, y) if row.get("logits") is not None else
                        {k: None for k in ("top1", "top5", "agreement", "cosine", "sqnr_db")})
-            row.pop("path", None), row.pop("preset", None)
+            for build_only in ("path", "preset"):
+                row.pop(build_only, None)
         score = "top1" if y is not None else "agreement"
         mark_pareto(rows, score)
         for i, row in enumerate(rows, 1):

@@ -45,13 +45,14 @@ def test_weight_scales_are_per_channel_symmetric_and_use_the_full_range(w, axis)
     assert scales.shape == (w.shape[axis],) and np.all(scales > 0)
     q = quantize(w, scales, np.zeros_like(scales), axis)
     peak = np.abs(q.astype(np.int32)).max(axis=1 - axis)
-    live = np.abs(w).max(axis=1 - axis) > 0
-    assert np.all(peak[live] == 127) and np.all(peak[~live] == 0)
+    absmax = np.abs(w).max(axis=1 - axis)
+    full = absmax >= 127 * np.finfo(np.float32).tiny  # below that the scale stops at the smallest normal float
+    assert np.all(peak[full] == 127) and np.all(peak[absmax == 0] == 0)
     err = np.abs(dequantize(q, scales, np.zeros_like(scales), axis) - w)
     assert np.all(err <= np.expand_dims(scales, 1 - axis) / 2 * (1 + 1e-5) + 1e-6 * np.abs(w))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=100)
 @given(arrays(np.float64, st.integers(2, 2000), elements=st.floats(-1e3, 1e3, allow_nan=False)),
        st.sampled_from(OBSERVERS), st.booleans(), st.floats(90, 100))
 def test_observed_ranges_are_ordered_within_the_data_and_symmetric_when_asked(x, observer, symmetric, percentile):

@@ -133,6 +133,7 @@ def test_report_cli_writes_four_files_and_prints_the_table(run_cli, tmp_path):
     (("--batch", "1,8"), "one batch size"),
     (("--rounds", "0"), "--rounds must be at least 1"),
     (("--variants", "int8-mixed", "--eval-data", "x.npy"), "int8-mixed needs labelled"),
+    (("--tuning-db", "x.npy"), "--tuning-db holds one"),
 ])
 def test_report_refuses_bad_requests_before_any_build(run_cli, tmp_path, args, fragment):
     np.save(tmp_path / "x.npy", np.zeros((4, 1, 8, 8), np.float32))

@@ -30,7 +30,7 @@ class Histogram:
     def empty(cls, lo: float, hi: float, symmetric: bool) -> Histogram:
         if symmetric:
             lo, hi = 0.0, max(abs(lo), abs(hi))
-        if hi <= lo:  # a constant tensor: give the range some width
+        if hi - lo <= 4 * BINS * np.spacing(max(abs(lo), abs(hi))):  # (nearly) constant: too narrow for the bins
             hi = lo + max(abs(lo), 1e-8)
         return cls(np.zeros(BINS, np.int64), float(lo), float(hi), symmetric)
 
@@ -118,10 +118,11 @@ def activation_qparams(lo: float, hi: float, symmetric: bool) -> tuple[float, in
 
 
 def weight_qparams(w: np.ndarray, axis: int) -> np.ndarray:
-    """Symmetric per-output-channel int8 scales of `w` along `axis` (all-zero channels get scale 1)."""
+    """Symmetric per-output-channel int8 scales of `w` along `axis` (all-zero channels get scale 1; scales never
+    go subnormal, which would underflow to 0 for a channel of tiny weights)."""
     reduce = tuple(i for i in range(w.ndim) if i != axis)
-    scale = np.abs(w).max(axis=reduce) / 127
-    return np.where(scale > 0, scale, 1.0).astype(np.float32)
+    peak = np.abs(w).max(axis=reduce).astype(np.float32)
+    return np.where(peak > 0, np.maximum(peak / 127, np.finfo(np.float32).tiny), 1.0).astype(np.float32)
 
 
 def quantize(x: np.ndarray, scale, zero_point, axis: int | None = None) -> np.ndarray:
