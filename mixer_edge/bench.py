@@ -145,9 +145,8 @@ def compare(source, artifacts: list[Path], rounds: int = 20, threads: int | None
     beside onnxruntime running `qdq`, the QDQ ONNX they were compiled from; `torch_compile` adds
     torch.compile to the PyTorch baselines. With `rpc` (a compiler.tuning.RpcBoard) the artifacts run
     and are timed on a board from that tracker instead, without baselines (they do not run there)."""
-    import torch
-
     from . import runtime
+    from .artifact import reference_logits
 
     if rpc is not None:
         return [remote_row(source, path, rpc, rounds, progress) for path in artifacts]
@@ -155,19 +154,12 @@ def compare(source, artifacts: list[Path], rounds: int = 20, threads: int | None
     threads = threads or runtime.physical_cores()
     use_threads(threads)
     rows = []
-    rng = np.random.default_rng(0)
-    if source.eval_data:  # real inputs: int8 ranges were calibrated on data like them
-        from .data import load_inputs
-
-        real = load_inputs(source.eval_data, source.preprocess)[0]
     compiled = {}
     for path in artifacts:
         model = runtime.load(path)
-        x = real[:model.batch] if source.eval_data and len(real) >= model.batch else \
-            rng.standard_normal(model.input_shape).astype(np.float32)
+        x = timing_input(source, model.input_shape)
         device = "cuda" if model.manifest["target"]["device"]["kind"] == "cuda" else "cpu"
-        with torch.no_grad():
-            reference = source.torch_model(torch.from_numpy(x)).numpy()
+        reference = reference_logits(source.torch_model, source.onnx_model, x)
         precision = model.manifest["precision"]["compute"]
         mine = f"mixer-edge {precision}"
         if torch_compile and (x.shape, device) not in compiled:
@@ -191,24 +183,29 @@ def compare(source, artifacts: list[Path], rounds: int = 20, threads: int | None
     return rows
 
 
-def remote_row(source, path: Path, rpc, rounds: int, progress=print) -> dict:
-    """compare()'s row for an artifact run on a board over RPC: its latency there, its outputs against torch."""
-    import torch
-
-    from . import runtime
-
-    manifest = runtime.read_manifest(runtime.artifact_dir(path))
-    shape = manifest["input"]["shape"]
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+def timing_input(source, shape) -> np.ndarray:
+    """One batch to time on: the first of the model's evaluation data (int8 ranges were calibrated on data
+    like it), else random-normal."""
     if source.eval_data:
         from .data import load_inputs
 
         real = load_inputs(source.eval_data, source.preprocess)[0]
-        x = real[:shape[0]] if len(real) >= shape[0] else x
+        if len(real) >= shape[0]:
+            return real[:shape[0]]
+    return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+
+def remote_row(source, path: Path, rpc, rounds: int, progress=print) -> dict:
+    """compare()'s row for an artifact run on a board over RPC: its latency there, its outputs against torch."""
+    from . import runtime
+    from .artifact import reference_logits
+
+    manifest = runtime.read_manifest(runtime.artifact_dir(path))
+    shape = manifest["input"]["shape"]
+    x = timing_input(source, shape)
     progress(f"timing {Path(path).name} on a '{rpc.key}' board from the tracker {rpc.host}:{rpc.port}")
     measured = remote(path, rpc, x, rounds)
-    with torch.no_grad():
-        reference = source.torch_model(torch.from_numpy(x)).numpy()
+    reference = reference_logits(source.torch_model, source.onnx_model, x)
     precision = manifest["precision"]["compute"]
     latency = {**measured["latency"], "throughput_per_s": shape[0] * 1e3 / measured["latency"]["median_ms"]}
     return {"artifact": str(path), "batch": shape[0], "precision": precision, "device": f"rpc:{rpc.key}",

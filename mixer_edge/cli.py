@@ -68,17 +68,24 @@ def _tuning_args(p: argparse.ArgumentParser, compile_: bool) -> None:
     g.add_argument("--rpc-key", help="the key the boards registered under (e.g. rpi5)")
 
 
+def _rpc(args):
+    """The boards --rpc-tracker/--rpc-key name, or None."""
+    from .compiler.tuning import RpcBoard
+
+    return RpcBoard.parse(args.rpc_tracker, args.rpc_key) if args.rpc_tracker or args.rpc_key else None
+
+
 def _tuning(args, tune: bool, measures: bool = False):
     """The tuning the arguments ask for; `measures`: the command also runs on --rpc-tracker boards (bench)."""
-    from .compiler.tuning import Budget, RpcBoard, Tuning, parse_duration
+    from .compiler.tuning import Budget, Tuning, parse_duration
 
     if args.trials is not None and args.trials < 1:
         raise MixerEdgeError(f"--trials must be a positive number, not {args.trials}")
     budget = Budget(args.trials, parse_duration(args.time_budget) if args.time_budget else None)
-    rpc = RpcBoard.parse(args.rpc_tracker, args.rpc_key) if args.rpc_tracker or args.rpc_key else None
+    rpc = _rpc(args)
     if not tune and (args.trials or args.time_budget or (rpc and not measures)):
         raise MixerEdgeError("--trials, --time-budget and --rpc-tracker apply to tuning: add --tune")
-    return Tuning(Path(args.tuning_db) if args.tuning_db else None, tune, budget, rpc if tune else None), rpc
+    return Tuning(Path(args.tuning_db) if args.tuning_db else None, tune, budget, rpc if tune else None)
 
 
 def _batches(text: str) -> list[int]:
@@ -150,7 +157,7 @@ def _compile_all(args, output: str | None, parent: str, verify: bool, measures: 
     from .quant import quantize_for_build
 
     builds, batches = _builds(args)
-    tuning = _tuning(args, args.tune, measures)[0]
+    tuning = _tuning(args, args.tune, measures)
     precisions = [precision for _, precision, _ in builds]
     calibration = _calibration(args, precisions)
     if tuning.database and len(builds) > 1:
@@ -183,7 +190,7 @@ def cmd_tune(args) -> None:
     builds, batches = _builds(args)
     if len(builds) > 1:
         raise MixerEdgeError("tune takes one target, precision and batch: run it once for each")
-    tuning = _tuning(args, True)[0]
+    tuning = _tuning(args, True)
     preset, precision, batch = builds[0]
     calibration = _calibration(args, [precision])
     result = tune_model(_open_model(args, batches), preset, batch, precision, tuning, calibration, progress=say)
@@ -253,7 +260,7 @@ def cmd_bench(args) -> None:
     if args.threads is not None and args.threads < 1:
         raise MixerEdgeError(f"--threads must be at least 1, not {args.threads}")
     use_threads(args.threads or physical_cores())  # before the build starts TVM's thread pool
-    rpc = _tuning(args, args.tune, measures=True)[1]
+    rpc = _rpc(args)
     with tempfile.TemporaryDirectory() as tmp:
         # compare() checks every artifact against PyTorch itself
         source, built, quantized = _compile_all(args, None, tmp, verify=False, measures=True)
@@ -270,7 +277,7 @@ def cmd_bench(args) -> None:
 
 def cmd_report(args) -> None:
     from .compiler import resolve_target
-    from .report import Variant, make_report, markdown
+    from .report import Variant, make_report, table
 
     presets = [resolve_target(t) for spec in (args.target or ["host,rpi5"]) for t in spec.split(",") if t]
     variants = [Variant.parse(v) for v in args.variants.split(",") if v] if args.variants else None
@@ -281,13 +288,12 @@ def cmd_report(args) -> None:
                                ("--calib-samples", args.calib_samples, 1), ("--max-accuracy-drop", args.max_accuracy_drop, 0)):
         if value is not None and value < least:
             raise MixerEdgeError(f"{flag} must be at least {least}, not {value}")
-    tuning = _tuning(args, args.tune)[0]
+    tuning = _tuning(args, args.tune)
     report = make_report(_open_model(args, batches), presets, args.output, variants, eval_data=args.eval_data,
                          batch=batches[0], rounds=args.rounds, threads=args.threads, calib_data=args.calib_data,
                          calib_samples=args.calib_samples, max_accuracy_drop=args.max_accuracy_drop, tuning=tuning,
                          torch_compile=not args.no_torch_compile, progress=say)
-    table = markdown(report).split("\n\n")
-    print("\n\n".join(table[4:5]))
+    print("\n".join(table(report)))
     print(f"\n{args.output}/report.html: the table and the plot; report.json: every measurement")
 
 

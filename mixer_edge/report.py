@@ -292,6 +292,12 @@ def _cells(row: dict) -> list[str]:
             num(row["calibrate_s"], ".1f"), num(row["tune_s"], ".1f"), "★" if row["pareto"] else ""]
 
 
+def table(report: dict) -> list[str]:
+    """The report's rows as the lines of a Markdown table."""
+    return ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS),
+            *("| " + " | ".join(_cells(row)) + " |" for row in report["rows"])]
+
+
 def markdown(report: dict) -> str:
     m, ev = report["machine"], report["evaluation"]
     score = "top-1 accuracy" if report["score"] == "top1" else "top-1 agreement with the float model"
@@ -302,9 +308,7 @@ def markdown(report: dict) -> str:
              f"★ = Pareto-optimal on its device ({score} against median latency): nothing there is both as fast "
              "and as accurate. Agreement, cosine and SQNR compare the logits with the float model's. "
              "Emulated latency ranks builds for that board against each other; it is not the board's speed.", "",
-             "![accuracy against latency](report.png)", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in report["rows"]]
+             "![accuracy against latency](report.png)", "", *table(report)]
     v = report["versions"]
     lines += ["", "Versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)) + "."]
     return "\n".join(lines) + "\n"
