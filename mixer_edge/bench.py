@@ -133,9 +133,13 @@ def onnxruntime_candidate(proto, x: np.ndarray, device: str, threads: int, label
 
 def agreement(got: np.ndarray, ref: np.ndarray) -> dict:
     """How far an artifact's logits are from the reference's: top-1 agreement, max |diff|, cosine."""
-    cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
     return {"top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
-            "max_abs_diff": float(np.abs(got - ref).max()), "min_cosine": float(cos.min())}
+            "max_abs_diff": float(np.abs(got - ref).max()), "min_cosine": float(cosines(got, ref).min())}
+
+
+def cosines(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of logits with the reference's."""
+    return (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
 
 
 def compare(source, artifacts: list[Path], rounds: int = 20, threads: int | None = None, qdq=None,

@@ -74,11 +74,11 @@ def metrics(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None
     if labels is not None:
         top5 = np.argsort(-logits, axis=1)[:, :5]
         out = {"top1": float((top5[:, 0] == labels).mean()), "top5": float((top5 == labels[:, None]).any(1).mean())}
+    from .bench import cosines
     from .quant.sensitivity import sqnr_db
 
-    cos = (logits * reference).sum(1) / (np.linalg.norm(logits, axis=1) * np.linalg.norm(reference, axis=1) + 1e-12)
     return {**out, "agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
-            "cosine": float(cos.mean()), "sqnr_db": sqnr_db(reference, logits)}
+            "cosine": float(cosines(logits, reference).mean()), "sqnr_db": sqnr_db(reference, logits)}
 
 
 def mark_pareto(rows: list[dict], score: str) -> None:
