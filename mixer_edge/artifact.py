@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, runtime
-from .atomic import atomic_dir, atomic_file
+from .atomic import atomic_dir, atomic_file, check_destination
 from .compiler.build import Built
 from .compiler.webgpu import dispatch_count
 from .data import in_batches
-from .errors import MixerEdgeError
+from .errors import MixerEdgeError, reason
 from .export import ModelSource, input_spec, run_onnxruntime
 
 
@@ -66,9 +66,9 @@ def write_artifact(out: str | Path, built: Built, source: ModelSource, verify: b
     """Write the artifact directory (or `.tar`) at `out` atomically; returns its manifest.
 
     int8 builds pass their `quantization` (a quant.Quantization): table and recipe go into the manifest."""
-    out = Path(out)
+    out = check_output(out)
     if out.suffix != ".tar":
-        with atomic_dir(out) as stage:
+        with atomic_dir(out, mark=runtime.MANIFEST) as stage:
             return _fill(stage, built, source, verify, quantization, progress)
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp) / out.stem
@@ -77,6 +77,12 @@ def write_artifact(out: str | Path, built: Built, source: ModelSource, verify: b
         with atomic_file(out) as tmp_tar, tarfile.open(tmp_tar, "w") as tar:
             tar.add(stage, arcname=out.stem)
     return manifest
+
+
+def check_output(out: str | Path) -> Path:
+    """Refuse, before the build, an `out` the artifact could not replace (see atomic.check_destination)."""
+    out = Path(out)
+    return check_destination(out, None if out.suffix == ".tar" else runtime.MANIFEST)
 
 
 def _fill(stage: Path, built: Built, source: ModelSource, verify: bool, quantization, progress) -> dict:
@@ -96,7 +102,7 @@ def _fill(stage: Path, built: Built, source: ModelSource, verify: bool, quantiza
             built.export_library(stage / runtime.LIBRARY)
         except Exception as exc:
             raise MixerEdgeError(f"linking {runtime.LIBRARY} for {built.preset.name} failed "
-                                 f"({str(exc).strip().splitlines()[-1]})") from exc
+                                 f"({reason(exc, last=True)})") from exc
     np.savez(stage / runtime.PARAMS, **built.params)
     if built.cuda:
         (stage / runtime.CUDA_KERNELS).write_bytes(built.cuda.fat_binary)
@@ -111,6 +117,8 @@ def _fill(stage: Path, built: Built, source: ModelSource, verify: bool, quantiza
 
 
 def _write_manifest(root: Path, manifest: dict) -> None:
+    """Write the manifest sealed with its own digest: the runtime refuses it after any edit."""
+    manifest["manifest_sha256"] = runtime.manifest_digest(manifest)
     (root / runtime.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 

@@ -1,47 +1,148 @@
-"""Write files and directories so a reader sees the old version or the new one, never half of one."""
+"""Write files and directories so a reader sees the old version or the new one, never half of one.
+
+Work is staged beside the destination under a name carrying the writer's pid
+(`.NAME.PID-XXXX.tmp`) and renamed into place when complete. A writer killed with SIGKILL cannot
+clean up, so every later write to the same destination first removes the stages of writers that
+are no longer alive. A full disk is reported in one line naming the destination.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .errors import MixerEdgeError
+
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it over `path`, on error delete it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    path = _prepare(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_stage_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with _disk_errors(path):
+            yield Path(tmp)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield an empty staging directory beside `path`; on success it replaces `path` whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+def atomic_dir(path: str | Path, mark: str) -> Iterator[Path]:
+    """Yield an empty staging directory beside `path`; on success it replaces `path` whole.
+
+    `mark` is the file that makes a directory one of this writer's (manifest.json for an artifact):
+    an existing `path` that holds other files but not `mark` is refused, never replaced.
+    """
+    path = _prepare(path, mark)
+    stage = Path(tempfile.mkdtemp(dir=path.parent, prefix=_stage_prefix(path), suffix=".tmp"))
     try:
-        yield stage
-        stage.chmod(0o755)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(stage, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(stage, path)
+        with _disk_errors(path):
+            yield stage
+            stage.chmod(0o755)
+            if not path.exists():
+                os.replace(stage, path)
+            elif not _exchange(stage, path):  # a filesystem without RENAME_EXCHANGE: two renames
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+                os.replace(stage, path)
+                shutil.rmtree(old)
     finally:
         if stage.exists():
-            shutil.rmtree(stage)
+            shutil.rmtree(stage)  # the failed stage, or the old version swapped out of `path`
+
+
+def check_destination(path: str | Path, mark: str | None = None) -> Path:
+    """Refuse a destination the write would have to refuse (call it before slow work): a directory
+    where a file goes, a file where a directory goes (`mark` given, see atomic_dir), or a directory
+    holding files but not `mark`."""
+    path = Path(path)
+    directory = mark is not None
+    if path.exists() and path.is_dir() != directory:
+        raise MixerEdgeError(f"{path} exists and is {'a file' if directory else 'a directory'}, not the "
+                             f"{'directory' if directory else 'file'} this writes: choose another path or remove it")
+    if directory and path.is_dir() and not (path / mark).is_file() and any(path.iterdir()):
+        raise MixerEdgeError(f"{path} already holds other files and no {mark}, so mixer-edge did not write it: "
+                             "choose a new path (mixer-edge only replaces what it wrote)")
+    return path
+
+
+def _prepare(path: str | Path, mark: str | None = None) -> Path:
+    """Check the destination, create its parent and sweep dead writers' stages."""
+    path = check_destination(path, mark)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MixerEdgeError(f"cannot create {path.parent} ({exc.strerror}): choose a writable location") from exc
+    _sweep(path)
+    return path
+
+
+def _stage_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}-"
+
+
+def _sweep(path: Path) -> None:
+    """Remove what writers of `path` killed mid-write left behind; restore `path` if it was lost in a swap."""
+    stage = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)-.*\.tmp|old-(\d+))")
+    for entry in path.parent.iterdir():
+        match = stage.fullmatch(entry.name)
+        if not match or _alive(int(match[1] or match[2])):
+            continue
+        if match[2] and not path.exists():
+            os.replace(entry, path)  # killed between the two renames of atomic_dir's fallback
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+@contextlib.contextmanager
+def _disk_errors(path: Path) -> Iterator[None]:
+    """Say in one line that the disk is full (or the file too large for it), naming the destination."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        raise MixerEdgeError(f"writing {path} failed ({os.strerror(exc.errno)}); nothing was changed there: free "
+                             "some space on that disk or write somewhere else") from exc
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2); False where the system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))

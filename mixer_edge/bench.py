@@ -13,6 +13,8 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import MixerEdgeError, reason
+
 
 @dataclass
 class Candidate:
@@ -101,7 +103,7 @@ def compile_torch(torch_model, x: np.ndarray, device: str = "cpu", progress=prin
         with torch.no_grad():
             model(torch.from_numpy(x).to(device))
     except Exception as exc:  # no C++ compiler, an op Inductor lacks, ...: the baseline is then left out
-        progress(f"torch.compile does not work here ({str(exc).strip().splitlines()[0][:200]}); left out")
+        progress(f"torch.compile does not work here ({reason(exc)}); left out")
         return None
     return model
 
@@ -204,7 +206,8 @@ def remote_row(source, path: Path, rpc, rounds: int, progress=print) -> dict:
     from . import runtime
     from .artifact import reference_logits
 
-    manifest = runtime.read_manifest(runtime.artifact_dir(path))
+    with runtime.artifact_dir(path) as root:
+        manifest = runtime.read_manifest(root)
     shape = manifest["input"]["shape"]
     x = timing_input(source, shape)
     progress(f"timing {Path(path).name} on a '{rpc.key}' board from the tracker {rpc.host}:{rpc.port}")
@@ -265,22 +268,21 @@ def remote(path: Path, rpc, x: np.ndarray, rounds: int = 20, inner: int = 5) -> 
     from tvm.runtime.vm import VirtualMachine
 
     from . import runtime
-    from .errors import MixerEdgeError
 
-    root = runtime.artifact_dir(path)
-    manifest = runtime.read_manifest(root)
-    if runtime.LIBRARY not in manifest["files"]:
-        raise MixerEdgeError(f"{path} is a wgpu (Vulkan) artifact: time it on the device with mixer-edge bench there")
-    try:
-        board = tvm_rpc.connect_tracker(rpc.host, rpc.port).request(rpc.key, session_timeout=600)
-    except Exception as exc:
-        raise MixerEdgeError(f"no board under key '{rpc.key}' at the tracker {rpc.host}:{rpc.port} "
-                             f"({str(exc).strip().splitlines()[-1]}): start one with python -m mixer_edge.rpc_server") from exc
-    board.upload(str(root / runtime.LIBRARY))
+    with runtime.artifact_dir(path) as root:
+        manifest = runtime.read_manifest(root)
+        if runtime.LIBRARY not in manifest["files"]:
+            raise MixerEdgeError(f"{path} is a wgpu (Vulkan) artifact: time it on the device with mixer-edge bench there")
+        try:
+            board = tvm_rpc.connect_tracker(rpc.host, rpc.port).request(rpc.key, session_timeout=600)
+        except Exception as exc:
+            raise MixerEdgeError(f"no board under key '{rpc.key}' at the tracker {rpc.host}:{rpc.port} "
+                                 f"({reason(exc, last=True)}): start one with python -m mixer_edge.rpc_server") from exc
+        board.upload(str(root / runtime.LIBRARY))
+        weights = runtime.read_params(root, manifest)
     device = board.cuda(0) if manifest["target"]["device"]["kind"] == "cuda" else board.cpu(0)
     vm = VirtualMachine(board.load_module(runtime.LIBRARY), device)
-    with np.load(root / runtime.PARAMS, allow_pickle=False) as npz:
-        params = [tvm.runtime.tensor(npz[name], device) for name in manifest["params"]]
+    params = [tvm.runtime.tensor(w, device) for w in weights]
     batch = manifest["input"]["shape"][0]
     data = tvm.runtime.tensor(np.ascontiguousarray(x[:batch], np.float32), device)
     logits = vm["main"](data, *params).numpy()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import MixerEdgeError
+from .errors import MixerEdgeError, reason
 from .model import MixerConfig, MlpMixer
 
 # Official Flax names (google-research/vision_transformer) -> timm names, and how to lay out the
@@ -87,7 +87,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except MixerEdgeError:
         raise
     except Exception as exc:  # corrupt or truncated file: say which file, not where it broke
-        raise MixerEdgeError(f"checkpoint {path} could not be read ({type(exc).__name__}: {exc})") from exc
+        raise MixerEdgeError(f"checkpoint {path} could not be read ({type(exc).__name__}: {reason(exc)}): check that it is a whole, unmodified copy") from exc
     raise MixerEdgeError(f"checkpoint {path} has an unknown suffix '{suffix}': use .pth, .safetensors or .npz")
 
 
@@ -105,7 +105,7 @@ def read_metadata(path: str | Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as exc:
-        raise MixerEdgeError(f"checkpoint {path} could not be read ({type(exc).__name__}: {exc})") from exc
+        raise MixerEdgeError(f"checkpoint {path} could not be read ({type(exc).__name__}: {reason(exc)}): check that it is a whole, unmodified copy") from exc
     return {k: _json_or_text(v) for k, v in meta.items()}
 
 
@@ -121,7 +121,7 @@ def load_into(model: MlpMixer, state_dict: dict[str, torch.Tensor], source: str 
     expected = model.state_dict()
     for key, tensor in expected.items():
         if key not in state_dict:
-            raise MixerEdgeError(f"{source} does not fit this model: key '{key}' {tuple(tensor.shape)} is missing")
+            raise MixerEdgeError(f"{source} does not fit this model: key '{key}' {tuple(tensor.shape)} is missing: choose the preset it was trained as (--model)")
         got = tuple(state_dict[key].shape)
         if got != tuple(tensor.shape):
             raise MixerEdgeError(
@@ -130,7 +130,7 @@ def load_into(model: MlpMixer, state_dict: dict[str, torch.Tensor], source: str 
             )
     extra = sorted(set(state_dict) - set(expected))
     if extra:
-        raise MixerEdgeError(f"{source} does not fit this model: unexpected key '{extra[0]}' ({len(extra)} in all)")
+        raise MixerEdgeError(f"{source} does not fit this model: unexpected key '{extra[0]}' ({len(extra)} in all): choose the preset it was trained as (--model)")
     model.load_state_dict({k: v.float() for k, v in state_dict.items()})
     return model.eval()
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .atomic import atomic_file
+from .atomic import atomic_file, check_destination
 from .errors import MixerEdgeError
 
 
@@ -153,6 +153,7 @@ def _builds(args):
 def _compile_all(args, output: str | None, parent: str, verify: bool, measures: bool = False):
     """Compile every (target, precision, batch) the arguments name; returns the source, the (path, manifest)
     pairs and the int8 builds' quant.Quantization (None without one)."""
+    from .artifact import check_output
     from .compiler import compile_model
     from .quant import quantize_for_build
 
@@ -162,6 +163,8 @@ def _compile_all(args, output: str | None, parent: str, verify: bool, measures: 
     calibration = _calibration(args, precisions)
     if tuning.database and len(builds) > 1:
         raise MixerEdgeError("--tuning-db holds one model/target/precision/batch: compile one build with it")
+    if output and len(builds) == 1:
+        check_output(output)
     source = _open_model(args, batches)
     quantized = quantize_for_build(source, calibration, say) if "int8" in precisions else None
     built = []
@@ -202,8 +205,6 @@ def cmd_tuning_db(args) -> None:
     from .compiler import tuning
 
     if args.action == "merge":
-        if not args.output or not args.databases:
-            raise MixerEdgeError("tuning-db merge takes databases (one, with --best-only, to prune it) and -o OUTPUT")
         result = tuning.merge([Path(d) for d in args.databases], Path(args.output), best_only=args.best_only)
         print(f"{result['path']}: {result['records']} records for {result['workloads']} workloads")
         return
@@ -226,10 +227,12 @@ def cmd_calibrate(args) -> None:
     out = Path(args.output)
     if out.suffix != ".onnx":
         raise MixerEdgeError(f"-o {out}: the QDQ model is written as an .onnx file (the table goes beside it)")
+    table_path = out.with_suffix(".calibration.json")
+    check_destination(out)
+    check_destination(table_path)
     source = _open_model(args, _batches(args.batch))
     qdq, table, summary = calibrate(source, recipe, args.calib_data, args.calib_samples, sensitivity=args.sensitivity,
                                     max_accuracy_drop=args.max_accuracy_drop, val_data=args.val_data, progress=say)
-    table_path = out.with_suffix(".calibration.json")
     with atomic_file(out) as tmp_onnx, atomic_file(table_path) as tmp_table:
         tmp_onnx.write_bytes(qdq.SerializeToString())
         tmp_table.write_text(json.dumps({"model": source.name, **summary, "tensors": table}, indent=1) + "\n")
@@ -289,6 +292,7 @@ def cmd_report(args) -> None:
         if value is not None and value < least:
             raise MixerEdgeError(f"{flag} must be at least {least}, not {value}")
     tuning = _tuning(args, args.tune)
+    check_destination(args.output, "report.json")
     report = make_report(_open_model(args, batches), presets, args.output, variants, eval_data=args.eval_data,
                          batch=batches[0], rounds=args.rounds, threads=args.threads, calib_data=args.calib_data,
                          calib_samples=args.calib_samples, max_accuracy_drop=args.max_accuracy_drop, tuning=tuning,
@@ -308,7 +312,8 @@ def cmd_run(args) -> None:
         from .compiler.targets import resolve_target
         from .data import Preprocess
 
-        manifest = runtime.read_manifest(runtime.artifact_dir(args.artifact))
+        with runtime.artifact_dir(args.artifact) as root:
+            manifest = runtime.read_manifest(root)
         x, y = load_inputs(args.input, Preprocess.from_dict(manifest["preprocess"]))
         cpu = resolve_target(args.board).emulator_cpu
         if not cpu:
@@ -327,13 +332,15 @@ def cmd_run(args) -> None:
     if y is not None and (y >= 0).all():
         print(f"top-1 accuracy on {args.input}: {(top[:, 0] == y).mean():.2%} ({len(y)} samples)")
     if args.save:
-        np.save(args.save, logits)
+        with atomic_file(args.save) as tmp, open(tmp, "wb") as f:
+            np.save(f, logits)
 
 
 def cmd_inspect(args) -> None:
     from . import runtime
 
-    manifest = runtime.read_manifest(runtime.artifact_dir(args.artifact))
+    with runtime.artifact_dir(args.artifact) as root:
+        manifest = runtime.read_manifest(root)
     if args.json:
         print(json.dumps(manifest, indent=2))
         return
@@ -392,8 +399,15 @@ def cmd_emulator(args) -> None:
     print(root)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors in the same one-line form as every other refusal."""
+
+    def error(self, message: str):
+        self.exit(2, f"mixer-edge: error: {message}: see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixer-edge", description="Compile MLP-Mixer classifiers with Apache TVM "
+    parser = Parser(prog="mixer-edge", description="Compile MLP-Mixer classifiers with Apache TVM "
                                      "for edge boards and GPUs, and run the artifacts.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -442,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (each runs every candidate 5 times)")
     p.add_argument("--threads", type=int, help="CPU threads for every candidate (default: the physical cores)")
     p.add_argument("--no-torch-compile", action="store_true", help="leave out the torch.compile baseline")
-    p.add_argument("-o", "--output", default="report", help="report directory (default report/), replaced whole")
+    p.add_argument("-o", "--output", default="report", help="report directory (default report/); an earlier report there is replaced whole")
     g = p.add_argument_group("int8 calibration data (recipes come from --variants)")
     g.add_argument("--calib-data", help="calibration inputs: image folder, .npy/.npz, digits-train (default for the "
                    "demo model)")
@@ -470,10 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("tuning-db", help="list tuning databases, or merge several of one model/target/precision")
-    p.add_argument("action", choices=["list", "merge"])
-    p.add_argument("databases", nargs="*", help="database directories (list: default the cache and the shipped ones)")
-    p.add_argument("-o", "--output", help="merge: the database directory to write")
-    p.add_argument("--best-only", action="store_true", help="merge: keep only the best record per workload")
+    actions = p.add_subparsers(dest="action", required=True)
+    q = actions.add_parser("list", help="each database's model, precision, records and target")
+    q.add_argument("databases", nargs="*", help="database directories (default: the cache and the shipped ones)")
+    q = actions.add_parser("merge", help="combine databases of one key; the best record per workload wins")
+    q.add_argument("databases", nargs="+", help="database directories (one, with --best-only, to prune it)")
+    q.add_argument("-o", "--output", required=True, help="the database directory to write")
+    q.add_argument("--best-only", action="store_true", help="keep only the best record per workload")
     p.set_defaults(func=cmd_tuning_db)
 
     p = sub.add_parser("run", help="run an artifact on images, a .npy/.npz, or the digits test split")
@@ -512,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except MixerEdgeError as exc:
-        print(f"mixer-edge: error: {exc}", file=sys.stderr)
+        print("mixer-edge: error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, always
         return 2
     except KeyboardInterrupt:
         print("mixer-edge: interrupted", file=sys.stderr)

@@ -115,7 +115,8 @@ def load_inputs(source: str | Path, pre: Preprocess) -> tuple[np.ndarray, np.nda
         raise MixerEdgeError(f"input {path} has an unknown type: use an image, a folder, .npy or .npz")
     expected = (pre.channels, *pre.size)
     if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-        raise MixerEdgeError(f"input {path} has shape {tuple(x.shape)}; the model expects (N, {', '.join(map(str, expected))})")
+        raise MixerEdgeError(f"input {path} has shape {tuple(x.shape)}; the model expects (N, {', '.join(map(str, expected))}): "
+                             "pass arrays of that shape, or images (they are resized)")
     if not np.isfinite(x).all():
         raise MixerEdgeError(f"input {path} contains NaN or Inf values: clean the data")
     return x, y

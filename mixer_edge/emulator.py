@@ -72,7 +72,7 @@ def setup(root: str | Path | None = None, progress=print) -> Path:
         if shutil.which(tool) is None:
             raise MixerEdgeError(f"the emulated board needs {tool}: apt-get install qemu-user-static")
     packages = _arm64_packages()
-    with atomic_dir(root) as stage:
+    with atomic_dir(root, mark="board.json") as stage:
         debs = stage / "debs"
         debs.mkdir()
         progress(f"downloading {len(packages)} arm64 Debian packages (Python 3.11 and its libraries)")

@@ -17,7 +17,7 @@ import numpy as np
 
 from .atomic import atomic_file
 from .data import Preprocess
-from .errors import MixerEdgeError
+from .errors import MixerEdgeError, reason
 
 OPSET = 18  # torch's exporter emits 18 natively; converting down to 17 fails on LayerNormalization
 BUNDLED_CHECKPOINT = Path(__file__).parent / "weights" / "mixer_digits.safetensors"
@@ -114,8 +114,7 @@ def load_onnx(path: str | Path):
         proto = onnx.load(str(path))
         onnx.checker.check_model(proto)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MixerEdgeError(f"ONNX file {path} is not a valid model ({first}): re-export it") from exc
+        raise MixerEdgeError(f"ONNX file {path} is not a valid model ({reason(exc)}): re-export it") from exc
     initializers = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     if len(inputs) != 1 or len(proto.graph.output) != 1:
@@ -128,7 +127,33 @@ def load_onnx(path: str | Path):
     if not all(isinstance(d, int) and d > 0 for d in spec.shape[1:]):
         raise MixerEdgeError(f"ONNX file {path} input '{spec.name}' has symbolic channels or size {list(spec.shape)}: "
                              "export it with a fixed image size (only the batch may be dynamic)")
+    check_mixer(proto, path)
     return proto
+
+
+def check_mixer(proto, path) -> None:
+    """Refuse a graph that is not a Mixer classifier, naming what gives it away: logits that are not
+    [batch, classes], a convolution with overlapping windows (a CNN), softmax attention (a transformer)."""
+    fix = "mixer-edge compiles MLP-Mixer classifiers only: pass a Mixer's ONNX"
+    output = proto.graph.output[0].type.tensor_type
+    if output.HasField("shape") and len(output.shape.dim) != 2:
+        raise MixerEdgeError(f"ONNX file {path} returns a {len(output.shape.dim)}-D tensor, not [batch, classes] "
+                             f"logits: {fix}")
+    weight_dims = {i.name: list(i.dims) for i in proto.graph.initializer}
+    matmul_inputs = {name for n in proto.graph.node if n.op_type == "MatMul" for name in n.input}
+    for i, node in enumerate(proto.graph.node):
+        where = f"{node.op_type} '{node.name}'" if node.name else f"{node.op_type} node #{i}"
+        if node.op_type == "Conv":
+            attrs = {a.name: list(a.ints) for a in node.attribute}
+            kernel = attrs.get("kernel_shape") or weight_dims.get(node.input[1], [])[2:]
+            strides = attrs.get("strides") or [1] * len(kernel)
+            if any(k > 1 for k in kernel) and kernel != strides:
+                raise MixerEdgeError(f"ONNX file {path} is not an MLP-Mixer: {where} slides a "
+                                     f"{'x'.join(map(str, kernel))} kernel with stride {'x'.join(map(str, strides))} "
+                                     f"(a convolutional network; a Mixer's only convolution cuts whole patches): {fix}")
+        if node.op_type == "Softmax" and node.output[0] in matmul_inputs:
+            raise MixerEdgeError(f"ONNX file {path} is not an MLP-Mixer: {where} feeds a MatMul "
+                                 f"(self-attention, a transformer): {fix}")
 
 
 def input_spec(proto) -> InputSpec:

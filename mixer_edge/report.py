@@ -121,11 +121,12 @@ def make_report(source, presets: list, out: str | Path, variants: list[Variant] 
     `out` (atomically, with the artifacts under artifacts/) and return report.json's content."""
     from . import runtime
     from .artifact import reference_logits, versions
-    from .atomic import atomic_dir
+    from .atomic import atomic_dir, check_destination
     from .bench import use_threads
     from .compiler import Tuning, compile_model, tune
     from .data import load_inputs
 
+    check_destination(out, "report.json")
     threads = threads or runtime.physical_cores()
     use_threads(threads)
     tuning = tuning or Tuning()
@@ -155,7 +156,7 @@ def make_report(source, presets: list, out: str | Path, variants: list[Variant] 
     reference = reference_logits(source.torch_model, source.onnx_model, x)
     quantized = _quantize(source, {v for _, v in plan if v.precision == "int8"}, calib_data, calib_samples,
                           eval_data, max_accuracy_drop, progress)
-    with atomic_dir(out) as stage:
+    with atomic_dir(out, mark="report.json") as stage:
         rows = []
         for preset, variant in plan:
             quant, calibrate_s = quantized.get(variant, (None, None))

@@ -1,28 +1,32 @@
 """The device-side loader: verify an artifact, load it with the TVM runtime, and predict.
 
 Needs only `tvm` (runtime) and numpy: copy this package (or just this file, errors.py and
-data.py) to the board. Before anything is loaded, the manifest's format version, the sha256 of
-every file and the device's CPU/GPU are checked, so a tampered artifact or one built for another
-board is refused with one clear line instead of a crash or an illegal instruction.
+data.py) to the board. Before anything is loaded, the manifest's format version and its own
+digest (any edit shows), the sha256 of every file and the device's CPU/GPU are checked, so a
+tampered artifact or one built for another board is refused with one clear line instead of a
+crash or an illegal instruction. Nothing in an artifact is unpickled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
 import os
 import platform
+import shutil
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from .data import Preprocess, in_batches
-from .errors import MixerEdgeError
+from .errors import MixerEdgeError, reason
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries its own digest (manifest_sha256)
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 PARAMS = "params.npz"
@@ -83,8 +87,20 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def manifest_digest(manifest: dict) -> str:
+    """The sha256 of a manifest's content (canonical JSON), its own `manifest_sha256` left out."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return sha256_text(json.dumps(body, sort_keys=True, separators=(",", ":")))
+
+
+# What the loader reads from a manifest: (dotted key, type). A manifest whose digest checks out
+# always has them; one forged with a recomputed digest is still refused in one line, not a KeyError.
+REQUIRED_FIELDS = [("input.shape", list), ("output.shape", list), ("preprocess", dict), ("labels", list),
+                   ("params", list), ("target.device.kind", str)]
+
+
 def read_manifest(path: str | Path) -> dict:
-    """The manifest of artifact directory `path`, after checking its format version and file hashes."""
+    """The manifest of artifact directory `path`, after checking its format version, digest and file hashes."""
     root = Path(path)
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
@@ -97,12 +113,23 @@ def read_manifest(path: str | Path) -> dict:
     if version != FORMAT_VERSION:
         raise MixerEdgeError(f"{root} has artifact format version {version!r}; this runtime reads version "
                              f"{FORMAT_VERSION}: rebuild it with this mixer-edge")
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise MixerEdgeError(f"{manifest_path} was edited after the build (its manifest_sha256 does not match its "
+                             "content): copy the artifact again or rebuild it")
+    for key, kind in REQUIRED_FIELDS:
+        value = manifest
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, kind):
+            raise MixerEdgeError(f"{manifest_path} lacks {key} ({kind.__name__}): rebuild the artifact")
     files = manifest.get("files")
     if not isinstance(files, dict) or not ({LIBRARY, PROGRAM} & set(files)) or PARAMS not in files:
         raise MixerEdgeError(f"{manifest_path} lists no files to verify: rebuild the artifact")
     for name, expected in files.items():
         file = root / name
-        if Path(name).name != name or not file.is_file():
+        if Path(name).name != name:
+            raise MixerEdgeError(f"{manifest_path} lists {name}, which is not a file inside the artifact: rebuild it")
+        if not file.is_file():
             raise MixerEdgeError(f"{root} is missing {name}: copy the whole artifact directory")
         if sha256(file) != expected:
             raise MixerEdgeError(f"{file} does not match its sha256 in the manifest (modified or corrupt): "
@@ -131,7 +158,7 @@ def check_device(manifest: dict, root: Path) -> None:
         return  # chosen (or refused) first thing when the program is created, before anything is uploaded
     here = platform.machine()
     built_for = library_arch(root / LIBRARY)
-    if built_for != req["arch"]:
+    if built_for != req.get("arch"):
         raise MixerEdgeError(f"{root / LIBRARY} is built for {built_for} but the manifest says {req['arch']}: "
                              "the artifact was edited; rebuild it")
     if req["arch"] != here:
@@ -174,9 +201,8 @@ def _load_cuda_runtime(preset: str) -> None:
         _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(package="tvm", target_name="tvm_runtime_cuda",
                                                            extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL")
     except (OSError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise MixerEdgeError(f"artifact target {preset} needs an NVIDIA GPU and its CUDA driver, but TVM's CUDA "
-                             f"runtime could not be loaded here ({reason})") from exc
+                             f"runtime could not be loaded here ({reason(exc, last=True)})") from exc
 
 
 class Model:
@@ -188,8 +214,7 @@ class Model:
         self.labels = manifest["labels"]
         self.input_shape = tuple(manifest["input"]["shape"])
         self.output_shape = tuple(manifest["output"]["shape"])
-        with np.load(root / PARAMS, allow_pickle=False) as npz:
-            weights = [npz[name] for name in manifest["params"]]
+        weights = read_params(root, manifest)
         if manifest["target"]["device"].get("backend") == "wgpu":
             from .vulkan import WgpuProgram
 
@@ -232,6 +257,16 @@ class Model:
         return self(x).argmax(axis=1)
 
 
+def read_params(root: Path, manifest: dict) -> list[np.ndarray]:
+    """The weights in params.npz, in the order the manifest lists them; never unpickles anything."""
+    try:
+        with np.load(root / PARAMS, allow_pickle=False) as npz:
+            return [npz[name] for name in manifest["params"]]
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
+        raise MixerEdgeError(f"{root / PARAMS} does not hold the plain arrays the manifest lists ({reason(exc)}): "
+                             "rebuild the artifact") from exc
+
+
 def _serve_cuda_kernels(fat_binary: Path, source_sha256: str, mismatch: list) -> None:
     """Answer TVM's request to compile the library's CUDA source with the fat binary built for it."""
     import tvm
@@ -249,24 +284,31 @@ def _serve_cuda_kernels(fat_binary: Path, source_sha256: str, mismatch: list) ->
 
 def load(path: str | Path) -> Model:
     """Verify and load an artifact directory or .tar (see the module docstring)."""
-    root = artifact_dir(path)
-    manifest = read_manifest(root)
-    check_device(manifest, root)
-    return Model(root, manifest)
+    with artifact_dir(path) as root:  # Model reads every file it needs while it is built
+        manifest = read_manifest(root)
+        check_device(manifest, root)
+        return Model(root, manifest)
 
 
-def artifact_dir(path: str | Path) -> Path:
-    """The directory of an artifact: `path` itself, or a .tar unpacked into a temporary directory."""
+@contextlib.contextmanager
+def artifact_dir(path: str | Path):
+    """The directory of an artifact: `path` itself, or a .tar unpacked into a temporary directory that is
+    deleted when the block ends."""
     root = Path(path)
     if not root.exists():
         raise MixerEdgeError(f"artifact {root} does not exist: pass the directory or .tar that `compile` wrote")
-    return _extract(root) if root.is_file() and tarfile.is_tarfile(root) else root
-
-
-def _extract(tar_path: Path) -> Path:
-    """Unpack a .tar artifact into a private temporary directory (regular files only)."""
+    if not (root.is_file() and root.suffix == ".tar"):
+        yield root
+        return
     dest = Path(tempfile.mkdtemp(prefix="mixer-edge-"))
-    with tarfile.open(tar_path) as tar:
-        tar.extractall(dest, filter="data")
-    inner = [p for p in dest.iterdir() if p.is_dir()]
-    return inner[0] if len(inner) == 1 and not (dest / MANIFEST).exists() else dest
+    try:
+        try:
+            with tarfile.open(root) as tar:
+                tar.extractall(dest, filter="data")  # regular files and directories inside dest only
+        except (tarfile.TarError, OSError) as exc:
+            raise MixerEdgeError(f"artifact {root} could not be unpacked ({reason(exc)}): copy the .tar that `compile` "
+                                 "wrote again") from exc
+        inner = [p for p in dest.iterdir() if p.is_dir()]
+        yield inner[0] if len(inner) == 1 and not (dest / MANIFEST).exists() else dest
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)

@@ -87,7 +87,10 @@ def board():
 def run_cli(capsys):
     """run_cli(*args) -> (exit code, stdout, stderr) of the mixer-edge command, in process."""
     def run(*args: str):
-        code = cli.main([str(a) for a in args])
+        try:
+            code = cli.main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's refusals
+            code = exc.code
         out, err = capsys.readouterr()
         return code, out, err
 
@@ -95,11 +98,10 @@ def run_cli(capsys):
 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
-    """A user mistake: exit code 2, one line on stderr naming the problem, no traceback."""
-    lines = [line for line in err.splitlines() if line.startswith("mixer-edge: error:")]
+    """A user mistake: exit code 2 and, after the progress lines, one line on stderr naming the problem."""
+    lines = [line for line in err.splitlines() if not line.startswith("[mixer-edge] ")]
     assert code == 2, err
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("mixer-edge: error: "), err
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
 

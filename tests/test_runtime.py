@@ -1,6 +1,5 @@
 """The device-side loader: needs no torch/onnx, and refuses tampered or foreign artifacts before loading them."""
 
-import json
 import subprocess
 import sys
 import textwrap
@@ -34,67 +33,6 @@ def test_runtime_needs_neither_torch_nor_onnx(build_artifact, digits_test, torch
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert np.abs(np.load(tmp_path / "out.npy") - torch_logits[:16]).max() < 1e-4
-
-
-def edit_manifest(root, change):
-    manifest = json.loads((root / "manifest.json").read_text())
-    change(manifest)
-    (root / "manifest.json").write_text(json.dumps(manifest))
-
-
-def test_tampered_params_are_refused(copy_artifact):
-    root = copy_artifact("host")
-    with np.load(root / "params.npz") as npz:
-        params = {k: npz[k] for k in npz.files}
-    first = next(iter(params))
-    params[first] = params[first] + 1e-3
-    np.savez(root / "params.npz", **params)
-    with pytest.raises(MixerEdgeError, match="params.npz does not match its sha256"):
-        runtime.load(root)
-
-
-def test_swapped_library_is_refused(copy_artifact):
-    root = copy_artifact("host")
-    (root / "model.so").write_bytes((copy_artifact("rpi5") / "model.so").read_bytes())
-    with pytest.raises(MixerEdgeError, match="model.so does not match its sha256"):
-        runtime.load(root)
-
-
-def test_manifest_edited_to_hide_the_library_arch(copy_artifact):
-    root = copy_artifact("rpi5")
-    edit_manifest(root, lambda m: m["target"]["device"].update(arch="x86_64", cpu_features=[]))
-    with pytest.raises(MixerEdgeError, match="built for aarch64 but the manifest says x86_64"):
-        runtime.load(root)
-
-
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m.update(format_version=99), "format version 99"),
-    (lambda m: m.pop("files"), "lists no files"),
-    (lambda m: m["files"].update({"../etc/passwd": "0" * 64}), "missing ../etc/passwd"),
-])
-def test_bad_manifests_are_refused(copy_artifact, change, message):
-    root = copy_artifact("host")
-    edit_manifest(root, change)
-    with pytest.raises(MixerEdgeError, match=message):
-        runtime.load(root)
-
-
-def test_missing_and_corrupt_artifacts(copy_artifact, tmp_path):
-    with pytest.raises(MixerEdgeError, match="does not exist"):
-        runtime.load(tmp_path / "nothing")
-    with pytest.raises(MixerEdgeError, match="not a mixer-edge artifact"):
-        runtime.load(tmp_path)
-    root = copy_artifact("host")
-    (root / "manifest.json").write_text("{not json")
-    with pytest.raises(MixerEdgeError, match="not valid JSON"):
-        runtime.load(root)
-
-
-def test_arm_artifact_is_refused_on_x86_before_loading(build_artifact):
-    if runtime.platform.machine() != "x86_64":
-        pytest.skip("needs an x86_64 device: this check is an x86_64 machine refusing an aarch64 artifact")
-    with pytest.raises(MixerEdgeError, match="built for aarch64 \\(target rpi5\\) but this machine is x86_64"):
-        runtime.load(build_artifact("rpi5"))
 
 
 def test_cuda_artifact_without_a_gpu_fails_clearly(build_artifact):

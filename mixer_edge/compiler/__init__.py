@@ -21,9 +21,10 @@ def compile_model(source, target: str | TargetPreset, out, batch: int = 1, preci
     int8 builds compile `quantized` (a quant.Quantization) or calibrate with `calibration` (a
     quant.Calibration; default recipe and data) first.
     """
-    from ..artifact import write_artifact
+    from ..artifact import check_output, write_artifact
     from ..quant import quantize_for_build
 
+    check_output(out)
     preset = _preset(target)
     precision = preset.resolve_precision(precision)
     progress(f"compiling {source.name} for {preset.name} ({preset.kind}, {precision}, batch {batch})")

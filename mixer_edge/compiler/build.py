@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import runtime
-from ..errors import MixerEdgeError
+from ..errors import MixerEdgeError, reason
 from . import tuning as tuning_lib
 from . import webgpu
 from .targets import TargetPreset
@@ -68,7 +68,8 @@ def check_toolchain(preset: TargetPreset) -> None:
                              "install it (Debian: apt-get install g++-aarch64-linux-gnu)")
     if preset.kind == "cuda":
         if shutil.which("nvcc") is None:
-            raise MixerEdgeError(f"target {preset.name} needs nvcc (the CUDA toolkit) on PATH to compile its kernels")
+            raise MixerEdgeError(f"target {preset.name} needs nvcc (the CUDA toolkit) on PATH to compile its kernels: "
+                                 "install the CUDA toolkit and put its bin/ on PATH")
         supported = subprocess.run(["nvcc", "--list-gpu-code"], capture_output=True, text=True).stdout.split()
         for arch in preset.cuda_archs:
             if arch not in supported:
@@ -91,8 +92,7 @@ def import_onnx(proto, batch: int):
     try:
         mod = from_onnx(proto, shape_dict={spec.name: [batch, *spec.shape[1:]]}, keep_params_in_input=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MixerEdgeError(f"TVM's ONNX importer rejected the model ({first}): simplify it with onnxsim or "
+        raise MixerEdgeError(f"TVM's ONNX importer rejected the model ({reason(exc)}): simplify it with onnxsim or "
                              "replace the unsupported operator") from exc
     mod, params = relax.frontend.detach_params(mod)
     return mod, weights_by_name(mod, (p.numpy() for p in params.get("main", [])))
@@ -135,7 +135,7 @@ def compile_fat_binary(source: str, preset: TargetPreset) -> bytes:
         with preset.tvm_target():  # TVM's nvcc wrapper reads the current target
             return bytes(nvcc.compile_cuda(source, target_format="fatbin", arch=gencode, compiler="nvcc"))
     except Exception as exc:
-        raise MixerEdgeError(f"nvcc failed for {preset.name} ({str(exc).strip().splitlines()[-1]})") from exc
+        raise MixerEdgeError(f"nvcc failed for {preset.name} ({reason(exc, last=True)})") from exc
 
 
 def mixed_precision(mod):
@@ -225,8 +225,8 @@ def build(proto, preset: TargetPreset, batch: int = 1, precision: str | None = N
         try:
             executable = tvm.compile(mod, target)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise MixerEdgeError(f"TVM could not compile the model for {preset.name} ({first})") from exc
+            raise MixerEdgeError(f"TVM could not compile the model for {preset.name} ({reason(exc, last=True)}): "
+                                 "report it with the model and target") from exc
     fat_binary = None
     if preset.kind == "cuda":
         source = module_source(executable, "cuda")

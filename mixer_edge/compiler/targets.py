@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import MixerEdgeError
+from ..errors import MixerEdgeError, reason
 from ..resources import data_dir
 from ..runtime import machine_cpu_features
 
@@ -103,9 +103,13 @@ class TargetPreset:
 def _preset_from_dict(name: str, data: dict, source: str) -> TargetPreset:
     if not isinstance(data.get("target"), dict):
         raise MixerEdgeError(f"{source}: missing [target] table: give a TVM target dict, e.g. kind = \"llvm\"")
-    kind = data.get("kind") or {"llvm": "cpu", "cuda": "cuda", "vulkan": "vulkan"}.get(data["target"].get("kind"))
+    tvm_kinds = {"llvm": "cpu", "cuda": "cuda", "vulkan": "vulkan"}
+    if "kind" not in data and data["target"].get("kind") not in tvm_kinds:
+        raise MixerEdgeError(f"{source}: TVM target kind '{data['target'].get('kind')}' is not one mixer-edge builds "
+                             f"for: use {', '.join(tvm_kinds)}")
+    kind = data.get("kind") or tvm_kinds[data["target"]["kind"]]
     if kind not in KINDS:
-        raise MixerEdgeError(f"{source}: kind '{kind}' is not one of {', '.join(KINDS)}")
+        raise MixerEdgeError(f"{source}: kind '{kind}' is not one of {', '.join(KINDS)}: fix the preset's kind")
     build, device = data.get("build", {}), data.get("device", {})
     preset = TargetPreset(
         name=name, kind=kind, target=data["target"], description=data.get("description", ""),
@@ -133,12 +137,12 @@ def validate(preset: TargetPreset) -> None:
     try:
         tvm.target.Target(preset.target)
     except Exception as exc:
-        raise MixerEdgeError(f"{src}: [target] is not a valid TVM target ({str(exc).splitlines()[0]})") from exc
+        raise MixerEdgeError(f"{src}: [target] is not a valid TVM target ({reason(exc)})") from exc
     if preset.webgpu_target is not None:
         try:
             tvm.target.Target({**preset.webgpu_target, "host": {"kind": "llvm"}})
         except Exception as exc:
-            raise MixerEdgeError(f"{src}: [build.webgpu] is not a valid TVM target ({str(exc).splitlines()[0]})") from exc
+            raise MixerEdgeError(f"{src}: [build.webgpu] is not a valid TVM target ({reason(exc)})") from exc
     llvm = preset.cpu_target
     triple = llvm.get("mtriple", codegen.llvm_get_system_triple())
     if "mcpu" in llvm and not codegen.llvm_is_valid_cpu(llvm["mcpu"], triple):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import atomic_dir, atomic_file
-from ..errors import MixerEdgeError
+from ..errors import MixerEdgeError, reason
 from .targets import TargetPreset
 
 WORKLOADS, RECORDS, KEY = "database_workload.json", "database_tuning_record.json", "key.json"
@@ -243,7 +243,7 @@ def merge(sources: list[Path], out: Path, best_only: bool = False) -> dict:
         for wid, record in _json_lines(src / RECORDS):
             if record not in records.setdefault(index[wid], []):
                 records[index[wid]].append(record)
-    with atomic_dir(out) as stage:
+    with atomic_dir(out, mark=KEY) as stage:
         (stage / KEY).write_text(json.dumps(read_key(Path(sources[0])), indent=1) + "\n")
         (stage / WORKLOADS).write_text("".join(w + "\n" for w in workloads))
         lines = []
@@ -314,7 +314,7 @@ def _runner(preset: TargetPreset, rpc: RpcBoard | None):
             servers = config.count_num_servers(allow_missing=False)
         except Exception as exc:
             raise MixerEdgeError(f"RPC tracker {rpc.host}:{rpc.port} has no board under key '{rpc.key}' "
-                                 f"({str(exc).strip().splitlines()[-1]}): start the board's server with "
+                                 f"({reason(exc, last=True)}): start the board's server with "
                                  "`python -m mixer_edge.rpc_server` (or `mixer-edge emulator serve`)") from exc
         return ms.runner.RPCRunner(config, ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50),
                                    max_workers=servers)
