@@ -87,7 +87,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except MixerEdgeError:
         raise
     except Exception as exc:  # corrupt or truncated file: say which file, not where it broke
-        raise MixerEdgeError(f"checkpoint {path} could not be read ({type(exc).__name__}: {reason(exc)}): check that it is a whole, unmodified copy") from exc
+        raise MixerEdgeError(f"checkpoint {path} could not be read ({type(exc).__name__}: {reason(exc)}): check "
+                             "that it is a whole, unmodified copy") from exc
     raise MixerEdgeError(f"checkpoint {path} has an unknown suffix '{suffix}': use .pth, .safetensors or .npz")
 
 
@@ -105,7 +106,8 @@ def read_metadata(path: str | Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as exc:
-        raise MixerEdgeError(f"checkpoint {path} could not be read ({type(exc).__name__}: {reason(exc)}): check that it is a whole, unmodified copy") from exc
+        raise MixerEdgeError(f"checkpoint {path} could not be read ({type(exc).__name__}: {reason(exc)}): check "
+                             "that it is a whole, unmodified copy") from exc
     return {k: _json_or_text(v) for k, v in meta.items()}
 
 
@@ -121,7 +123,8 @@ def load_into(model: MlpMixer, state_dict: dict[str, torch.Tensor], source: str 
     expected = model.state_dict()
     for key, tensor in expected.items():
         if key not in state_dict:
-            raise MixerEdgeError(f"{source} does not fit this model: key '{key}' {tuple(tensor.shape)} is missing: choose the preset it was trained as (--model)")
+            raise MixerEdgeError(f"{source} does not fit this model: key '{key}' {tuple(tensor.shape)} is missing: "
+                                 "choose the preset it was trained as (--model)")
         got = tuple(state_dict[key].shape)
         if got != tuple(tensor.shape):
             raise MixerEdgeError(
@@ -130,7 +133,8 @@ def load_into(model: MlpMixer, state_dict: dict[str, torch.Tensor], source: str 
             )
     extra = sorted(set(state_dict) - set(expected))
     if extra:
-        raise MixerEdgeError(f"{source} does not fit this model: unexpected key '{extra[0]}' ({len(extra)} in all): choose the preset it was trained as (--model)")
+        raise MixerEdgeError(f"{source} does not fit this model: unexpected key '{extra[0]}' ({len(extra)} in all): "
+                             "choose the preset it was trained as (--model)")
     model.load_state_dict({k: v.float() for k, v in state_dict.items()})
     return model.eval()
 

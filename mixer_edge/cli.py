@@ -408,7 +408,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="mixer-edge", description="Compile MLP-Mixer classifiers with Apache TVM "
-                                     "for edge boards and GPUs, and run the artifacts.")
+                    "for edge boards and GPUs, and run the artifacts.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("targets", help="list the target presets and whether this machine can build them")
@@ -456,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (each runs every candidate 5 times)")
     p.add_argument("--threads", type=int, help="CPU threads for every candidate (default: the physical cores)")
     p.add_argument("--no-torch-compile", action="store_true", help="leave out the torch.compile baseline")
-    p.add_argument("-o", "--output", default="report", help="report directory (default report/); an earlier report there is replaced whole")
+    p.add_argument("-o", "--output", default="report", help="report directory (default report/); an earlier "
+                   "report there is replaced whole")
     g = p.add_argument_group("int8 calibration data (recipes come from --variants)")
     g.add_argument("--calib-data", help="calibration inputs: image folder, .npy/.npz, digits-train (default for the "
                    "demo model)")

@@ -546,7 +546,7 @@ def artifact_tar_escaping_its_directory(tmp, corpus):
 @case("built for aarch64 (target rpi5) but this machine is x86_64", "run it on the device")
 def artifact_for_another_board(tmp, corpus):
     if runtime.platform.machine() != "x86_64":
-        pytest.skip("an x86_64 machine refusing an aarch64 artifact")
+        pytest.skip("needs an x86_64 device: the case is an x86_64 machine refusing an aarch64 artifact")
     return ["run", corpus.artifact(tmp, "rpi5")]
 
 

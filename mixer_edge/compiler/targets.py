@@ -137,12 +137,13 @@ def validate(preset: TargetPreset) -> None:
     try:
         tvm.target.Target(preset.target)
     except Exception as exc:
-        raise MixerEdgeError(f"{src}: [target] is not a valid TVM target ({reason(exc)})") from exc
+        raise MixerEdgeError(f"{src}: [target] is not a valid TVM target ({reason(exc)}): fix the table") from exc
     if preset.webgpu_target is not None:
         try:
             tvm.target.Target({**preset.webgpu_target, "host": {"kind": "llvm"}})
         except Exception as exc:
-            raise MixerEdgeError(f"{src}: [build.webgpu] is not a valid TVM target ({reason(exc)})") from exc
+            raise MixerEdgeError(f"{src}: [build.webgpu] is not a valid TVM target ({reason(exc)}): "
+                                 "fix the table") from exc
     llvm = preset.cpu_target
     triple = llvm.get("mtriple", codegen.llvm_get_system_triple())
     if "mcpu" in llvm and not codegen.llvm_is_valid_cpu(llvm["mcpu"], triple):
