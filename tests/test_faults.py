@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from mixer_edge import runtime
 from mixer_edge.atomic import atomic_dir, atomic_file
 
@@ -27,11 +29,13 @@ def kill_when(cmd: list[str], ready, log: Path, timeout: float = 300) -> None:
     """Start `cmd` (stderr to `log`), SIGKILL it and its children as soon as `ready()`; fail if it ends first."""
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-        deadline = time.time() + timeout
-        while not ready():
+        for _ in range(int(timeout / 0.01)):  # poll every 10 ms
+            if ready():
+                break
             assert proc.poll() is None, f"finished before the kill: {log.read_text()[-2000:]}"
-            assert time.time() < deadline, "never reached the point to kill it"
             time.sleep(0.01)
+        else:
+            pytest.fail(f"never reached the point to kill it: {log.read_text()[-2000:]}")
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
