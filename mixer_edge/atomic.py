@@ -3,7 +3,7 @@
 Work is staged beside the destination under a name carrying the writer's pid
 (`.NAME.PID-XXXX.tmp`) and renamed into place when complete. A writer killed with SIGKILL cannot
 clean up, so every later write to the same destination first removes the stages of writers that
-are no longer alive. A full disk is reported in one line naming the destination.
+are no longer alive. A full disk, or a place that cannot be written, is one line naming the destination.
 """
 
 from __future__ import annotations
@@ -21,16 +21,18 @@ from typing import Iterator
 from .errors import MixerEdgeError
 
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR}
 
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it over `path`, on error delete it."""
     path = _prepare(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_stage_prefix(path), suffix=".tmp")
+    with _write_errors(path, creating=True):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_stage_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
-        with _disk_errors(path):
+        with _write_errors(path):
             yield Path(tmp)
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
@@ -47,9 +49,10 @@ def atomic_dir(path: str | Path, mark: str) -> Iterator[Path]:
     an existing `path` that holds other files but not `mark` is refused, never replaced.
     """
     path = _prepare(path, mark)
-    stage = Path(tempfile.mkdtemp(dir=path.parent, prefix=_stage_prefix(path), suffix=".tmp"))
+    with _write_errors(path, creating=True):
+        stage = Path(tempfile.mkdtemp(dir=path.parent, prefix=_stage_prefix(path), suffix=".tmp"))
     try:
-        with _disk_errors(path):
+        with _write_errors(path):
             yield stage
             stage.chmod(0o755)
             if not path.exists():
@@ -70,6 +73,12 @@ def check_destination(path: str | Path, mark: str | None = None) -> Path:
     holding files but not `mark`."""
     path = Path(path)
     directory = mark is not None
+    existing = next(p for p in path.absolute().parents if p.exists())  # the nearest existing parent
+    if not existing.is_dir():
+        raise MixerEdgeError(f"{existing} is a file, so {path} cannot be written under it: choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MixerEdgeError(f"cannot write {path}: {existing} is not writable for you; choose a location you can "
+                             "write to")
     if path.exists() and path.is_dir() != directory:
         raise MixerEdgeError(f"{path} exists and is {'a file' if directory else 'a directory'}, not the "
                              f"{'directory' if directory else 'file'} this writes: choose another path or remove it")
@@ -82,10 +91,8 @@ def check_destination(path: str | Path, mark: str | None = None) -> Path:
 def _prepare(path: str | Path, mark: str | None = None) -> Path:
     """Check the destination, create its parent and sweep dead writers' stages."""
     path = check_destination(path, mark)
-    try:
+    with _write_errors(path, creating=True):
         path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MixerEdgeError(f"cannot create {path.parent} ({exc.strerror}): choose a writable location") from exc
     _sweep(path)
     return path
 
@@ -120,15 +127,19 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def _disk_errors(path: Path) -> Iterator[None]:
-    """Say in one line that the disk is full (or the file too large for it), naming the destination."""
+def _write_errors(path: Path, creating: bool = False) -> Iterator[None]:
+    """One line, naming the destination, for a full disk (or a file too large for it) and, while the
+    stage is `creating`, for a place that cannot be written."""
     try:
         yield
     except OSError as exc:
-        if exc.errno not in DISK_FULL:
-            raise
-        raise MixerEdgeError(f"writing {path} failed ({os.strerror(exc.errno)}); nothing was changed there: free "
-                             "some space on that disk or write somewhere else") from exc
+        if exc.errno in DISK_FULL:
+            raise MixerEdgeError(f"writing {path} failed ({os.strerror(exc.errno)}); nothing was changed there: "
+                                 "free some space on that disk or write somewhere else") from exc
+        if creating and exc.errno in UNWRITABLE:
+            raise MixerEdgeError(f"cannot write {path} ({os.strerror(exc.errno)}): choose a location you can "
+                                 "write to") from exc
+        raise
 
 
 _RENAME_EXCHANGE = 2

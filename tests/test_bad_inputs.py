@@ -435,6 +435,12 @@ def output_directory_holds_other_files(tmp, corpus):
     return ["compile", "-o", tmp / "out"]
 
 
+@case("notes.txt is a file, so", "cannot be written under it", "choose another path")
+def output_path_under_a_file(tmp, corpus):
+    (tmp / "notes.txt").write_text("my notes\n")
+    return ["compile", "-o", tmp / "notes.txt" / "out"]
+
+
 @case("No space left on device", "nothing was changed there", "free some space")
 def disk_full_during_artifact_write(tmp, corpus):
     out = corpus.artifact(tmp)  # an earlier build at the output path: it must survive untouched

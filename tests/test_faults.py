@@ -25,8 +25,9 @@ CLI = [sys.executable, "-m", "mixer_edge.cli"]
 DEAD_PID = 4194305  # above Linux's largest pid: never a live process
 
 
-def kill_when(cmd: list[str], ready, log: Path, timeout: float = 300) -> None:
-    """Start `cmd` (stderr to `log`), SIGKILL it and its children as soon as `ready()`; fail if it ends first."""
+def kill_when(cmd: list[str], ready, log: Path, timeout: float = 300, sig: int = signal.SIGKILL) -> int:
+    """Start `cmd` (stderr to `log`), send `sig` to it and its children as soon as `ready()` (fail if it ends
+    first); returns its exit code."""
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         for _ in range(int(timeout / 0.01)):  # poll every 10 ms
@@ -36,8 +37,8 @@ def kill_when(cmd: list[str], ready, log: Path, timeout: float = 300) -> None:
             time.sleep(0.01)
         else:
             pytest.fail(f"never reached the point to kill it: {log.read_text()[-2000:]}")
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.killpg(proc.pid, sig)
+        return proc.wait(timeout=60)
 
 
 def stages(directory: Path) -> list[Path]:
@@ -70,6 +71,19 @@ def test_an_artifact_write_killed_midway_keeps_the_old_artifact_and_the_next_run
     assert done.returncode == 0, done.stderr
     assert stages(tmp_path) == []  # the dead writer's stage was swept
     assert (out / runtime.MANIFEST).read_text() != old
+    runtime.load(out)
+
+
+def test_ctrl_c_during_an_artifact_write_keeps_the_old_artifact_and_leaves_nothing(build_artifact, tmp_path):
+    out = tmp_path / "art"
+    shutil.copytree(build_artifact("host"), out)
+    old = (out / runtime.MANIFEST).read_text()
+    log = tmp_path.parent / f"{tmp_path.name}.log"
+    code = kill_when([*CLI, "compile", "-o", str(out)], lambda: bool(stages(tmp_path)), log, sig=signal.SIGINT)
+    last = log.read_text().strip().splitlines()[-1]
+    assert code in (2, 130) and last.startswith("mixer-edge: "), log.read_text()  # interrupted, or its linker was
+    assert "Traceback" not in log.read_text()
+    assert stages(tmp_path) == [] and (out / runtime.MANIFEST).read_text() == old
     runtime.load(out)
 
 
