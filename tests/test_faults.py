@@ -29,7 +29,9 @@ def kill_when(cmd: list[str], ready, log: Path, timeout: float = 300, sig: int =
     """Start `cmd` (stderr to `log`), send `sig` to it and its children as soon as `ready()` (fail if it ends
     first); returns its exit code."""
     with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        # SIGINT as a terminal delivers it: a shell's background job (a CI runner's, say) starts with it ignored
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         for _ in range(int(timeout / 0.01)):  # poll every 10 ms
             if ready():
                 break
