@@ -66,7 +66,7 @@ def write_artifact(out: str | Path, built: Built, source: ModelSource, verify: b
     """Write the artifact directory (or `.tar`) at `out` atomically; returns its manifest.
 
     int8 builds pass their `quantization` (a quant.Quantization): table and recipe go into the manifest."""
-    out = check_output(out)
+    out = Path(out)  # atomic_dir / atomic_file refuse a destination they could not replace
     if out.suffix != ".tar":
         with atomic_dir(out, mark=runtime.MANIFEST) as stage:
             return _fill(stage, built, source, verify, quantization, progress)

@@ -15,7 +15,6 @@ import os
 import shutil
 import tarfile
 import tempfile
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +46,7 @@ class Corpus:
     def __init__(self, request, monkeypatch):
         self.request, self.monkeypatch = request, monkeypatch
 
-    @cached_property
+    @property
     def digits_onnx(self) -> Path:
         return self.request.getfixturevalue("digits_onnx")
 
