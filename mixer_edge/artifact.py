@@ -107,7 +107,8 @@ def _fill(stage: Path, built: Built, source: ModelSource, verify: bool, quantiza
     if built.cuda:
         (stage / runtime.CUDA_KERNELS).write_bytes(built.cuda.fat_binary)
         manifest["cuda"] = {"file": runtime.CUDA_KERNELS, "format": "fatbin", "source_sha256": built.cuda.source_sha256,
-                            "archs": list(built.preset.cuda_archs), "ptx": built.preset.cuda_ptx}
+                            "archs": list(built.preset.cuda_archs), "ptx": built.preset.cuda_ptx,
+                            "compiler": built.cuda.compiler}
     manifest["files"] = {p.name: runtime.sha256(p) for p in sorted(stage.iterdir())}
     _write_manifest(stage, manifest)
     if verify:

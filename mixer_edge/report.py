@@ -386,6 +386,6 @@ def write_report(root: Path, report: dict) -> None:
         if row.get("sqnr_db") == float("inf"):
             row["sqnr_db"] = None
     (root / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
-    (root / "report.md").write_text(markdown(report))
+    (root / "report.md").write_text(markdown(report), encoding="utf-8")
     plot(report, root / "report.png")
-    (root / "report.html").write_text(html_page(report, (root / "report.png").read_bytes()))
+    (root / "report.html").write_text(html_page(report, (root / "report.png").read_bytes()), encoding="utf-8")

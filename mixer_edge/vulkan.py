@@ -51,6 +51,16 @@ def _bind_group_layout(device, wgsl: str):
     return device.create_bind_group_layout(entries=entries)
 
 
+def _features(program: dict, gpu) -> list[str]:
+    """The device features the kernels need: shader-f16 for float16 builds (WGSL `enable f16;`)."""
+    if not any(re.search(r"^\s*enable f16;", wgsl, re.M) for wgsl in program["kernels"].values()):
+        return []
+    if "shader-f16" not in gpu.features:
+        raise MixerEdgeError(f"this artifact computes in float16, which the Vulkan device {gpu.info['device']} "
+                             "cannot (no shader-f16): rebuild it with --precision float32")
+    return ["shader-f16"]
+
+
 class WgpuProgram:
     def __init__(self, program: dict, weights: list[np.ndarray], input_shape: tuple):
         import wgpu
@@ -58,7 +68,7 @@ class WgpuProgram:
         gpu = adapter()
         self.adapter_info = dict(gpu.info)
         limits = gpu.limits
-        self.device = gpu.request_device_sync(required_limits={
+        self.device = gpu.request_device_sync(required_features=_features(program, gpu), required_limits={
             "max-storage-buffers-per-shader-stage": limits["max-storage-buffers-per-shader-stage"]})
         device = self.device
         storage = wgpu.BufferUsage.STORAGE

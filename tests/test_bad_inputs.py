@@ -23,10 +23,11 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from mixer_edge import runtime
+from mixer_edge import runtime, vulkan
+from mixer_edge.compiler import compile_model, cuda
 from mixer_edge.model import create_model, preset
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, quiet
 
 CASES = []
 
@@ -404,6 +405,12 @@ def toolchain_missing_nvcc(tmp, corpus):
     return ["compile", "--target", "cuda", "-o", tmp / "out"]
 
 
+@case("needs sm_72, which this nvcc cannot compile for", "pip install 'mixer-edge[xavier]'")
+def toolchain_xavier_without_nvrtc(tmp, corpus):
+    corpus.monkeypatch.setattr(cuda.Nvrtc, "find", staticmethod(lambda: None))  # the xavier extra not installed
+    return ["compile", "--target", "jetson-xavier", "-o", tmp / "out"]
+
+
 # ---- command lines and output paths -------------------------------------------------------------
 
 @case("--batch takes positive whole numbers", "not '0'")
@@ -560,6 +567,25 @@ def artifact_for_a_newer_cpu(tmp, corpus):
     root = corpus.artifact(tmp)
     corpus.monkeypatch.setattr(runtime, "machine_cpu_features", lambda: {"sse2", "avx"})  # an older x86 board
     return ["run", root]
+
+
+@case("computes in float16, which the Vulkan device", "(no shader-f16)", "rebuild it with --precision float32")
+def artifact_float16_on_a_vulkan_device_without_f16(tmp, corpus):
+    compile_model(corpus.request.getfixturevalue("digits_source"), "android-vulkan", tmp / "art", precision="float16",
+                  progress=quiet)
+
+    class WithoutF16:  # the software device, as a Vulkan GPU without 16-bit floats
+        def __init__(self, gpu):
+            self.gpu = gpu
+
+        def __getattr__(self, name):
+            return getattr(self.gpu, name)
+
+        features = property(lambda self: self.gpu.features - {"shader-f16"})
+
+    real = vulkan.adapter
+    corpus.monkeypatch.setattr(vulkan, "adapter", lambda: WithoutF16(real()))
+    return ["run", tmp / "art"]
 
 
 @case("is not a mixer-edge artifact (no manifest.json)", "pass the directory `compile` wrote")

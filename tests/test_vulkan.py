@@ -30,6 +30,19 @@ def test_vulkan_artifact_matches_torch_on_a_vulkan_device(build_artifact, digits
     assert check["status"] == "verified" and check["top1_agreement"] == 1.0
 
 
+def test_float16_vulkan_artifact_computes_in_f16_on_a_vulkan_device(digits_source, digits_test, torch_logits,
+                                                                     tmp_path):
+    manifest = compile_model(digits_source, "android-vulkan", tmp_path / "v", precision="float16", progress=quiet)
+    assert manifest["precision"] == {"compute": "float16", "accumulation": "float32", "weights": ["float16", "float32"]}
+    kernels = json.loads((tmp_path / "v" / "program.json").read_text())["kernels"]
+    matmuls = [wgsl for name, wgsl in kernels.items() if "matmul" in name]
+    assert matmuls and all(w.startswith("enable f16;") and "array<f16" in w for w in matmuls)
+    model = runtime.load(tmp_path / "v")
+    logits = model(digits_test[0])
+    assert agreement(logits, torch_logits) == 1.0
+    assert np.abs(logits - torch_logits).max() < 0.05  # fp16 products, fp32 sums: 5.4e-3 measured on lavapipe
+
+
 def test_program_dispatches_and_kernels(build_artifact):
     root = build_artifact("android-vulkan")
     program = json.loads((root / "program.json").read_text())

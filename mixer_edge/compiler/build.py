@@ -1,34 +1,24 @@
 """ONNX -> Relax -> a compiled Relax VM executable for one target preset.
 
 CPU targets use TVM's default pipeline (cross-compiled for ARM boards); CUDA targets use the
-default GPU pipeline (DLight schedules). TVM 0.27 keeps CUDA kernels as source inside the library
-and compiles them when it is loaded; we compile them here with nvcc into a fat binary for the
-preset's architectures, shipped beside the library, so the device never needs a CUDA compiler.
+default GPU pipeline (DLight schedules), and their kernels are compiled ahead of time into a fat
+binary shipped beside the library (compiler/cuda.py).
 """
 
 from __future__ import annotations
 
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .. import runtime
 from ..errors import MixerEdgeError, reason
+from . import cuda as cuda_kernels
 from . import tuning as tuning_lib
 from . import webgpu
 from .targets import TargetPreset
-
-
-@dataclass
-class CudaKernels:
-    """The model's CUDA kernels compiled ahead of time; the runtime hands them to TVM at load."""
-
-    fat_binary: bytes
-    source_sha256: str  # of the CUDA source TVM will ask to compile
 
 
 @dataclass
@@ -39,7 +29,7 @@ class Built:
     batch: int
     precision: str
     seconds: float
-    cuda: CudaKernels | None = None
+    cuda: cuda_kernels.CudaKernels | None = None
     program: dict | None = None  # the WebGPU route's kernels and launch plan (compiler/webgpu.py)
     tuning: dict | None = None  # the tuning database applied (tuning.summary), if any
     int8: dict | None = None  # int8 builds: the layers lowered to integer kernels and the instruction
@@ -67,15 +57,7 @@ def check_toolchain(preset: TargetPreset) -> None:
         raise MixerEdgeError(f"target {preset.name} needs the cross compiler {preset.cross_compiler}, not on PATH: "
                              "install it (Debian: apt-get install g++-aarch64-linux-gnu)")
     if preset.kind == "cuda":
-        if shutil.which("nvcc") is None:
-            raise MixerEdgeError(f"target {preset.name} needs nvcc (the CUDA toolkit) on PATH to compile its kernels: "
-                                 "install the CUDA toolkit and put its bin/ on PATH")
-        supported = subprocess.run(["nvcc", "--list-gpu-code"], capture_output=True, text=True).stdout.split()
-        for arch in preset.cuda_archs:
-            if arch not in supported:
-                raise MixerEdgeError(f"target {preset.name} needs {arch}, which this nvcc cannot compile for "
-                                     f"(it supports {supported[0]}..{supported[-1]}): put a CUDA toolkit that "
-                                     "supports it first on PATH (Xavier's sm_72 needs CUDA 12 or older)")
+        cuda_kernels.check_compilers(preset)
 
 
 def import_onnx(proto, batch: int):
@@ -119,23 +101,6 @@ def module_source(executable, kind: str, fmt: str = "") -> str:
             return str(module.inspect_source(fmt))
         pending.extend(module.imports)
     raise MixerEdgeError(f"the build produced no {kind} code")
-
-
-def compile_fat_binary(source: str, preset: TargetPreset) -> bytes:
-    """nvcc the kernels into one fat binary: SASS for each of the preset's archs (+ PTX if asked)."""
-    from tvm.support import nvcc
-
-    gencode = []
-    for arch in preset.cuda_archs:
-        gencode += ["-gencode", f"arch=compute_{arch[3:]},code={arch}"]
-    if preset.cuda_ptx:  # PTX of the newest arch lets later GPUs JIT the kernels
-        newest = preset.cuda_archs[-1][3:]
-        gencode += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
-    try:
-        with preset.tvm_target():  # TVM's nvcc wrapper reads the current target
-            return bytes(nvcc.compile_cuda(source, target_format="fatbin", arch=gencode, compiler="nvcc"))
-    except Exception as exc:
-        raise MixerEdgeError(f"nvcc failed for {preset.name} ({reason(exc, last=True)})") from exc
 
 
 def mixed_precision(mod):
@@ -227,9 +192,6 @@ def build(proto, preset: TargetPreset, batch: int = 1, precision: str | None = N
         except Exception as exc:
             raise MixerEdgeError(f"TVM could not compile the model for {preset.name} ({reason(exc, last=True)}): "
                                  "report it with the model and target") from exc
-    fat_binary = None
-    if preset.kind == "cuda":
-        source = module_source(executable, "cuda")
-        fat_binary = CudaKernels(compile_fat_binary(source, preset), runtime.sha256_text(source))
-    return Built(executable, params, preset, batch, precision, time.perf_counter() - start, fat_binary,
+    kernels = cuda_kernels.compile_kernels(module_source(executable, "cuda"), preset) if preset.kind == "cuda" else None
+    return Built(executable, params, preset, batch, precision, time.perf_counter() - start, kernels,
                  tuning=record, int8=lowered)

@@ -173,8 +173,8 @@ def list_presets() -> dict[str, TargetPreset]:
 
 def load_preset_file(path: Path) -> TargetPreset:
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise MixerEdgeError(f"target preset {path} could not be read ({exc}): fix the TOML") from exc
     return _preset_from_dict(path.stem, data, str(path))
 

@@ -57,8 +57,8 @@ def resolve_recipe(spec: str | None) -> Recipe:
 
 def load_recipe_file(path: Path) -> Recipe:
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise MixerEdgeError(f"calibration recipe {path} could not be read ({exc}): fix the TOML") from exc
     known = set(Recipe.__dataclass_fields__) - {"name", "source"}
     if set(data) - known:
