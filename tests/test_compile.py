@@ -120,6 +120,14 @@ def test_precision_and_batch_are_recorded(digits_source, tmp_path):
     assert resolve_target("h100").precision == "float16" and resolve_target("jetson-orin").precision == "float32"
 
 
+def test_nvrtc_route_adds_ptx_when_the_preset_asks(digits_source, tmp_path):
+    text = Path(resolve_target("jetson-xavier").source).read_text().replace("[build]\n", "[build]\ncuda_ptx = true\n")
+    (tmp_path / "xavier-ptx.toml").write_text(text)
+    compile_model(digits_source, str(tmp_path / "xavier-ptx.toml"), tmp_path / "x", progress=quiet)
+    listing = cuobjdump("--list-elf", "--list-ptx", str(tmp_path / "x" / "kernels.fatbin"))
+    assert "sm_72.cubin" in listing and "sm_72.ptx" in listing
+
+
 def test_float16_is_refused_where_the_target_lacks_it(digits_source, tmp_path):
     with pytest.raises(MixerEdgeError, match="target rpi5 builds float32 or int8, not float16"):
         compile_model(digits_source, "rpi5", tmp_path / "x", precision="float16", progress=quiet)
