@@ -8,7 +8,7 @@ the result is recorded in the manifest under `verification`.
 from __future__ import annotations
 
 import datetime
-import json
+import math
 import platform
 import tarfile
 import tempfile
@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, runtime
-from .atomic import atomic_dir, atomic_file, check_destination
+from .atomic import ARTIFACT, atomic_dir, atomic_file, check_destination
 from .compiler.build import Built
 from .compiler.webgpu import dispatch_count
 from .data import in_batches
 from .errors import MixerEdgeError, reason
 from .export import ModelSource, input_spec, run_onnxruntime
+from .formats import json_text, parse
 
 
 def versions() -> dict:
@@ -68,7 +69,7 @@ def write_artifact(out: str | Path, built: Built, source: ModelSource, verify: b
     int8 builds pass their `quantization` (a quant.Quantization): table and recipe go into the manifest."""
     out = Path(out)  # atomic_dir / atomic_file refuse a destination they could not replace
     if out.suffix != ".tar":
-        with atomic_dir(out, mark=runtime.MANIFEST) as stage:
+        with atomic_dir(out, ARTIFACT) as stage:
             return _fill(stage, built, source, verify, quantization, progress)
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp) / out.stem
@@ -79,10 +80,11 @@ def write_artifact(out: str | Path, built: Built, source: ModelSource, verify: b
     return manifest
 
 
-def check_output(out: str | Path) -> Path:
-    """Refuse, before the build, an `out` the artifact could not replace (see atomic.check_destination)."""
+def check_output(out: str | Path, inputs=()) -> Path:
+    """Refuse, before the build, an `out` the artifact may not replace: one of the command's `inputs`, or what
+    atomic.check_destination refuses (a .tar is a file, anything else an ARTIFACT directory)."""
     out = Path(out)
-    return check_destination(out, None if out.suffix == ".tar" else runtime.MANIFEST)
+    return check_destination(out, None if out.suffix == ".tar" else ARTIFACT, inputs)
 
 
 def _fill(stage: Path, built: Built, source: ModelSource, verify: bool, quantization, progress) -> dict:
@@ -94,7 +96,7 @@ def _fill(stage: Path, built: Built, source: ModelSource, verify: bool, quantiza
                               "kernels": len(built.program["kernels"])}
         progress(f"writing {runtime.PROGRAM}: {manifest['vulkan']['dispatches']} dispatches of "
                  f"{manifest['vulkan']['kernels']} WGSL kernels")
-        (stage / runtime.PROGRAM).write_text(json.dumps(built.program))
+        (stage / runtime.PROGRAM).write_text(_json_text(built.program, runtime.PROGRAM, indent=None))
     else:
         cross = f" with {built.preset.cross_compiler}" if built.preset.cross_compiler else ""
         progress(f"writing {runtime.LIBRARY}{cross}")
@@ -118,9 +120,37 @@ def _fill(stage: Path, built: Built, source: ModelSource, verify: bool, quantiza
 
 
 def _write_manifest(root: Path, manifest: dict) -> None:
-    """Write the manifest sealed with its own digest: the runtime refuses it after any edit."""
+    """Write the manifest sealed with its own digest: the runtime refuses it after any edit.
+
+    It is checked against the schema the runtime reads it with (runtime.Manifest) first, so an artifact
+    is never written that its own runtime would refuse, and never with NaN or Infinity (not JSON)."""
     manifest["manifest_sha256"] = runtime.manifest_digest(manifest)
-    (root / runtime.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    text = _json_text(manifest, runtime.MANIFEST, indent=2)
+    parse(runtime.Manifest, manifest, f"the {runtime.MANIFEST} being written",
+          "report this: mixer-edge wrote a manifest its runtime would refuse")
+    (root / runtime.MANIFEST).write_text(text)
+
+
+def _json_text(data, name: str, indent: int | None) -> str:
+    """`data` as JSON text (formats.json_text); a non-finite number, which JSON cannot hold, is refused naming
+    where it is."""
+    try:
+        return json_text(data, indent)
+    except ValueError:
+        raise MixerEdgeError(f"{name} would hold NaN or Infinity at {_non_finite(data) or '?'}, which JSON cannot "
+                             "represent: the model or its build produced non-finite numbers") from None
+
+
+def _non_finite(data, path: str = "") -> str | None:
+    """The dotted path of the first non-finite float inside `data`, or None."""
+    if isinstance(data, float):
+        return None if math.isfinite(data) else path or "the top level"
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
+    for key, value in items:
+        found = _non_finite(value, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
 
 
 def verify_artifact(root: Path, source: ModelSource, qdq=None, progress=print) -> dict:
@@ -145,13 +175,19 @@ def verify_artifact(root: Path, source: ModelSource, qdq=None, progress=print) -
         data = "2 random inputs"  # untuned CPU builds of paper-size models take seconds per image
     reference = reference_logits(source.torch_model, source.onnx_model, x)
     got = model(x)
+    reference_name = "torch" if source.torch_model else "onnxruntime"
+    _require_finite(reference, f"the reference ({reference_name})", data,
+                    "its weights are not finite or it overflows on these inputs; check the checkpoint or ONNX file")
+    _require_finite(got, f"the artifact built for {model.record.target.preset}", data,
+                    "the compiled model overflows (float16?) or is miscompiled; rebuild with --precision float32, "
+                    "or report this model")
     report = {
         "status": "verified",
         "data": data,
         "samples": len(x),
         "top1_agreement": float((got.argmax(1) == reference.argmax(1)).mean()),
         "max_abs_logit_diff": float(np.abs(got - reference).max()),
-        "reference": "torch" if source.torch_model else "onnxruntime",
+        "reference": reference_name,
     }
     if y is not None:
         report["accuracy"] = float((got.argmax(1) == y).mean())
@@ -160,12 +196,25 @@ def verify_artifact(root: Path, source: ModelSource, qdq=None, progress=print) -
              f"max |logit diff| {report['max_abs_logit_diff']:.2e}")
     if qdq is not None:
         ort = reference_logits(None, qdq, x)
+        _require_finite(ort, "onnxruntime on the QDQ model", data, "its quantization is broken; calibrate again "
+                        "(mixer-edge calibrate) or report this model")
         report["onnxruntime_qdq"] = {"top1_agreement": float((got.argmax(1) == ort.argmax(1)).mean()),
                                      "max_abs_logit_diff": float(np.abs(got - ort).max())}
         progress(f"against onnxruntime on the same QDQ model: top-1 agreement "
                  f"{report['onnxruntime_qdq']['top1_agreement']:.2%}, max |logit diff| "
                  f"{report['onnxruntime_qdq']['max_abs_logit_diff']:.2e}")
     return report
+
+
+def _require_finite(logits: np.ndarray, who: str, data: str, fix: str) -> None:
+    """Fail the verification, so that nothing is written, when `who`'s logits hold NaN or Inf: a model that
+    outputs NaN is never "verified" (every comparison with NaN is false)."""
+    bad = ~np.isfinite(logits)
+    if bad.any():
+        kinds = " and ".join(k for k, found in (("NaN", np.isnan(logits).any()), ("Inf", np.isinf(logits).any()))
+                             if found)
+        raise MixerEdgeError(f"verification failed: {who} produced {kinds} logits on {int(bad.any(axis=-1).sum())} "
+                             f"of {len(logits)} inputs ({data}), so the artifact was not written: likely {fix}")
 
 
 def reference_logits(torch_model, onnx_model, x: np.ndarray) -> np.ndarray:

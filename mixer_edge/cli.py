@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
-from .atomic import atomic_file, check_destination
-from .errors import MixerEdgeError
+from . import options
+from .atomic import REPORT, TUNING_DB, atomic_file, check_destination
+from .errors import MixerEdgeError, reason
+from .formats import json_text, safe_text
 
 
 def say(message: str) -> None:
@@ -19,15 +22,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (default: the bundled digits Mixer)")
     g.add_argument("--model", help="a preset name (mixer_s16, mixer_digits, ...) or a Mixer .onnx file")
     g.add_argument("--checkpoint", help="weights for the preset: timm .pth/.safetensors or official Flax .npz")
-    g.add_argument("--num-classes", type=int, help="classifier size, when the checkpoint's differs from the preset's")
-    g.add_argument("--batch", default="1", help="static batch size; compile takes several (1,8,64), one artifact each")
+    g.add_argument("--num-classes", type=options.integer(1, options.MAX_CLASSES),
+                   help="classifier size, when the checkpoint's differs from the preset's")
+    g.add_argument("--batch", type=options.batches, default=[1],
+                   help="static batch size; compile takes several (1,8,64), one artifact each")
 
 
 def _build_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", action="append",
+    p.add_argument("--target", action="append", type=options.targets,
                    help="preset name, host (the default), a .toml file or a JSON TVM target; repeat or "
                    "comma-separate for several")
-    p.add_argument("--precision", help="float32; float16 (fp16 compute, fp32 accumulation) or int8 (integer "
+    p.add_argument("--precision", type=options.precisions, help="float32; float16 (fp16 compute, fp32 accumulation) or int8 (integer "
                    "kernels, calibrated first) where the target has it; comma-separate for several (default: the "
                    "target's)")
 
@@ -37,7 +42,7 @@ def _calibration_args(p: argparse.ArgumentParser, int8_only: bool) -> None:
     g.add_argument("--calibration", help="recipe: a name in calibration/ (default, minmax, entropy, mse) or a .toml")
     g.add_argument("--calib-data", help="calibration inputs: image folder, .npy/.npz, digits-train "
                    "(default for the demo model)")
-    g.add_argument("--calib-samples", type=int, help="how many samples to draw (default: the recipe's)")
+    g.add_argument("--calib-samples", type=options.positive, help="how many samples to draw (default: the recipe's)")
 
 
 def _calibration(args, precisions):
@@ -45,8 +50,6 @@ def _calibration(args, precisions):
     refused unless one of `precisions` is int8."""
     from .quant import Calibration, resolve_recipe
 
-    if args.calib_samples is not None and args.calib_samples < 1:
-        raise MixerEdgeError(f"--calib-samples must be at least 1, not {args.calib_samples}")
     if args.calibration is None and args.calib_data is None and args.calib_samples is None:
         return None
     if "int8" not in precisions:
@@ -61,9 +64,9 @@ def _tuning_args(p: argparse.ArgumentParser, compile_: bool) -> None:
         g.add_argument("--tune", action="store_true", help="tune before building (resumes the database)")
     g.add_argument("--tuning-db", help="tuning database directory (default: this model/target/precision's own in "
                    "~/.cache/mixer-edge/tuning, else the one shipped with mixer-edge)")
-    g.add_argument("--trials", type=int, help="total measurement trials (default: the target's trials per task "
+    g.add_argument("--trials", type=options.positive, help="total measurement trials (default: the target's trials per task "
                    "times the number of tasks)")
-    g.add_argument("--time-budget", help="wall-clock limit such as 10m or 1h (default: the target's, 15m)")
+    g.add_argument("--time-budget", type=options.duration, help="wall-clock limit such as 10m or 1h (default: the target's, 15m)")
     g.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: measure on the boards registered there")
     g.add_argument("--rpc-key", help="the key the boards registered under (e.g. rpi5)")
 
@@ -77,25 +80,13 @@ def _rpc(args):
 
 def _tuning(args, tune: bool, measures: bool = False):
     """The tuning the arguments ask for; `measures`: the command also runs on --rpc-tracker boards (bench)."""
-    from .compiler.tuning import Budget, Tuning, parse_duration
+    from .compiler.tuning import Budget, Tuning
 
-    if args.trials is not None and args.trials < 1:
-        raise MixerEdgeError(f"--trials must be a positive number, not {args.trials}")
-    budget = Budget(args.trials, parse_duration(args.time_budget) if args.time_budget else None)
+    budget = Budget(args.trials, args.time_budget)
     rpc = _rpc(args)
     if not tune and (args.trials or args.time_budget or (rpc and not measures)):
         raise MixerEdgeError("--trials, --time-budget and --rpc-tracker apply to tuning: add --tune")
     return Tuning(Path(args.tuning_db) if args.tuning_db else None, tune, budget, rpc if tune else None)
-
-
-def _batches(text: str) -> list[int]:
-    try:
-        batches = [int(b) for b in text.split(",") if b]
-    except ValueError:
-        batches = []
-    if not batches or min(batches) < 1:
-        raise MixerEdgeError(f"--batch takes positive whole numbers such as 1 or 1,8,64, not '{text}'")
-    return batches
 
 
 def _open_model(args, batches: list[int], dynamic_batch: bool = False):
@@ -103,6 +94,20 @@ def _open_model(args, batches: list[int], dynamic_batch: bool = False):
 
     return open_model(args.model, args.checkpoint, batch=batches[0], dynamic_batch=dynamic_batch or len(batches) > 1,
                       num_classes=args.num_classes, progress=say)
+
+
+INPUT_OPTIONS = ("model", "checkpoint", "calibration", "calib_data", "val_data", "eval_data", "input", "tuning_db",
+                 "target", "artifact", "databases")
+
+
+def _inputs(args, *leave_out: str) -> list:
+    """Every path the command reads (what names no file is skipped by the output checks): no output may be,
+    hold or lie inside one of them (atomic.check_destination)."""
+    def flat(value):
+        return [x for v in value for x in flat(v)] if isinstance(value, (list, tuple)) else [value]
+
+    return [v for name in INPUT_OPTIONS if name not in leave_out for v in flat(getattr(args, name, None))
+            if isinstance(v, (str, Path))]
 
 
 def cmd_targets(args) -> None:
@@ -128,24 +133,29 @@ def cmd_export(args) -> None:
 
     if args.model and args.model.endswith(".onnx"):
         raise MixerEdgeError("export takes a preset (and checkpoint), not an ONNX file: it is already exported")
-    batches = _batches(args.batch)
+    batches = args.batch
     if len(batches) > 1:
         raise MixerEdgeError("export writes one ONNX file: give one --batch, or --dynamic-batch for any")
     batch = batches[0]
+    check_destination(args.output, inputs=_inputs(args))  # before the slow export
     source = _open_model(args, batches, dynamic_batch=args.dynamic_batch)
     report = export_onnx(source.torch_model, args.output, batch=batch, dynamic_batch=args.dynamic_batch,
                          simplify=not args.no_simplify)
     print(f"wrote {args.output}: opset {report['opset']}, max |onnxruntime - torch| = {report['max_abs_diff_vs_torch']:.2e}")
 
 
+def _target_specs(args, default: list[str]) -> list[str]:
+    """The --target specs, flattened (each --target is already a parsed list)."""
+    return [spec for specs in (args.target or [default]) for spec in specs]
+
+
 def _builds(args):
     """Every (preset, precision, batch) the arguments name, checked before any slow work."""
     from .compiler import resolve_target
 
-    targets = [t for spec in (args.target or ["host"]) for t in spec.split(",") if t]
-    presets = [resolve_target(t) for t in targets]
-    batches = _batches(args.batch)
-    precisions = [p for p in (args.precision or "").split(",") if p] or [None]
+    presets = [resolve_target(t) for t in _target_specs(args, ["host"])]
+    batches = args.batch
+    precisions = args.precision or [None]
     return [(preset, preset.resolve_precision(precision), batch)
             for preset in presets for precision in precisions for batch in batches], batches
 
@@ -164,14 +174,16 @@ def _compile_all(args, output: str | None, parent: str, verify: bool, measures: 
     if tuning.database and len(builds) > 1:
         raise MixerEdgeError("--tuning-db holds one model/target/precision/batch: compile one build with it")
     if output and len(builds) == 1:
-        check_output(output)
+        check_output(output, _inputs(args))
     source = _open_model(args, batches)
+    outs = [Path(output) if output and len(builds) == 1 else Path(output or parent) / (
+        f"{source.name}-{preset.name}" + {"float16": "-fp16", "int8": "-int8"}.get(precision, "") +
+        (f"-b{batch}" if batch != 1 else "")) for preset, precision, batch in builds]
+    for out in outs:
+        check_output(out, _inputs(args))  # every artifact's path, before the first build
     quantized = quantize_for_build(source, calibration, say) if "int8" in precisions else None
     built = []
-    for preset, precision, batch in builds:
-        name = f"{source.name}-{preset.name}" + {"float16": "-fp16", "int8": "-int8"}.get(precision, "") + \
-            (f"-b{batch}" if batch != 1 else "")
-        out = Path(output) if output and len(builds) == 1 else Path(output or parent) / name
+    for (preset, precision, batch), out in zip(builds, outs):
         built.append((out, compile_model(source, preset, out, batch=batch, precision=precision, verify=verify,
                                          tuning=tuning, quantized=quantized if precision == "int8" else None,
                                          progress=say)))
@@ -196,6 +208,8 @@ def cmd_tune(args) -> None:
     tuning = _tuning(args, True)
     preset, precision, batch = builds[0]
     calibration = _calibration(args, [precision])
+    if args.tuning_db:  # the database tune writes into (the cache's is checked where it is written)
+        check_destination(args.tuning_db, TUNING_DB, inputs=_inputs(args, "tuning_db"))
     result = tune_model(_open_model(args, batches), preset, batch, precision, tuning, calibration, progress=say)
     print(f"{result['path']}: {result['records']} records for {result['workloads']} workloads "
           f"({result['model']}, {preset.name}, {result['precision']}); later compiles apply it")
@@ -222,20 +236,18 @@ def cmd_calibrate(args) -> None:
 
     recipe = resolve_recipe(args.calibration)  # before the slow export
     _calibration(args, ["int8"])
-    if args.max_accuracy_drop is not None and args.max_accuracy_drop < 0:
-        raise MixerEdgeError(f"--max-accuracy-drop is in percentage points, at least 0, not {args.max_accuracy_drop}")
     out = Path(args.output)
     if out.suffix != ".onnx":
         raise MixerEdgeError(f"-o {out}: the QDQ model is written as an .onnx file (the table goes beside it)")
     table_path = out.with_suffix(".calibration.json")
-    check_destination(out)
-    check_destination(table_path)
-    source = _open_model(args, _batches(args.batch))
+    check_destination(out, inputs=_inputs(args))
+    check_destination(table_path, inputs=_inputs(args))
+    source = _open_model(args, args.batch)
     qdq, table, summary = calibrate(source, recipe, args.calib_data, args.calib_samples, sensitivity=args.sensitivity,
                                     max_accuracy_drop=args.max_accuracy_drop, val_data=args.val_data, progress=say)
-    with atomic_file(out) as tmp_onnx, atomic_file(table_path) as tmp_table:
+    with atomic_file(out, _inputs(args)) as tmp_onnx, atomic_file(table_path, _inputs(args)) as tmp_table:
         tmp_onnx.write_bytes(qdq.SerializeToString())
-        tmp_table.write_text(json.dumps({"model": source.name, **summary, "tensors": table}, indent=1) + "\n")
+        tmp_table.write_text(json_text({"model": source.name, **summary, "tensors": table}))
     if "sensitivity" in summary:
         kept = summary.get("mixed_precision", {}).get("float_layers", [])
         print(format_sensitivity(summary["sensitivity"], kept))
@@ -260,10 +272,10 @@ def cmd_bench(args) -> None:
 
     if args.model and args.model.lower().endswith(".onnx"):
         raise MixerEdgeError("bench times artifacts beside PyTorch: give a preset (and --checkpoint), not an ONNX file")
-    if args.threads is not None and args.threads < 1:
-        raise MixerEdgeError(f"--threads must be at least 1, not {args.threads}")
     use_threads(args.threads or physical_cores())  # before the build starts TVM's thread pool
     rpc = _rpc(args)
+    if args.json:
+        check_destination(args.json, inputs=_inputs(args))  # before the builds and the timing
     with tempfile.TemporaryDirectory() as tmp:
         # compare() checks every artifact against PyTorch itself
         source, built, quantized = _compile_all(args, None, tmp, verify=False, measures=True)
@@ -274,25 +286,21 @@ def cmd_bench(args) -> None:
     if args.json:
         from .artifact import versions
 
-        with atomic_file(args.json) as tmp_json:
-            tmp_json.write_text(json.dumps({"versions": versions(), "rows": rows}, indent=2))
+        with atomic_file(args.json, _inputs(args)) as tmp_json:
+            tmp_json.write_text(json_text({"versions": versions(), "rows": rows}))
 
 
 def cmd_report(args) -> None:
     from .compiler import resolve_target
     from .report import Variant, make_report, table
 
-    presets = [resolve_target(t) for spec in (args.target or ["host,rpi5"]) for t in spec.split(",") if t]
-    variants = [Variant.parse(v) for v in args.variants.split(",") if v] if args.variants else None
-    batches = _batches(args.batch)
+    presets = [resolve_target(t) for t in _target_specs(args, ["host", "rpi5"])]
+    variants = [Variant.parse(v) for v in args.variants] if args.variants else None
+    batches = args.batch
     if len(batches) > 1:
         raise MixerEdgeError("report times one batch size: give one --batch (bench takes several)")
-    for flag, value, least in (("--threads", args.threads, 1), ("--rounds", args.rounds, 1),
-                               ("--calib-samples", args.calib_samples, 1), ("--max-accuracy-drop", args.max_accuracy_drop, 0)):
-        if value is not None and value < least:
-            raise MixerEdgeError(f"{flag} must be at least {least}, not {value}")
     tuning = _tuning(args, args.tune)
-    check_destination(args.output, "report.json")
+    check_destination(args.output, REPORT, inputs=_inputs(args))
     report = make_report(_open_model(args, batches), presets, args.output, variants, eval_data=args.eval_data,
                          batch=batches[0], rounds=args.rounds, threads=args.threads, calib_data=args.calib_data,
                          calib_samples=args.calib_samples, max_accuracy_drop=args.max_accuracy_drop, tuning=tuning,
@@ -307,23 +315,28 @@ def cmd_run(args) -> None:
     from . import runtime
     from .data import load_inputs
 
+    if args.save:
+        check_destination(args.save, inputs=_inputs(args))  # before the artifact runs
     if args.board:
         from . import emulator
         from .compiler.targets import resolve_target
-        from .data import Preprocess
 
         with runtime.artifact_dir(args.artifact) as root:
-            manifest = runtime.read_manifest(root)
-        x, y = load_inputs(args.input, Preprocess.from_dict(manifest["preprocess"]))
+            record = runtime.verified_manifest(root)[1]
+        x, y = load_inputs(args.input, record.preprocess.to_preprocess())
         cpu = resolve_target(args.board).emulator_cpu
         if not cpu:
             raise MixerEdgeError(f"--board {args.board} has no emulated CPU: use an ARM board preset such as rpi4 or rpi5")
-        logits = emulator.run_artifact(args.artifact, x, cpu)
-        labels = manifest["labels"]
+        labels, predict = record.labels, lambda x: emulator.run_artifact(args.artifact, x, cpu)
     else:
         model = runtime.load(args.artifact)
         x, y = load_inputs(args.input, model.preprocess)
-        logits, labels = model(x), model.labels
+        labels, predict = model.labels, model
+    if y is not None and y.max(initial=-1) >= len(labels):
+        raise MixerEdgeError(f"{args.input} has label {y.max()}, but the model has {len(labels)} classes (0 to "
+                             f"{len(labels) - 1}): pass data labelled for this model")
+    logits = predict(x)
+    labels = [safe_text(label, 80) for label in labels]  # from the artifact: printed, never interpreted
     top = np.argsort(-logits, axis=1)[:, : args.top]
     for i in range(min(len(x), args.show)):
         guesses = ", ".join(f"{labels[j]} ({logits[i, j]:.2f})" for j in top[i])
@@ -332,51 +345,52 @@ def cmd_run(args) -> None:
     if y is not None and (y >= 0).all():
         print(f"top-1 accuracy on {args.input}: {(top[:, 0] == y).mean():.2%} ({len(y)} samples)")
     if args.save:
-        with atomic_file(args.save) as tmp, open(tmp, "wb") as f:
+        with atomic_file(args.save, _inputs(args)) as tmp, open(tmp, "wb") as f:
             np.save(f, logits)
 
 
 def cmd_inspect(args) -> None:
     from . import runtime
+    from .formats import safe_text as text
 
     with runtime.artifact_dir(args.artifact) as root:
-        manifest = runtime.read_manifest(root)
+        manifest, m = runtime.verified_manifest(root)  # as written, and as a validated runtime.Manifest
     if args.json:
         print(json.dumps(manifest, indent=2))
         return
-    target, model, check = manifest["target"], manifest["model"], manifest.get("verification", {})
-    print(f"artifact   {args.artifact} (format {manifest['format_version']}, files verified by sha256)")
-    print(f"model      {model['name']} (from {model['from']}), input {manifest['input']['name']} "
-          f"{manifest['input']['shape']} {manifest['input']['dtype']}, {len(manifest['labels'])} classes")
-    print(f"target     {target['preset']}: {target['description']}")
-    device = target["device"]
-    if device.get("backend") == "wgpu":
-        print(f"device     any Vulkan GPU through wgpu, any CPU: {manifest['vulkan']['dispatches']} dispatches of "
-              f"{manifest['vulkan']['kernels']} WGSL kernels per inference")
+    device, check = m.target.device, m.verification
+    print(f"artifact   {args.artifact} (format {m.format_version}, files verified by sha256)")
+    print(f"model      {text(m.model.name, 80)} (from {m.model.from_}), input {text(m.input.name, 80)} "
+          f"{m.input.shape} {m.input.dtype}, {len(m.labels)} classes")
+    print(f"target     {text(m.target.preset, 80)}: {text(m.target.description)}")
+    if device.backend == "wgpu":
+        print(f"device     any Vulkan GPU through wgpu, any CPU: {m.vulkan.dispatches} dispatches of "
+              f"{m.vulkan.kernels} WGSL kernels per inference")
     else:
-        print(f"device     {device['arch']}, needs {', '.join(device['cpu_features']) or 'no extensions'}"
-              + (f"; CUDA {', '.join(manifest['cuda']['archs'])}" if "cuda" in manifest else ""))
-    precision = manifest["precision"]
-    print(f"precision  {precision['compute']} compute, {precision['accumulation']} accumulation, "
-          f"weights {'/'.join(precision['weights'])}; batch {manifest['input']['shape'][0]}")
-    if "quantization" in manifest:
-        q = manifest["quantization"]
-        recipe = q["recipe"]["name"] if isinstance(q["recipe"], dict) else q["recipe"]
-        print(f"int8       {q['layers']} layers on {q['dot_product']} kernels ({q['activations']} activations); "
-              f"recipe {recipe}" + (f", {q['samples']} samples of {q['calibration_data']}" if "samples" in q else ""))
-    print(f"built      {manifest['created']} in {manifest['build']['seconds']}s with TVM {manifest['versions'].get('apache-tvm')}")
-    if check.get("status") == "verified":
-        print(f"verified   on {check['data']}: top-1 agreement {check['top1_agreement']:.2%}, "
-              f"max |logit diff| {check['max_abs_logit_diff']:.1e}"
-              + (f"; accuracy {check['accuracy']:.2%} (reference {check['reference_accuracy']:.2%})"
-                 if "accuracy" in check else ""))
-    for name, digest in manifest["files"].items():
+        print(f"device     {device.arch}, needs {', '.join(device.cpu_features or ()) or 'no extensions'}"
+              + (f"; CUDA {', '.join(m.cuda.archs)}" if m.cuda else ""))
+    print(f"precision  {m.precision.compute} compute, {m.precision.accumulation} accumulation, "
+          f"weights {'/'.join(m.precision.weights)}; batch {m.input.shape[0]}")
+    if m.quantization:
+        q = m.quantization
+        recipe = q.recipe if isinstance(q.recipe, str) else q.recipe.name
+        print(f"int8       {q.layers} layers on {q.dot_product} kernels ({q.activations} activations); "
+              f"recipe {text(recipe, 80)}" + (f", {q.samples} samples of {text(str(q.calibration_data), 80)}"
+                                               if q.samples is not None else ""))
+    print(f"built      {m.created} in {m.build.seconds}s with TVM {m.versions.get('apache-tvm')}")
+    if check is not None and check.status == "verified":
+        print(f"verified   on {text(check.data, 80)}: top-1 agreement {check.top1_agreement:.2%}, "
+              f"max |logit diff| {check.max_abs_logit_diff:.1e}"
+              + (f"; accuracy {check.accuracy:.2%}" if check.accuracy is not None else "")
+              + (f" (reference {check.reference_accuracy:.2%})" if check.reference_accuracy is not None else ""))
+    for name, digest in m.files.items():
         print(f"file       {name}  sha256 {digest[:16]}...")
 
 
 def cmd_train(args) -> None:
     from .train import save_checkpoint, train_digits
 
+    check_destination(args.output)  # before the training
     result = train_digits(epochs=args.epochs, seed=args.seed)
     save_checkpoint(result, "mixer_digits", args.output)
     print(f"wrote {args.output}: mixer_digits, {args.epochs} epochs, test accuracy {result.test_accuracy:.2%}")
@@ -403,13 +417,17 @@ class Parser(argparse.ArgumentParser):
     """argparse, with its errors in the same one-line form as every other refusal."""
 
     def error(self, message: str):
-        self.exit(2, f"mixer-edge: error: {message}: see '{self.prog} --help'\n")
+        self.exit(2, f"mixer-edge: error: {safe_text(' '.join(message.split()), 2000)}: see '{self.prog} --help'\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="mixer-edge", description="Compile MLP-Mixer classifiers with Apache TVM "
                     "for edge boards and GPUs, and run the artifacts.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an internal error (for a bug report)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error (for a bug report)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=lambda **kw: Parser(parents=[debug], **kw))
 
     p = sub.add_parser("targets", help="list the target presets and whether this machine can build them")
     p.set_defaults(func=cmd_targets)
@@ -434,9 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="build, then time against PyTorch eager and onnxruntime on this machine")
     _model_args(p)
     _build_args(p)
-    p.add_argument("--rounds", type=int, default=20, help="interleaved rounds (each runs every candidate 5 times)")
+    p.add_argument("--rounds", type=options.positive, default=20,
+                   help="interleaved rounds (each runs every candidate 5 times)")
     p.add_argument("--json", help="also write the measurements to this file")
-    p.add_argument("--threads", type=int, help="CPU threads for every candidate (default: the physical cores)")
+    p.add_argument("--threads", type=options.threads, help="CPU threads for every candidate (default: the physical cores)")
     p.add_argument("--no-torch-compile", action="store_true", help="leave out the torch.compile baseline")
     _calibration_args(p, int8_only=True)
     _tuning_args(p, compile_=True)
@@ -445,23 +464,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="which variant to ship: accuracy beside latency for every variant on every "
                        "target, with the baselines (report.json, .md, .png, .html)")
     _model_args(p)
-    p.add_argument("--target", action="append", help="presets to build for (default: host,rpi5); ARM boards run on "
+    p.add_argument("--target", action="append", type=options.targets,
+                   help="presets to build for (default: host,rpi5); ARM boards run on "
                    "the emulator, their latency marked emulated")
-    p.add_argument("--variants", help="comma-separated float32, float16, int8[:RECIPE], int8-mixed[:RECIPE] (default: "
+    p.add_argument("--variants", type=options.comma_list(str, "variants"), help="comma-separated float32, float16, int8[:RECIPE], int8-mixed[:RECIPE] (default: "
                    "the target's float precisions, int8 with each shipped recipe, and int8-mixed)")
     p.add_argument("--eval-data", help="labelled data for accuracy: image folder, .npy/.npz, digits-test (default: "
                    "the model's; without any, random inputs and agreement with float only)")
-    p.add_argument("--max-accuracy-drop", type=float, default=0.25, metavar="POINTS",
+    p.add_argument("--max-accuracy-drop", type=options.number(0, 100), default=0.25, metavar="POINTS",
                    help="int8-mixed: accuracy budget in percentage points on the evaluation data (default 0.25)")
-    p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (each runs every candidate 5 times)")
-    p.add_argument("--threads", type=int, help="CPU threads for every candidate (default: the physical cores)")
+    p.add_argument("--rounds", type=options.positive, default=20,
+                   help="interleaved timing rounds (each runs every candidate 5 times)")
+    p.add_argument("--threads", type=options.threads, help="CPU threads for every candidate (default: the physical cores)")
     p.add_argument("--no-torch-compile", action="store_true", help="leave out the torch.compile baseline")
     p.add_argument("-o", "--output", default="report", help="report directory (default report/); an earlier "
                    "report there is replaced whole")
     g = p.add_argument_group("int8 calibration data (recipes come from --variants)")
     g.add_argument("--calib-data", help="calibration inputs: image folder, .npy/.npz, digits-train (default for the "
                    "demo model)")
-    g.add_argument("--calib-samples", type=int, help="how many samples to draw (default: the recipe's)")
+    g.add_argument("--calib-samples", type=options.positive, help="how many samples to draw (default: the recipe's)")
     _tuning_args(p, compile_=True)
     p.set_defaults(func=cmd_report)
 
@@ -469,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _calibration_args(p, int8_only=False)
     p.add_argument("--sensitivity", action="store_true", help="print each layer's SQNR with only it in int8")
-    p.add_argument("--max-accuracy-drop", type=float, metavar="POINTS", help="keep the most sensitive layers in "
+    p.add_argument("--max-accuracy-drop", type=options.number(0, 100), metavar="POINTS", help="keep the most sensitive layers in "
                    "float until the accuracy drop on the validation data is at most this many percentage points")
     p.add_argument("--val-data", help="labelled validation data for --max-accuracy-drop (default: the model's "
                    "evaluation data, digits-test for the demo model)")
@@ -498,8 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="artifact directory or .tar")
     p.add_argument("--input", default="digits-test", help="image, image folder, .npy/.npz, digits-test (default)")
     p.add_argument("--board", help="run on the emulated ARM board of this preset (rpi4, rpi5) instead of this machine")
-    p.add_argument("--top", type=int, default=3, help="classes to show per input")
-    p.add_argument("--show", type=int, default=5, help="inputs to print")
+    p.add_argument("--top", type=options.integer(1, options.MAX_CLASSES), default=3, help="classes to show per input")
+    p.add_argument("--show", type=options.integer(0, options.MAX_COUNT), default=5, help="inputs to print")
     p.add_argument("--save", help="write all logits to this .npy file")
     p.set_defaults(func=cmd_run)
 
@@ -510,8 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the demo Mixer on the bundled digits (about 30 s on 2 cores)")
     p.add_argument("-o", "--output", default="mixer_digits.safetensors")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=options.integer(1, 10_000), default=30)
+    p.add_argument("--seed", type=options.integer(0, 2**32 - 1), default=0)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("emulator", help="prepare the emulated aarch64 board (qemu-user + Python + TVM runtime)")
@@ -527,15 +548,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except MixerEdgeError as exc:
-        print("mixer-edge: error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, always
-        return 2
-    except KeyboardInterrupt:
-        print("mixer-edge: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_as_progress  # a library's warning is a progress line, not a second error
+        try:
+            args.func(args)
+        except MixerEdgeError as exc:
+            print("mixer-edge: error: " + safe_text(" ".join(str(exc).split()), 2000), file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("mixer-edge: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:  # a bug: the last line of defence, not a way to report user mistakes
+            if args.debug:
+                raise
+            print(f"mixer-edge: internal error in '{args.command}' ({type(exc).__name__}: {safe_text(reason(exc))}): "
+                  f"this is a bug in mixer-edge; please report it with the output of the same command run with "
+                  f"--debug", file=sys.stderr)
+            return 70
     return 0
+
+
+def _warning_as_progress(message, category, *_):
+    say(f"warning: {category.__name__}: {safe_text(' '.join(str(message).split()))}")
 
 
 if __name__ == "__main__":

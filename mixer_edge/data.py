@@ -3,18 +3,43 @@
 All sources end as float32 NCHW arrays preprocessed the way the model was trained; that
 preprocessing is a small record (`Preprocess`) carried in the artifact's manifest, so the device
 side can repeat it with numpy alone.
+
+Every image goes through `decode_image` and every array through `array_inputs`. Their rules:
+
+- Images: PNG, JPEG, BMP, GIF, TIFF or WebP (by content); EXIF orientation applied; the first
+  frame of an animation or multi-page TIFF. 8-bit modes (1, L, P, RGB, CMYK, YCbCr, LAB, HSV) are
+  converted by Pillow; 16-bit ones (I;16*, I) are scaled by their bit depth (a TIFF's
+  BitsPerSample, else 16), wider or out-of-range integers refused; float (F) pixels are taken as
+  [0, 1], values outside it or NaN/Inf refused. Alpha and transparency keys are composited over
+  black (value x alpha). Colour -> grey is Pillow's ITU-R 601 luma; grey -> colour repeats the grey.
+  Resized with the model's filter at the image's precision: 8-bit images in 8 bits (as PIL-based
+  training pipelines do), the others as float32 clipped to [0, 1]. Colour profiles are ignored.
+- Arrays: uint8 is 0..255 pixels and uint16 0..65535 pixels (both get preprocessed); float16/32/64
+  are model inputs, NaN/Inf refused; any other dtype is refused. 3-D is one sample; NHWC
+  (last dim == channels, dim 1 != channels) is transposed to NCHW. .npz labels (`y` or `labels`)
+  are 1-D integers, one per sample, >= -1 (-1: unknown).
+- Folders: class sub-folders (sorted names = label order) or loose images, not both; hidden
+  files and folders are skipped; an empty class folder or an unreadable image is refused.
 """
 
 from __future__ import annotations
 
+import numbers
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
-from .errors import MixerEdgeError
+from .errors import MixerEdgeError, reason
+from .formats import Schema, parse, refuse
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")  # the only Pillow decoders ever used
+MAX_SIDE = 16384  # the largest input height/width a preprocessing record may ask for
+RESAMPLE = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")  # Pillow's resampling filters
 DIGITS = "digits"  # names the bundled data set wherever a data path is accepted (digits-train, digits-test)
 
 
@@ -31,16 +56,48 @@ class Preprocess:
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Preprocess":
-        return cls(size=tuple(d["size"]), channels=d["channels"], mean=tuple(d["mean"]),
-                   std=tuple(d["std"]), resample=d.get("resample", "bilinear"))
+    def check(self) -> None:
+        """Refuse a record (from a manifest or a caller) that cannot describe a model input (schema: Preprocessing)."""
+        parse(Preprocessing, self.to_dict(), "the model's preprocessing record",
+              "rebuild the artifact, or fix 'preprocess' in its manifest")
 
     def normalize(self, unit: np.ndarray) -> np.ndarray:
         """[0, 1] NCHW pixels -> model input."""
         mean = np.asarray(self.mean, np.float32).reshape(1, -1, 1, 1)
         std = np.asarray(self.std, np.float32).reshape(1, -1, 1, 1)
         return ((unit.astype(np.float32) - mean) / std).astype(np.float32)
+
+
+class Preprocessing(Schema):
+    """Image -> model input, repeated on the device with numpy alone: resize to `size`, scale pixels to [0, 1],
+    then (x - mean) / std per channel."""
+
+    size: list[Annotated[int, Field(ge=1, le=MAX_SIDE)]] = Field(
+        min_length=2, max_length=2, description="[height, width] the images are resized to; equal to input.shape[2:]")
+    channels: Annotated[int, Field(ge=1, le=4096)] = Field(description="1 (grey) or 3 (RGB); equal to input.shape[1]")
+    mean: list[float] = Field(min_length=1, description="per-channel mean subtracted, one per channel")
+    std: list[Annotated[float, Field(gt=0)]] = Field(min_length=1, description="per-channel divisor, one per "
+                                                     "channel, each > 0")
+    resample: Literal[RESAMPLE] = Field(description="the PIL filter that resizes images: "
+                                        + ", ".join(f"`{r}`" for r in RESAMPLE))
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> "Preprocessing":
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != self.channels:
+                refuse(name, "has {n} values but channels is {channels}: one per channel", values,
+                       n=len(values), channels=self.channels)
+        with np.errstate(all="ignore"):
+            pixels = (np.array([0.0, 1.0], np.float32)[:, None] - np.float32(self.mean)) / np.float32(self.std)
+        if not np.isfinite(pixels).all():
+            refuse("std", "maps [0, 1] pixels outside float32 (a zero or tiny std)", self.std)
+        return self
+
+    def to_preprocess(self) -> Preprocess:
+        """The `data.Preprocess` that repeats this preprocessing."""
+        return Preprocess(size=tuple(self.size), channels=self.channels, mean=tuple(self.mean), std=tuple(self.std),
+                          resample=self.resample)
 
 
 DIGITS_PREPROCESS = Preprocess(size=(8, 8), channels=1, mean=(0.5,), std=(0.5,))
@@ -66,19 +123,86 @@ def digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     return DIGITS_PREPROCESS.normalize(x), y.astype(np.int64)
 
 
+def decode_image(path: Path, pre: Preprocess) -> np.ndarray:
+    """One image file -> (C, H, W) float32 [0, 1] pixels of the model's size and channels (rules: above)."""
+    from PIL import Image, ImageOps
+
+    path = Path(path)
+    pre.check()
+    if pre.channels not in (1, 3):
+        raise MixerEdgeError(f"image {path} cannot feed a {pre.channels}-channel model (images give 1 or 3 "
+                             "channels): pass a .npy/.npz array")
+    if not path.is_file():
+        raise MixerEdgeError(f"image {path} is not a regular file (a folder, FIFO, device or broken link): "
+                             "pass an image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's remarks on odd files are not the user's business ...
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # ... its size limit is
+            Image.init()
+            with Image.open(path, formats=[f for f in IMAGE_FORMATS if f in Image.OPEN]) as img:
+                img.load()  # Pillow decodes lazily: make every decoding error happen here
+                depth = int(np.ravel(getattr(img, "tag_v2", {}).get(258, 16))[0])  # a TIFF's BitsPerSample
+                ImageOps.exif_transpose(img, in_place=True)
+                plane = _plane(img, depth, path)
+    except MixerEdgeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise MixerEdgeError(f"image {path} is too large to decode safely ({reason(exc)}): "
+                             "downscale it to the model's input size or near it") from exc
+    except Exception as exc:
+        if isinstance(exc, ValueError) and "MAX_TEXT" in str(exc):
+            raise MixerEdgeError(f"image {path} has more PNG text/ICC metadata than is safe to decode "
+                                 f"({reason(exc)}): re-save it without metadata") from exc
+        raise MixerEdgeError(f"image {path} could not be read ({reason(exc)}): "
+                             "pass a valid PNG, JPEG, BMP, GIF, TIFF or WebP file") from exc
+    height, width = pre.size
+    target = "L" if pre.channels == 1 else "RGB"
+    if plane.mode not in ("F", target):
+        plane = plane.convert(target)  # Pillow's ITU-R 601 luma, or the grey repeated
+    small = np.asarray(plane.resize((width, height), Image.Resampling[pre.resample.upper()]), np.float32)
+    small = small[None] if small.ndim == 2 else small.transpose(2, 0, 1)
+    unit = np.repeat(small, pre.channels // len(small), 0) / (1.0 if plane.mode == "F" else 255.0)
+    return np.clip(unit, 0.0, 1.0).astype(np.float32)
+
+
+def _plane(img, depth: int, path: Path):
+    """A decoded PIL image -> one ready to resize: 8-bit L or RGB with any alpha composited over black,
+    or one float (F) band of [0, 1] pixels."""
+    from PIL import Image, ImageMode
+
+    if img.mode == "F" or img.mode == "I" or img.mode.startswith("I;16"):
+        values = np.asarray(img)
+        if img.mode == "F":
+            if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+                raise MixerEdgeError(f"image {path} is a float image with values outside [0, 1] or NaN/Inf: "
+                                     "float images must hold [0, 1] pixels; rescale it or save it as 8/16-bit")
+            unit = values.astype(np.float32)
+        else:
+            if not 1 <= depth <= 16:
+                raise MixerEdgeError(f"image {path} has {depth}-bit integer pixels: save it as an 8- or 16-bit image "
+                                     "or a [0, 1] float TIFF")
+            top = 2 ** depth - 1
+            if values.min() < 0 or values.max() > top:
+                raise MixerEdgeError(f"image {path} has pixel values outside its {depth}-bit range 0..{top}: "
+                                     "save it as an 8- or 16-bit image or a [0, 1] float TIFF")
+            unit = values.astype(np.float32) / top
+        key = img.info.get("transparency")
+        if isinstance(key, numbers.Integral):  # a 16-bit PNG's tRNS colour
+            unit = unit * (values != key)
+        return Image.fromarray(np.ascontiguousarray(unit, np.float32))
+    mode = "L" if ImageMode.getmode(img.mode).basemode == "L" else "RGB"
+    if not img.has_transparency_data:
+        return img if img.mode == mode else img.convert(mode)
+    with_alpha = img.convert(mode + "A")
+    flat = Image.new(mode, img.size, 0)
+    flat.paste(with_alpha.convert(mode), mask=with_alpha.getchannel("A"))
+    return flat
+
+
 def read_image(path: Path, pre: Preprocess) -> np.ndarray:
     """One image file -> (1, C, H, W) [0, 1] pixels, resized to the model's input."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if pre.channels == 1 else "RGB")
-            img = img.resize((pre.size[1], pre.size[0]), getattr(Image.Resampling, pre.resample.upper()))
-            arr = np.asarray(img, dtype=np.float32) / 255.0
-    except OSError as exc:
-        raise MixerEdgeError(f"image {path} could not be read ({exc}): pass a PNG/JPEG file") from exc
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return arr[None]
+    return decode_image(path, pre)[None]
 
 
 def in_batches(fn, x: np.ndarray, batch: int) -> np.ndarray:
@@ -97,64 +221,97 @@ def load_inputs(source: str | Path, pre: Preprocess) -> tuple[np.ndarray, np.nda
 
     `source` is `digits-train` / `digits-test`, an image file, an ImageFolder directory
     (one sub-directory per class, sorted names = label order), or a .npy/.npz array file.
-    Arrays of uint8 are pixels and get preprocessed; float arrays are taken as model inputs.
     """
+    pre.check()
     text = str(source)
     if text.startswith(DIGITS + "-"):
-        return digits_split(text.split("-", 1)[1])
+        x, y = digits_split(text.split("-", 1)[1])
+        return array_inputs(x, pre, text), y
     path = Path(source)
     if not path.exists():
         raise MixerEdgeError(f"input {path} does not exist: pass an image, a folder of images, a .npy/.npz, or digits-test")
     if path.is_dir():
-        x, y = _image_folder(path, pre)
-    elif path.suffix.lower() in (".npy", ".npz"):
-        x, y = _array_file(path, pre)
-    elif path.suffix.lower() in IMAGE_SUFFIXES:
-        x, y = pre.normalize(read_image(path, pre)), None
-    else:
-        raise MixerEdgeError(f"input {path} has an unknown type: use an image, a folder, .npy or .npz")
-    expected = (pre.channels, *pre.size)
-    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-        raise MixerEdgeError(f"input {path} has shape {tuple(x.shape)}; the model expects (N, {', '.join(map(str, expected))}): "
-                             "pass arrays of that shape, or images (they are resized)")
-    if not np.isfinite(x).all():
-        raise MixerEdgeError(f"input {path} contains NaN or Inf values: clean the data")
-    return x, y
+        return _image_folder(path, pre)
+    if path.suffix.lower() in (".npy", ".npz"):
+        return _array_file(path, pre)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return pre.normalize(read_image(path, pre)), None
+    raise MixerEdgeError(f"input {path} has an unknown type: use an image, a folder, .npy or .npz")
 
 
 def _image_folder(root: Path, pre: Preprocess) -> tuple[np.ndarray, np.ndarray | None]:
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if classes:
-        files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-    else:
-        files = [(f, -1) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    def images(folder: Path) -> list[Path]:
+        return sorted(f for f in folder.iterdir() if not f.name.startswith(".")
+                      and f.suffix.lower() in IMAGE_SUFFIXES and not f.is_dir())
+
+    try:
+        classes = sorted(d for d in root.iterdir() if not d.name.startswith(".") and d.is_dir())
+        loose = images(root)
+        members = [images(d) for d in classes]
+    except OSError as exc:
+        raise MixerEdgeError(f"folder {root} could not be listed ({reason(exc)}): check its permissions") from exc
+    if classes and loose:
+        raise MixerEdgeError(f"folder {root} holds both class sub-folders and loose images ({loose[0].name}, ...): "
+                             "move the images into class folders")
+    empty = [d.name for d, files in zip(classes, members) if not files]
+    if empty:
+        raise MixerEdgeError(f"class folders {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''} in {root} "
+                             "hold no images: add .png/.jpg files or remove them")
+    files = [f for group in members for f in group] if classes else loose
     if not files:
         raise MixerEdgeError(f"folder {root} holds no images: use class sub-folders of .png/.jpg files")
-    x = np.concatenate([read_image(f, pre) for f, _ in files])
-    y = np.array([label for _, label in files], np.int64) if classes else None
-    return pre.normalize(x), y
+    x = pre.normalize(np.stack([decode_image(f, pre) for f in files]))
+    return x, (np.array([i for i, group in enumerate(members) for _ in group], np.int64) if classes else None)
 
 
 def _array_file(path: Path, pre: Preprocess) -> tuple[np.ndarray, np.ndarray | None]:
+    if not path.is_file():
+        raise MixerEdgeError(f"array file {path} is not a regular file (a FIFO, device or broken link): "
+                             "pass a .npy/.npz file")
     try:
-        if path.suffix.lower() == ".npy":
-            x, y = np.load(path, allow_pickle=False), None
+        loaded, y = np.load(path, allow_pickle=False), None  # .npy or .npz by content, whatever the suffix
+        if isinstance(loaded, np.ndarray):
+            x = loaded
         else:
-            with np.load(path, allow_pickle=False) as npz:
-                xkey = next((k for k in ("x", "images", "inputs") if k in npz.files), None)
+            with loaded:
+                xkey = next((k for k in ("x", "images", "inputs") if k in loaded.files), None)
                 if xkey is None:
-                    raise MixerEdgeError(f"{path} has no array named x, images or inputs (it has {', '.join(npz.files)})")
-                x = npz[xkey]
-                ykey = next((k for k in ("y", "labels") if k in npz.files), None)
-                y = npz[ykey].astype(np.int64) if ykey else None
+                    raise MixerEdgeError(f"{path} has no array named x, images or inputs "
+                                         f"(it has {', '.join(loaded.files) or 'none'}): save the inputs as x")
+                ykey = next((k for k in ("y", "labels") if k in loaded.files), None)
+                x, y = loaded[xkey], (loaded[ykey] if ykey else None)
     except MixerEdgeError:
         raise
     except Exception as exc:
-        raise MixerEdgeError(f"array file {path} could not be read ({exc}): save it with numpy.save/savez") from exc
-    if x.ndim == 3:
-        x = x[None]
-    if x.dtype == np.uint8:
-        if x.shape[-1] == pre.channels and x.shape[1] != pre.channels:  # NHWC pixels
-            x = x.transpose(0, 3, 1, 2)
-        x = pre.normalize(x / 255.0)
-    return x.astype(np.float32), y
+        raise MixerEdgeError(f"array file {path} could not be read ({reason(exc)}): save it with numpy.save/savez") from exc
+    x = array_inputs(x, pre, path)
+    if y is not None and not (y.ndim == 1 and y.dtype.kind in "iu" and len(y) == len(x)
+                              and y.min() >= -1 and y.max() <= np.iinfo(np.int64).max):
+        raise MixerEdgeError(f"{path} has labels of {y.dtype} {y.shape}, not {len(x)} integers >= -1 "
+                             f"(one per sample, -1 = unknown): save y as an int64 array of length {len(x)}")
+    return x, (None if y is None else y.astype(np.int64))
+
+
+def array_inputs(x: np.ndarray, pre: Preprocess, path: Path | str) -> np.ndarray:
+    """An array from `path` (named in refusals) -> float32 NCHW model inputs (rules: above)."""
+    scale = {"uint8": 255, "uint16": 65535}.get(x.dtype.name) if x.dtype.kind == "u" else None
+    if scale is None and x.dtype.kind != "f":
+        raise MixerEdgeError(f"input {path} has dtype {x.dtype}: save uint8 (or uint16) pixels, "
+                             "or float32 model inputs")
+    if x.ndim not in (3, 4):
+        raise MixerEdgeError(f"input {path} has {x.ndim} dimensions {tuple(x.shape)}: pass (N, C, H, W) or "
+                             "(N, H, W, C) samples, or one (C, H, W) sample")
+    x = x[None] if x.ndim == 3 else x
+    if len(x) == 0:
+        raise MixerEdgeError(f"input {path} is empty (0 samples): pass at least one sample")
+    if x.shape[-1] == pre.channels and x.shape[1] != pre.channels:  # NHWC
+        x = x.transpose(0, 3, 1, 2)
+    expected = (pre.channels, *pre.size)
+    if tuple(x.shape[1:]) != expected:
+        raise MixerEdgeError(f"input {path} has shape {tuple(x.shape)}; the model expects (N, {', '.join(map(str, expected))}): "
+                             "pass arrays of that shape, or images (they are resized)")
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = pre.normalize(x.astype(np.float32) / scale) if scale else x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise MixerEdgeError(f"input {path} contains NaN or Inf values (or values beyond float32): clean the data")
+    return x

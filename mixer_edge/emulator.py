@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_dir
+from .atomic import BOARD, atomic_dir, check_destination
 from .errors import MixerEdgeError
 
 QEMU = "qemu-aarch64-static"
 PYTHON = "python3.11"
 DEBIAN_ROOTS = [f"{PYTHON}-minimal:arm64", f"lib{PYTHON}-stdlib:arm64", "libstdc++6:arm64"]
-WHEELS = ["apache-tvm", "apache-tvm-ffi", "numpy"]  # at the host's versions
+WHEELS = ["apache-tvm", "apache-tvm-ffi", "numpy", "pydantic"]  # at the host's versions (pip adds their deps)
 SKIP_DEBS = {"dpkg", "tar", "install-info"}  # tools apt pulls in that the board never runs
 PACKAGE = Path(__file__).resolve().parent  # this mixer_edge, imported on the board through a link
 
@@ -68,11 +68,12 @@ def setup(root: str | Path | None = None, progress=print) -> Path:
     root = board_dir(root)
     if (root / "board.json").is_file():
         return root
+    check_destination(root, BOARD)  # before the downloads
     for tool in (QEMU, "apt-get", "dpkg"):
         if shutil.which(tool) is None:
             raise MixerEdgeError(f"the emulated board needs {tool}: apt-get install qemu-user-static")
     packages = _arm64_packages()
-    with atomic_dir(root, mark="board.json") as stage:
+    with atomic_dir(root, BOARD) as stage:
         debs = stage / "debs"
         debs.mkdir()
         progress(f"downloading {len(packages)} arm64 Debian packages (Python 3.11 and its libraries)")
@@ -83,7 +84,8 @@ def setup(root: str | Path | None = None, progress=print) -> Path:
         pins = [f"{w}=={metadata.version(w)}" for w in WHEELS]
         progress(f"installing aarch64 wheels: {' '.join(pins)}")
         _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-compile", "--target", str(stage / "site"),
-              "--platform", "manylinux_2_28_aarch64", "--python-version", "3.11", "--implementation", "cp",
+              "--platform", "manylinux_2_28_aarch64", "--platform", "manylinux_2_17_aarch64",  # pydantic-core: 2_17
+              "--python-version", "3.11", "--implementation", "cp",
               "--only-binary=:all:", *pins], "pip install of the aarch64 wheels")
         (stage / "board.json").write_text(json.dumps({"python": PYTHON, "debs": packages, "wheels": pins}, indent=2))
     progress(f"board ready in {root}")
@@ -110,11 +112,13 @@ def _board(cpu: str, root: str | Path | None):
         yield [QEMU, "-cpu", cpu, "-L", str(sysroot), str(sysroot / "usr" / "bin" / PYTHON)], env
 
 
-def python(script: str, cpu: str, root: str | Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run a Python script on the board as CPU model `cpu`."""
+def python(script: str, cpu: str, root: str | Path | None = None, timeout: float = 600,
+           args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run a Python script on the board as CPU model `cpu`, with `args` as its sys.argv[1:]."""
     with _board(cpu, root) as (cmd, env):
         try:
-            return subprocess.run([*cmd, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
+            return subprocess.run([*cmd, "-c", script, *args], capture_output=True, text=True, env=env,
+                                  timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             raise MixerEdgeError(f"the emulated {cpu} board did not finish within {timeout:.0f}s") from exc
 
@@ -132,23 +136,26 @@ def serve(cpu: str, tracker_host: str, tracker_port: int, key: str, root: str | 
             proc.terminate()
 
 
+# The board-side script is constant: its data (paths, rounds) comes as one JSON argument, never as source text.
 _RUN_ARTIFACTS = """
 import json, sys, numpy as np
+from pathlib import Path
 from mixer_edge import runtime
 from mixer_edge.bench import artifact_candidate, interleaved
 from mixer_edge.errors import MixerEdgeError
+job = json.loads(sys.argv[1])
 try:
-    models = [runtime.load(path) for path in {artifacts!r}]
+    models = [runtime.load(path) for path in job["artifacts"]]
 except MixerEdgeError as exc:
     print(exc, file=sys.stderr)
     sys.exit(3)
-x = np.load({inputs!r})
+x = np.load(job["inputs"])
+output = Path(job["output"])
 for i, model in enumerate(models):
-    np.save(f"{output}/logits{{i}}.npy", model(x))
-if {rounds}:
+    np.save(output / f"logits{i}.npy", model(x))
+if job["rounds"]:
     cands = [artifact_candidate(str(i), model, x[:model.batch]) for i, model in enumerate(models)]
-    with open("{output}/latency.json", "w") as f:
-        json.dump(interleaved(cands, rounds={rounds}), f)
+    (output / "latency.json").write_text(json.dumps(interleaved(cands, rounds=job["rounds"])))
 """
 
 
@@ -161,8 +168,8 @@ def run_artifacts(artifacts: list[str | Path], x: np.ndarray, cpu: str, rounds: 
         inputs = Path(tmp) / "x.npy"
         np.save(inputs, np.ascontiguousarray(x, np.float32))
         paths = [str(Path(a).resolve()) for a in artifacts]
-        script = _RUN_ARTIFACTS.format(artifacts=paths, inputs=str(inputs), output=tmp, rounds=int(rounds))
-        proc = python(script, cpu, root, timeout=600 + 60 * len(paths))
+        job = json.dumps({"artifacts": paths, "inputs": str(inputs), "output": tmp, "rounds": int(rounds)})
+        proc = python(_RUN_ARTIFACTS, cpu, root, timeout=600 + 60 * len(paths), args=(job,))
         if proc.returncode == 3:
             raise MixerEdgeError(proc.stderr.strip().splitlines()[-1])
         if proc.returncode:

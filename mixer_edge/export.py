@@ -18,6 +18,7 @@ import numpy as np
 from .atomic import atomic_file
 from .data import Preprocess
 from .errors import MixerEdgeError, reason
+from .formats import safe_text
 
 OPSET = 18  # torch's exporter emits 18 natively; converting down to 17 fails on LayerNormalization
 BUNDLED_CHECKPOINT = Path(__file__).parent / "weights" / "mixer_digits.safetensors"
@@ -83,7 +84,7 @@ def export_onnx(model, path: str | Path, batch: int = 1, dynamic_batch: bool = F
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     diff = float(np.abs(run_onnxruntime(proto, x) - ref).max())
-    if diff > atol:
+    if not diff <= atol:  # NaN included
         raise MixerEdgeError(f"ONNX export differs from torch by {diff:.2e} (> {atol:.0e}): report this model")
     with atomic_file(path) as tmp:
         onnx.save(proto, str(tmp))
@@ -115,6 +116,7 @@ def load_onnx(path: str | Path):
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise MixerEdgeError(f"ONNX file {path} is not a valid model ({reason(exc)}): re-export it") from exc
+    check_finite_weights(proto, path)
     initializers = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     if len(inputs) != 1 or len(proto.graph.output) != 1:
@@ -129,6 +131,34 @@ def load_onnx(path: str | Path):
                              "export it with a fixed image size (only the batch may be dynamic)")
     check_mixer(proto, path)
     return proto
+
+
+def check_onnxruntime_runs(proto, path) -> None:
+    """Refuse a graph onnxruntime cannot load: every build is checked against it, so it must run there."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise MixerEdgeError(f"ONNX file {path} is refused by onnxruntime ({reason(exc, last=True)}), which checks "
+                             "every build: re-export it with a standard opset") from exc
+
+
+def check_finite_weights(proto, path) -> None:
+    """Refuse a graph whose weights (initializers, Constant nodes' tensors) hold NaN or Inf, naming the first."""
+    from onnx import numpy_helper
+
+    tensors = [(f"initializer '{i.name}'", i) for i in proto.graph.initializer]
+    tensors += [(f"Constant node '{n.name or n.output[0]}'", a.t) for n in proto.graph.node if n.op_type == "Constant"
+                for a in n.attribute if a.name == "value"]
+    for what, tensor in tensors:
+        try:
+            array = numpy_helper.to_array(tensor)
+        except Exception:  # a type numpy cannot hold (e.g. float8): onnxruntime and TVM judge it
+            continue
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            raise MixerEdgeError(f"ONNX file {path}: {safe_text(what, 120)} holds NaN or Inf values: re-export it "
+                                 "from finite weights")
 
 
 def check_mixer(proto, path) -> None:
@@ -180,18 +210,23 @@ def open_model(model: str | None = None, checkpoint: str | None = None, batch: i
         proto = load_onnx(model)
         spec = input_spec(proto)
         channels, size = spec.shape[1], tuple(spec.shape[2:])
-        out_dim = proto.graph.output[0].type.tensor_type.shape.dim[-1].dim_value or 0
+        out_dim = proto.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
+        if out_dim < 1:
+            raise MixerEdgeError(f"ONNX file {model} has no fixed number of classes (its output is "
+                                 f"{safe_text(str(proto.graph.output[0].type.tensor_type.shape.dim), 80)}): export it "
+                                 "with a fixed classifier size")
+        check_onnxruntime_runs(proto, model)
         pre = Preprocess(size=size, channels=channels, mean=(0.5,) * channels, std=(0.5,) * channels)
         return ModelSource(proto, Path(model).stem, pre, [str(i) for i in range(out_dim)])
 
     checkpoint = checkpoint or (None if model else str(BUNDLED_CHECKPOINT))
-    meta = checkpoints.read_metadata(checkpoint) if checkpoint else {}
-    name = model or meta.get("preset")
+    meta = checkpoints.checkpoint_metadata(checkpoint) if checkpoint else None  # None: not written by mixer-edge
+    name = model or (meta.preset if meta else None)
     if not name:
         raise MixerEdgeError(f"checkpoint {checkpoint} does not say its preset: pass --model PRESET")
     overrides = {"num_classes": num_classes} if num_classes else {}
-    if meta.get("config") and name == meta.get("preset"):
-        cfg = MixerConfig.from_dict({**meta["config"], **overrides})
+    if meta and meta.config and name == meta.preset:
+        cfg = MixerConfig.from_dict({**meta.config.model_dump(), **overrides})
     else:
         cfg = preset(name, **overrides)
     if checkpoint:
@@ -201,14 +236,19 @@ def open_model(model: str | None = None, checkpoint: str | None = None, batch: i
         progress(f"no checkpoint given: {name} gets random weights, seed 0 (fine for latency, not for accuracy)")
         torch.manual_seed(0)  # the same weights in every build, so builds can be compared with each other
         torch_model = create_model(cfg).eval()
-    pre = Preprocess.from_dict(meta["preprocess"]) if "preprocess" in meta else Preprocess(
+    # The checkpoint's preprocessing and labels, where they fit the model being built (another --model or
+    # --num-classes than the checkpoint's makes a model they may not fit: then the defaults).
+    fits = meta and meta.preprocess and (meta.preprocess.channels, meta.preprocess.size) == (cfg.in_chans,
+                                                                                          [cfg.img_size] * 2)
+    pre = meta.preprocess.to_preprocess() if fits else Preprocess(
         size=(cfg.img_size, cfg.img_size), channels=cfg.in_chans, mean=(0.5,) * cfg.in_chans, std=(0.5,) * cfg.in_chans)
-    labels = meta.get("labels") or [str(i) for i in range(cfg.num_classes)]
+    labels = list(meta.labels) if meta and meta.labels and len(meta.labels) == cfg.num_classes else \
+        [str(i) for i in range(cfg.num_classes)]
     progress(f"exporting {name} to ONNX (opset {OPSET}) and simplifying with onnxsim")
     with tempfile.TemporaryDirectory() as tmp:
         report = export_onnx(torch_model, Path(tmp) / "model.onnx", batch=batch, dynamic_batch=dynamic_batch)
         proto = load_onnx(Path(tmp) / "model.onnx")
     progress(f"ONNX parity vs torch: max |diff| = {report['max_abs_diff_vs_torch']:.2e}")
-    eval_data = "digits-test" if str(meta.get("dataset", "")).startswith("sklearn digits") else None
+    eval_data = "digits-test" if meta and (meta.dataset or "").startswith("sklearn digits") else None
     return ModelSource(proto, name, pre, labels, config=cfg.to_dict(), torch_model=torch_model, export=report,
                        eval_data=eval_data)

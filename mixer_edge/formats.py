@@ -8,11 +8,14 @@ with their field path), and the README's format reference is generated from it
 
 from __future__ import annotations
 
+import json
+import math
 import types
 import typing
-from typing import Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic_core import PydanticCustomError
 
 from .errors import MixerEdgeError
 
@@ -20,9 +23,42 @@ S = TypeVar("S", bound="Schema")
 
 
 class Schema(BaseModel):
-    """A record read from a file: unknown keys are errors, values keep their JSON/TOML types (no coercion)."""
+    """A record read from a file: unknown keys are errors, values keep their JSON/TOML types (no coercion),
+    numbers are finite (JSON has no words for NaN and Infinity)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, hide_input_in_errors=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, hide_input_in_errors=True,
+                              allow_inf_nan=False)
+
+
+def refuse(field: str, message: str, value: Any, **params: Any) -> NoReturn:
+    """Fail a cross-field check in a model validator, the error located at `field` (dotted, relative to the
+    record) and showing `value`; `message` is a format string of `params`."""
+    error = {"type": PydanticCustomError("consistency", message, params), "loc": tuple(field.split(".")),
+             "input": value}
+    raise ValidationError.from_exception_data("consistency", [error])
+
+
+def _json_data(value: Any) -> Any:
+    """`value` if it is plain JSON data (objects with string keys, arrays, strings, finite numbers, true/false/null)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if not all(isinstance(k, str) for k in item):
+                raise PydanticCustomError("json_data", "keys must be strings")
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise PydanticCustomError("finite_number", "holds {value}, which is not a finite number",
+                                      {"value": repr(item)})
+        elif item is not None and not isinstance(item, (str, int, float, bool)):
+            raise PydanticCustomError("json_data", "holds a {kind}, which is not JSON data",
+                                      {"kind": type(item).__name__})
+    return value
+
+
+JsonData = Annotated[Any, AfterValidator(_json_data)]
 
 
 def parse(schema: type[S], data: Any, source: str, fix: str = "fix it") -> S:
@@ -46,9 +82,13 @@ def describe(schema: type[Schema], error: dict) -> str:
                 + (f" (known: {', '.join(known)})" if known else ""))
     if error["type"] == "missing":
         return f"missing field '{where}'"
-    got = error.get("input", ...)
-    shown = "" if got is ... else f", got {safe_text(repr(got), 60)}"
-    return f"field '{where}': {error['msg'].rstrip('.')}{shown}"
+    message = error["msg"].rstrip(".")
+    try:
+        got = safe_text(repr(error["input"]), 60) if "input" in error else None
+    except RecursionError:  # a value nested deeper than repr goes
+        got = "a deeply nested value"
+    shown = f", got {got}" if got is not None and got not in message else ""
+    return (f"field '{where}': " if loc else "") + message + shown
 
 
 def _fields_at(schema: type, loc: tuple) -> set[str]:
@@ -75,6 +115,29 @@ def _record(annotation: Any) -> type[BaseModel] | None:
         if found is not None:
             return found
     return None
+
+
+def json_text(document: Any, indent: int | None = 1) -> str:
+    """`document` as JSON text, the one way mixer-edge writes JSON: a non-finite number is a bug, never written."""
+    return json.dumps(document, indent=indent, allow_nan=False) + ("\n" if indent is not None else "")
+
+
+def _records(annotation: Any) -> list[type[BaseModel]]:
+    """Every schema inside an annotation (X | Y, list[X | Y], dict[str, X], Annotated[...]), in order."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [record for arg in typing.get_args(annotation) for record in _records(arg)]
+
+
+def one_of(name: str, choices: tuple[str, ...]) -> BeforeValidator:
+    """A check run before a Literal's, so the refusal reads "NAME 'VALUE' is not one of A, B"."""
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and value in choices:
+            return value
+        raise PydanticCustomError("literal_error", "{name} {value} is not one of {choices}",
+                                  {"name": name, "value": safe_text(repr(value), 60), "choices": ", ".join(choices)})
+
+    return BeforeValidator(check)
 
 
 def safe_text(text: str, limit: int = 200) -> str:
@@ -142,9 +205,57 @@ def reference(formats: list[tuple[str, type[Schema]]]) -> str:
                 kind = _type_name(field.annotation)
                 limits = _constraints(field)
                 meaning = (field.description or "") + (f" ({limits})" if limits else "")
-                out.append(f"| `{field.alias or name}` | {kind} | {default} | {meaning} |")
-                nested = _record(field.annotation)
-                if nested is not None:
-                    queue.append(nested)
+                cells = (f"`{field.alias or name}`", kind, default, meaning)
+                out.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+                queue.extend(_records(field.annotation))  # every record of a union, not just the first
             out.append("")
     return "\n".join(out)
+
+
+# ---- the formats mixer-edge reads, and the README section generated from them ------------------------
+
+BEGIN, END = "<!-- formats: generated by `python -m mixer_edge.formats README.md`; edit the schemas, not this -->", \
+    "<!-- /formats -->"
+
+
+def documented() -> list[tuple[str, type[Schema]]]:
+    """Every file format mixer-edge reads, with its schema (imported here, so the device side, which reads only
+    manifests, needs none of the build-side modules)."""
+    from .checkpoints import CheckpointMetadata
+    from .compiler.targets import PresetFile
+    from .compiler.tuning import RecordRow, TuningKeyFile, WorkloadRow
+    from .quant.calibration import RecipeFile
+    from .runtime import Manifest
+    from .vulkan import Program
+
+    return [("Target presets: `targets/NAME.toml`, `--target FILE.toml`", PresetFile),
+            ("Calibration recipes: `calibration/NAME.toml`, `--calibration FILE.toml`", RecipeFile),
+            ("Artifact manifest: `manifest.json`", Manifest),
+            ("WGSL program: `program.json` (Vulkan artifacts)", Program),
+            ("Tuning database key: `key.json`", TuningKeyFile),
+            ("Tuning database rows: `database_workload.json`", WorkloadRow),
+            ("Tuning database rows: `database_tuning_record.json`", RecordRow),
+            ("Checkpoint metadata: the `.safetensors` header mixer-edge writes", CheckpointMetadata)]
+
+
+def readme_section() -> str:
+    return f"{BEGIN}\n\n{reference(documented())}\n{END}"
+
+
+def main(argv: list[str]) -> None:
+    """Print the reference, or (given a README path) rewrite its generated section in place."""
+    if not argv:
+        print(readme_section())
+        return
+    path = argv[0]
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text[:start] + readme_section() + text[end:])
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

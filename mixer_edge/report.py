@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MixerEdgeError
+from .formats import json_text
 
 RANDOM_EVAL_SAMPLES = 64  # inputs drawn when the model has no evaluation data (agreement only)
 HERE = "this machine"
@@ -69,11 +70,14 @@ def default_variants(preset, labelled: bool) -> list[Variant]:
 
 
 def metrics(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> dict:
-    """Top-1/top-5 accuracy (with labels), and how close the logits are to the float model's."""
+    """Top-1/top-5 accuracy on the labelled samples (label -1: unknown), and how close the logits are to the
+    float model's."""
     out = {"top1": None, "top5": None}
-    if labels is not None:
-        top5 = np.argsort(-logits, axis=1)[:, :5]
-        out = {"top1": float((top5[:, 0] == labels).mean()), "top5": float((top5 == labels[:, None]).any(1).mean())}
+    known = labels >= 0 if labels is not None else None
+    if known is not None and known.any():
+        top5 = np.argsort(-logits[known], axis=1)[:, :5]
+        truth = labels[known]
+        out = {"top1": float((top5[:, 0] == truth).mean()), "top5": float((top5 == truth[:, None]).any(1).mean())}
     from .bench import cosines
     from .quant.sensitivity import sqnr_db
 
@@ -121,12 +125,12 @@ def make_report(source, presets: list, out: str | Path, variants: list[Variant] 
     `out` (atomically, with the artifacts under artifacts/) and return report.json's content."""
     from . import runtime
     from .artifact import reference_logits, versions
-    from .atomic import atomic_dir, check_destination
+    from .atomic import REPORT, atomic_dir, check_destination
     from .bench import use_threads
     from .compiler import Tuning, compile_model, tune
     from .data import load_inputs
 
-    check_destination(out, "report.json")
+    check_destination(out, REPORT, inputs=(eval_data, calib_data, tuning and tuning.database))
     threads = threads or runtime.physical_cores()
     use_threads(threads)
     tuning = tuning or Tuning()
@@ -156,7 +160,7 @@ def make_report(source, presets: list, out: str | Path, variants: list[Variant] 
     reference = reference_logits(source.torch_model, source.onnx_model, x)
     quantized = _quantize(source, {v for _, v in plan if v.precision == "int8"}, calib_data, calib_samples,
                           eval_data, max_accuracy_drop, progress)
-    with atomic_dir(out, mark="report.json") as stage:
+    with atomic_dir(out, REPORT) as stage:
         rows = []
         for preset, variant in plan:
             quant, calibrate_s = quantized.get(variant, (None, None))
@@ -382,10 +386,7 @@ tr.pareto{{background:#fff4d6}}img{{max-width:100%}}</style></head><body>
 
 def write_report(root: Path, report: dict) -> None:
     """report.json, report.md, report.png and report.html in directory `root`."""
-    for row in report["rows"]:  # JSON has no infinity: identical logits get a null SQNR
-        if row.get("sqnr_db") == float("inf"):
-            row["sqnr_db"] = None
-    (root / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+    (root / "report.json").write_text(json_text(report))
     (root / "report.md").write_text(markdown(report), encoding="utf-8")
     plot(report, root / "report.png")
     (root / "report.html").write_text(html_page(report, (root / "report.png").read_bytes()), encoding="utf-8")

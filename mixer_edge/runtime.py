@@ -1,10 +1,11 @@
 """The device-side loader: verify an artifact, load it with the TVM runtime, and predict.
 
-Needs only `tvm` (runtime) and numpy: copy this package (or just this file, errors.py and
-data.py) to the board. Before anything is loaded, the manifest's format version and its own
-digest (any edit shows), the sha256 of every file and the device's CPU/GPU are checked, so a
+Needs only `tvm` (runtime), numpy and pydantic: copy this package (or just this file, errors.py,
+formats.py and data.py) to the board. Before anything is loaded, the manifest's format version,
+its own digest (any edit shows), its schema (`Manifest`: a forgery with a recomputed digest is
+refused naming the field), the sha256 of every file and the device's CPU/GPU are checked, so a
 tampered artifact or one built for another board is refused with one clear line instead of a
-crash or an illegal instruction. Nothing in an artifact is unpickled.
+crash or an illegal instruction. Nothing in an artifact is unpickled, and no weight may be NaN.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
-from .data import Preprocess, in_batches
+from .data import Preprocessing, in_batches
 from .errors import MixerEdgeError, reason
+from .formats import JsonData, Schema, parse, refuse, safe_text
 
 FORMAT_VERSION = 2  # 2: the manifest carries its own digest (manifest_sha256)
 MANIFEST = "manifest.json"
@@ -93,48 +97,414 @@ def manifest_digest(manifest: dict) -> str:
     return sha256_text(json.dumps(body, sort_keys=True, separators=(",", ":")))
 
 
-# What the loader reads from a manifest: (dotted key, type). A manifest whose digest checks out
-# always has them; one forged with a recomputed digest is still refused in one line, not a KeyError.
-REQUIRED_FIELDS = [("input.shape", list), ("output.shape", list), ("preprocess", dict), ("labels", list),
-                   ("params", list), ("target.device.kind", str)]
+# ---- the manifest's schema ------------------------------------------------------------------------
+# Checked after the format version and the digest, before any field is used: a manifest forged with a
+# recomputed digest is refused in one line naming the field, never a KeyError or a crash in TVM or wgpu.
+
+SHA256 = r"^[0-9a-f]{64}$"
+CUDA_ARCH = r"^sm_[1-9][0-9]{1,2}[af]?$"
+MAX_DIM = 2**31 - 1  # any tensor dimension: what an int32 index reaches
+
+Dim = Annotated[int, Field(ge=1, le=MAX_DIM)]
+Sha256 = Annotated[str, Field(pattern=SHA256)]
+CudaArch = Annotated[str, Field(pattern=CUDA_ARCH)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+
+
+class ModelConfig(Schema):
+    """The Mixer's architecture (a `MixerConfig`): what fixes its weights' shapes."""
+
+    img_size: Dim = Field(description="input images are img_size x img_size pixels")
+    patch_size: Dim = Field(description="the stem cuts patch_size x patch_size patches")
+    in_chans: Dim = Field(description="image channels (1 grey, 3 RGB)")
+    num_classes: Dim = Field(description="classifier outputs")
+    embed_dim: Dim = Field(description="channels of each patch token")
+    depth: Dim = Field(description="mixer blocks")
+    mlp_ratio: list[Annotated[float, Field(gt=0)]] = Field(
+        min_length=2, max_length=2, description="hidden size of the token-mixing and the channel-mixing MLP, as "
+        "multiples of embed_dim")
+
+
+class ModelInfo(Schema):
+    """The model the artifact was compiled from."""
+
+    name: str = Field(description="its preset name, or the ONNX file's name")
+    config: ModelConfig | None = Field(description="its architecture; null for a model given as ONNX")
+    from_: Literal["torch", "onnx"] = Field(alias="from", description="what the compiler was given: a PyTorch "
+                                            "model (then torch is the reference) or an ONNX file (onnxruntime is)")
+
+
+class InputTensor(Schema):
+    """The model's input: one batch of float32 NCHW images, preprocessed (see `preprocess`)."""
+
+    name: str = Field(description="the ONNX graph's input name")
+    shape: list[Dim] = Field(min_length=4, max_length=4, description="[batch, channels, height, width]; the batch "
+                             "is static: the runtime pads the last chunk of a larger input")
+    dtype: Literal["float32"] = Field(description="element type")
+    layout: Literal["NCHW"] = Field(description="dimension order")
+
+
+class OutputTensor(Schema):
+    """The model's output: one row of logits per image, one column per class (see `labels`)."""
+
+    name: Literal["logits"] = Field(description="always `logits`")
+    shape: list[Dim] = Field(min_length=2, max_length=2, description="[batch, classes]; batch as in input.shape")
+    dtype: Literal["float32"] = Field(description="element type")
+
+
+class DeviceRequirements(Schema):
+    """What the runtime checks on the device before it loads any code of the artifact."""
+
+    kind: Literal["cpu", "cuda", "vulkan"] = Field(description="the processor the model runs on")
+    backend: Literal["wgpu"] | None = Field(None, description="`wgpu`: WGSL kernels run through wgpu on any Vulkan "
+                                            "GPU and any CPU (program.json, no native code); absent: TVM's runtime "
+                                            "loads model.so")
+    arch: str | None = Field(None, pattern=r"^[A-Za-z0-9_]+$", description="the CPU architecture model.so is built "
+                             "for, as `uname -m` names it (`x86_64`, `aarch64`); absent with backend wgpu")
+    cpu_features: list[Annotated[str, Field(pattern=r"^[a-z0-9_]+$")]] | None = Field(
+        None, description="ISA extensions the code uses, by their Linux names (x86 cpuinfo flags, arm64 HWCAP "
+        "names); the device's CPU must have all; absent with backend wgpu")
+    cuda_archs: list[CudaArch] | None = Field(None, description="kind cuda: the GPU architectures kernels.fatbin "
+                                              "holds code for (`sm_NN`)")
+    cuda_ptx: bool | None = Field(None, description="kind cuda: kernels.fatbin also holds PTX, which newer GPUs "
+                                  "compile at load")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DeviceRequirements":
+        native = ("arch", "cpu_features", "cuda_archs", "cuda_ptx")
+        if self.backend == "wgpu":
+            if self.kind != "vulkan":
+                refuse("kind", "is {kind}, but backend wgpu runs on Vulkan: kind must be vulkan", self.kind,
+                       kind=repr(self.kind))
+            for name in native:
+                if getattr(self, name) is not None:
+                    refuse(name, "is set, but a wgpu artifact has no native code", getattr(self, name))
+            return self
+        for name in ("arch", "cpu_features") + (("cuda_archs", "cuda_ptx") if self.kind == "cuda" else ()):
+            if getattr(self, name) is None:
+                refuse(name, "is missing: a {kind} artifact needs it", None, kind=self.kind)
+        if self.kind == "cuda" and not self.cuda_archs and not self.cuda_ptx:
+            refuse("cuda_archs", "is empty and cuda_ptx is false: the artifact would run on no GPU", self.cuda_archs)
+        if self.kind != "cuda":
+            for name in ("cuda_archs", "cuda_ptx"):
+                if getattr(self, name) is not None:
+                    refuse(name, "is set, but kind is {kind}, not cuda", getattr(self, name), kind=self.kind)
+        return self
+
+
+class TargetInfo(Schema):
+    """The target preset the artifact was built for."""
+
+    preset: str = Field(description="the preset's name (`targets/NAME.toml`, `custom` for a JSON --target)")
+    description: str = Field(description="the preset's one-line description")
+    tvm: dict[str, JsonData] = Field(description="the TVM target it was compiled with, as TVM takes it")
+    device: DeviceRequirements = Field(description="what the device must have")
+
+
+class PrecisionInfo(Schema):
+    """The arithmetic of the compiled model."""
+
+    compute: Literal["float32", "float16", "int8"] = Field(description="the precision of the matmul and "
+                                                            "convolution kernels")
+    accumulation: Literal["float32", "int32"] = Field(description="the precision of their sums: int32 for int8 "
+                                                      "compute, else float32")
+    weights: list[str] = Field(min_length=1, description="the element types of the arrays in params.npz")
+
+    @model_validator(mode="after")
+    def _accumulation(self) -> "PrecisionInfo":
+        expected = "int32" if self.compute == "int8" else "float32"
+        if self.accumulation != expected:
+            refuse("accumulation", "is {got} but {compute} compute accumulates in {expected}", self.accumulation,
+                   got=self.accumulation, compute=self.compute, expected=expected)
+        return self
+
+
+class ExportReport(Schema):
+    """How the PyTorch model was exported to ONNX; every field is absent for a model given as ONNX."""
+
+    opset: int | None = Field(None, ge=1, description="the ONNX opset")
+    simplified: bool | None = Field(None, description="whether onnxsim simplified the graph")
+    dynamic_batch: bool | None = Field(None, description="whether the ONNX batch dimension was left symbolic")
+    max_abs_diff_vs_torch: float | None = Field(None, ge=0, description="largest |onnxruntime - torch| logit "
+                                                "difference on random inputs")
+
+    @model_validator(mode="after")
+    def _all_or_none(self) -> "ExportReport":
+        given = [name for name, value in self if value is not None]
+        if given and len(given) != len(type(self).model_fields):
+            missing = next(name for name, value in self if value is None)
+            refuse(missing, "is missing: an export report has every field or none", None)
+        return self
+
+
+class TuningDatabase(Schema):
+    """The MetaSchedule tuning database a build applied."""
+
+    graph: Sha256 = Field(description="sha256 of the tuned graph")
+    precision: str = Field(description="the precision it was tuned for")
+    records: int = Field(ge=0, description="measured schedules it holds")
+    workloads: int = Field(ge=0, description="tuning tasks it covers")
+    sha256: Sha256 = Field(description="sha256 of its records")
+
+
+class BuildInfo(Schema):
+    """How the artifact was built."""
+
+    seconds: float = Field(ge=0, description="wall-clock time of the build")
+    tuning_db: TuningDatabase | None = Field(description="the tuning database applied; null: TVM's default "
+                                             "schedules")
+    pipeline: str = Field(description="the TVM pipeline, in words")
+
+
+class CudaInfo(Schema):
+    """CUDA builds: the fat binary of GPU kernels shipped beside model.so."""
+
+    file: Literal["kernels.fatbin"] = Field(description="its file name")
+    format: Literal["fatbin"] = Field(description="its format")
+    source_sha256: Sha256 = Field(description="sha256 of the CUDA source in model.so it was compiled from: the "
+                                  "runtime refuses a fat binary of other kernels")
+    archs: list[CudaArch] = Field(description="the GPU architectures it holds code for")
+    ptx: bool = Field(description="whether it also holds PTX, for newer GPUs")
+    compiler: str = Field(description="what compiled it (nvcc or NVRTC, with its version)")
+
+
+class VulkanInfo(Schema):
+    """Vulkan builds through wgpu: the size of program.json's plan."""
+
+    backend: Literal["wgpu"] = Field(description="always `wgpu`")
+    dispatches: Dim = Field(description="kernel launches per inference")
+    kernels: Dim = Field(description="distinct WGSL kernels")
+
+
+class CalibrationRecipe(Schema):
+    """An int8 calibration recipe (`calibration/NAME.toml`), as it was applied."""
+
+    name: str = Field(description="its name")
+    observer: str = Field(description="how activation ranges were chosen (minmax, percentile, entropy, mse)")
+    percentile: float = Field(ge=0, le=100, description="the percentile observer's percentile")
+    samples: int = Field(ge=1, description="calibration samples it asks for")
+    seed: int = Field(description="seed of the sample draw")
+    activations: Literal["symmetric", "affine"] = Field(description="the activation quantization scheme")
+    float_layers: list[str] = Field(description="layers (or name prefixes) kept in float")
+    int8_ops: list[str] = Field(description="LayerNorm/GELU/residual ops put in int8")
+    description: str = Field(description="the recipe in words")
+
+
+class ActivationRange(Schema):
+    """The calibration table's entry for one quantized activation tensor."""
+
+    kind: Literal["activation"] = Field(description="`activation`")
+    layers: list[str] = Field(description="the layers that read it")
+    scale: float = Field(ge=0, description="quantization scale")
+    zero_point: int = Field(ge=-128, le=255, description="quantization zero point")
+    observer: str = Field(description="the observer that chose the range")
+    range: list[float] = Field(min_length=2, max_length=2, description="[low, high] quantized range")
+    observed: list[float] = Field(min_length=2, max_length=2, description="[low, high] seen in calibration")
+
+
+class WeightRange(Schema):
+    """The calibration table's entry for one quantized weight."""
+
+    kind: Literal["weight"] = Field(description="`weight`")
+    layers: list[str] = Field(description="the layer it belongs to")
+    scheme: str = Field(description="the quantization scheme, e.g. `symmetric per channel`")
+    axis: int = Field(ge=0, description="the channel axis of the per-channel scales")
+    channels: Dim = Field(description="number of scales")
+    scale_min: float = Field(ge=0, description="smallest channel scale")
+    scale_max: float = Field(ge=0, description="largest channel scale")
+    observer: str = Field(description="how the scales were chosen")
+    range: list[float] = Field(min_length=2, max_length=2, description="[min, max] of the float weight")
+
+
+class QuantEvaluation(Schema):
+    """The QDQ model against the float one under onnxruntime, on the model's evaluation data."""
+
+    data: str = Field(description="the evaluation data")
+    samples: int = Field(ge=0, description="its size")
+    float_accuracy: Fraction = Field(description="top-1 accuracy of the float model")
+    int8_accuracy: Fraction = Field(description="top-1 accuracy of the QDQ model")
+    top1_agreement: Fraction = Field(description="share of inputs where both pick the same class")
+    max_abs_logit_diff: float = Field(ge=0, description="largest |QDQ - float| logit difference")
+
+
+class MixedPrecision(Schema):
+    """int8 with the most sensitive layers kept in float until the accuracy drop fits a budget."""
+
+    validation_data: str = Field(description="the labelled data the accuracy was measured on")
+    max_accuracy_drop_points: float = Field(description="the budget, in percentage points")
+    float_layers: list[str] = Field(description="the layers kept in float")
+    float_accuracy: Fraction = Field(description="accuracy of the float model")
+    int8_accuracy: Fraction = Field(description="accuracy of the mixed model")
+    drop_points: float = Field(description="the accuracy drop, in percentage points")
+    within_budget: bool = Field(description="whether the drop fits the budget")
+
+
+class LayerSensitivity(Schema):
+    """One layer's sensitivity to int8: the logits' SQNR with only that layer quantized."""
+
+    layer: str = Field(description="the layer")
+    sqnr_db: float | None = Field(description="signal-to-quantization-noise ratio in dB; null where it is "
+                                  "infinite (the layer alone in int8 changes nothing)")
+
+
+class QuantizationInfo(Schema):
+    """int8 builds: what was lowered to integer kernels, how it was calibrated, and the calibration table."""
+
+    layers: Dim = Field(description="matmuls and convolutions lowered to integer kernels")
+    dot_product: str = Field(description="the int8 dot-product instruction used (vnni, sdot, dp4a, plain)")
+    activations: Literal["int8", "uint8"] = Field(description="the integer type of quantized activations")
+    recipe: CalibrationRecipe | str = Field(description="the calibration recipe, or a sentence for a QDQ ONNX "
+                                            "compiled as it was given")
+    calibration_data: str | None = Field(None, description="the calibration data")
+    samples: int | None = Field(None, ge=1, description="calibration samples drawn")
+    evaluation: QuantEvaluation | None = Field(None, description="the QDQ model against the float one")
+    mixed_precision: MixedPrecision | None = Field(None, description="the float fallback, with --max-accuracy-drop")
+    sensitivity: list[LayerSensitivity] | None = Field(None, description="each layer's SQNR alone in int8")
+    table: dict[str, Annotated[ActivationRange | WeightRange, Field(discriminator="kind")]] | None = Field(
+        description="the calibration table: tensor name -> its quantization; null for a QDQ ONNX given as it was")
+
+
+class OnnxruntimeQdq(Schema):
+    """int8 builds: the artifact against onnxruntime running the same QDQ model."""
+
+    top1_agreement: Fraction = Field(description="share of inputs where both pick the same class")
+    max_abs_logit_diff: float = Field(ge=0, description="largest |artifact - onnxruntime| logit difference")
+
+
+class Verified(Schema):
+    """The artifact was loaded back on the build machine and compared with the reference model."""
+
+    status: Literal["verified"] = Field(description="`verified`")
+    data: str = Field(description="the inputs: an evaluation data set, or `2 random inputs`")
+    samples: Dim = Field(description="how many inputs")
+    top1_agreement: Fraction = Field(description="share of inputs where artifact and reference pick the same class")
+    max_abs_logit_diff: float = Field(ge=0, description="largest |artifact - reference| logit difference")
+    reference: Literal["torch", "onnxruntime"] = Field(description="the reference: the PyTorch model, or "
+                                                       "onnxruntime on the ONNX graph")
+    accuracy: Fraction | None = Field(None, description="top-1 accuracy of the artifact, where the data has labels")
+    reference_accuracy: Fraction | None = Field(None, description="top-1 accuracy of the reference, likewise")
+    onnxruntime_qdq: OnnxruntimeQdq | None = Field(None, description="int8 builds: against the QDQ model")
+
+
+class NotVerified(Schema):
+    """The artifact could not run on the build machine (another CPU or GPU), so it was not compared."""
+
+    status: Literal["not run on this machine"] = Field(description="`not run on this machine`")
+    reason: str = Field(description="why, as the runtime refused it")
+
+
+class Manifest(Schema):
+    """An artifact's `manifest.json`: what the model is, what it was built for and with, and the sha256 of every
+    file. The runtime checks the format version, then the manifest's own digest, then this schema, then every
+    file's sha256 and the device, before it loads anything."""
+
+    format_version: Literal[FORMAT_VERSION] = Field(description="the artifact format; a runtime reads only its "
+                                                    "own (rebuild older artifacts)")
+    created: str = Field(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", description="when it was built (ISO 8601, UTC)")
+    model: ModelInfo = Field(description="the model it was compiled from")
+    input: InputTensor = Field(description="the model's input tensor")
+    output: OutputTensor = Field(description="the model's output tensor")
+    preprocess: Preprocessing = Field(description="how images become inputs")
+    labels: list[str] = Field(description="class names, one per output column (output.shape[1])")
+    target: TargetInfo = Field(description="the target it was built for")
+    precision: PrecisionInfo = Field(description="the arithmetic of the compiled model")
+    params: list[str] = Field(description="the weights' names in params.npz, in the order the model takes them")
+    export: ExportReport = Field(description="the PyTorch -> ONNX export; empty for an ONNX model")
+    build: BuildInfo = Field(description="how it was built")
+    versions: dict[str, str] = Field(description="versions of mixer-edge, Python and the libraries that built it")
+    quantization: QuantizationInfo | None = Field(None, description="int8 builds: the quantization")
+    vulkan: VulkanInfo | None = Field(None, description="wgpu builds: program.json's plan")
+    cuda: CudaInfo | None = Field(None, description="CUDA builds: the fat binary")
+    files: dict[str, Sha256] = Field(description="every file of the artifact (plain names, no directories) -> its "
+                                     "sha256")
+    manifest_sha256: Sha256 = Field(description="sha256 of this manifest's canonical JSON without this field: any "
+                                    "edit shows")
+    verification: Annotated[Verified | NotVerified, Field(discriminator="status")] | None = Field(
+        None, description="the check against the reference on the build machine; absent with --no-verify")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Manifest":
+        batch, channels, *size = self.input.shape
+        if self.output.shape[0] != batch:
+            refuse("output.shape", "has batch {got} but input.shape has {batch}", self.output.shape,
+                   got=self.output.shape[0], batch=batch)
+        classes = self.output.shape[1]
+        if len(self.labels) != classes:
+            refuse("labels", "has {n} labels but output.shape[1] says {classes} classes: one label per class",
+                   self.labels, n=len(self.labels), classes=classes)
+        if self.preprocess.channels != channels:
+            refuse("preprocess.channels", "is {got} but input.shape[1] is {channels}", self.preprocess.channels,
+                   got=self.preprocess.channels, channels=channels)
+        if self.preprocess.size != size:
+            refuse("preprocess.size", "is {got} but input.shape[2:] is {size}", self.preprocess.size,
+                   got=self.preprocess.size, size=size)
+        config = self.model.config
+        if config is not None and (config.num_classes, config.in_chans, [config.img_size] * 2) != (classes, channels,
+                                                                                                 size):
+            refuse("model.config", "({classes} classes, {chans} channels, {img}x{img} images) does not match "
+                   "input.shape and output.shape", config.model_dump(), classes=config.num_classes,
+                   chans=config.in_chans, img=config.img_size)
+        if len(set(self.params)) != len(self.params):
+            refuse("params", "lists a weight twice", self.params)
+        device = self.target.device
+        wgpu = device.backend == "wgpu"
+        for name, needed, when in (("quantization", self.precision.compute == "int8", "precision.compute is int8"),
+                                   ("vulkan", wgpu, "target.device.backend is wgpu"),
+                                   ("cuda", device.kind == "cuda", "target.device.kind is cuda")):
+            section = getattr(self, name)
+            if needed and section is None:
+                refuse(name, "is missing, but {when}", None, when=when)
+            if section is not None and not needed:
+                refuse(name, "is there, but belongs only where {when}", section.model_dump(), when=when)
+        expected = {PARAMS, PROGRAM if wgpu else LIBRARY} | ({CUDA_KERNELS} if self.cuda else set())
+        if set(self.files) & {PARAMS, PROGRAM, LIBRARY, CUDA_KERNELS} != expected:
+            refuse("files", "lists {got} of the model's files, but this build has {expected}", sorted(self.files),
+                   got=", ".join(sorted(set(self.files) & {PARAMS, PROGRAM, LIBRARY, CUDA_KERNELS})) or "none",
+                   expected=", ".join(sorted(expected)))
+        return self
 
 
 def read_manifest(path: str | Path) -> dict:
-    """The manifest of artifact directory `path`, after checking its format version, digest and file hashes."""
+    """The manifest of artifact directory `path` as written, after every check of `verified_manifest`."""
+    return verified_manifest(path)[0]
+
+
+def verified_manifest(path: str | Path) -> tuple[dict, Manifest]:
+    """The manifest of artifact directory `path`, as written and as a validated `Manifest`, after checking its
+    format version, its digest, its schema and the sha256 of every file it lists."""
     root = Path(path)
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise MixerEdgeError(f"{root} is not a mixer-edge artifact (no {MANIFEST}): pass the directory `compile` wrote")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MixerEdgeError(f"{manifest_path} is not valid JSON ({exc}): rebuild the artifact") from exc
+        digest = manifest_digest(manifest) if isinstance(manifest, dict) else None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise MixerEdgeError(f"{manifest_path} is not valid JSON ({safe_text(str(exc), 120)}): rebuild the "
+                             "artifact") from None
+    except OSError as exc:
+        raise MixerEdgeError(f"{manifest_path} could not be read ({reason(exc)}): copy the artifact again") from exc
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
-        raise MixerEdgeError(f"{root} has artifact format version {version!r}; this runtime reads version "
-                             f"{FORMAT_VERSION}: rebuild it with this mixer-edge")
-    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise MixerEdgeError(f"{root} has artifact format version {safe_text(repr(version), 40)}; this runtime reads "
+                             f"version {FORMAT_VERSION}: rebuild it with this mixer-edge")
+    if manifest.get("manifest_sha256") != digest:
         raise MixerEdgeError(f"{manifest_path} was edited after the build (its manifest_sha256 does not match its "
                              "content): copy the artifact again or rebuild it")
-    for key, kind in REQUIRED_FIELDS:
-        value = manifest
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        if not isinstance(value, kind):
-            raise MixerEdgeError(f"{manifest_path} lacks {key} ({kind.__name__}): rebuild the artifact")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not ({LIBRARY, PROGRAM} & set(files)) or PARAMS not in files:
-        raise MixerEdgeError(f"{manifest_path} lists no files to verify: rebuild the artifact")
-    for name, expected in files.items():
+    record = parse(Manifest, manifest, str(manifest_path), "rebuild the artifact")
+    for name, expected in record.files.items():
+        if Path(name).name != name or name in ("", ".", "..") or not name.isprintable():
+            raise MixerEdgeError(f"{manifest_path} lists {safe_text(name, 80)}, which is not a file inside the "
+                                 "artifact: rebuild it")
         file = root / name
-        if Path(name).name != name:
-            raise MixerEdgeError(f"{manifest_path} lists {name}, which is not a file inside the artifact: rebuild it")
         if not file.is_file():
             raise MixerEdgeError(f"{root} is missing {name}: copy the whole artifact directory")
         if sha256(file) != expected:
             raise MixerEdgeError(f"{file} does not match its sha256 in the manifest (modified or corrupt): "
                                  "copy the artifact again or rebuild it")
-    return manifest
+    return manifest, record
 
 
 ELF_MACHINES = {62: "x86_64", 183: "aarch64"}  # e_machine of an ELF header
@@ -150,25 +520,25 @@ def library_arch(path: Path) -> str:
     return ELF_MACHINES.get(machine, f"ELF machine {machine}")
 
 
-def check_device(manifest: dict, root: Path) -> None:
+def check_device(manifest: Manifest, root: Path) -> None:
     """Refuse an artifact whose target this machine cannot run, before loading any code."""
-    req = manifest["target"]["device"]
-    preset = manifest["target"].get("preset", "?")
-    if req.get("backend") == "wgpu":  # WGSL and a plan: no native code, any CPU; the Vulkan device is
+    req = manifest.target.device
+    preset = manifest.target.preset
+    if req.backend == "wgpu":  # WGSL and a plan: no native code, any CPU; the Vulkan device is
         return  # chosen (or refused) first thing when the program is created, before anything is uploaded
     here = platform.machine()
     built_for = library_arch(root / LIBRARY)
-    if built_for != req.get("arch"):
-        raise MixerEdgeError(f"{root / LIBRARY} is built for {built_for} but the manifest says {req['arch']}: "
+    if built_for != req.arch:
+        raise MixerEdgeError(f"{root / LIBRARY} is built for {built_for} but the manifest says {req.arch}: "
                              "the artifact was edited; rebuild it")
-    if req["arch"] != here:
-        raise MixerEdgeError(f"artifact is built for {req['arch']} (target {preset}) but this machine is {here}: "
+    if req.arch != here:
+        raise MixerEdgeError(f"artifact is built for {req.arch} (target {preset}) but this machine is {here}: "
                              "run it on the device or rebuild with --target host")
-    missing = sorted(set(req.get("cpu_features", ())) - machine_cpu_features())
+    missing = sorted(set(req.cpu_features or ()) - machine_cpu_features())
     if missing:
         raise MixerEdgeError(f"artifact target {preset} needs CPU features this CPU lacks ({', '.join(missing)}): "
                              "rebuild for this board's preset")
-    if req["kind"] == "cuda":
+    if req.kind == "cuda":
         import tvm
 
         _load_cuda_runtime(preset)
@@ -176,17 +546,15 @@ def check_device(manifest: dict, root: Path) -> None:
         if not dev.exist:
             raise MixerEdgeError(f"artifact target {preset} needs an NVIDIA GPU and CUDA driver; none is present here")
         sm = "sm_" + dev.compute_version.replace(".", "")
-        archs = req.get("cuda_archs", [])
-        if sm not in archs and not req.get("cuda_ptx"):
+        archs = req.cuda_archs or []
+        if sm not in archs and not req.cuda_ptx:
             raise MixerEdgeError(f"artifact holds code for {', '.join(archs)} but this GPU is {sm}: "
                                  "rebuild for this GPU's preset")
-    elif req["kind"] == "vulkan":  # built by a TVM with its Vulkan code generator: TVM's Vulkan runtime
+    elif req.kind == "vulkan":  # built by a TVM with its Vulkan code generator: TVM's Vulkan runtime
         import tvm
 
         if not tvm.vulkan(0).exist:
             raise MixerEdgeError(f"artifact target {preset} needs a Vulkan GPU and a TVM runtime built with Vulkan")
-    elif req["kind"] != "cpu":
-        raise MixerEdgeError(f"artifact target kind '{req['kind']}' is not runnable by this runtime")
 
 
 def _load_cuda_runtime(preset: str) -> None:
@@ -206,33 +574,38 @@ def _load_cuda_runtime(preset: str) -> None:
 
 
 class Model:
-    """A loaded artifact: `model(x)` returns logits for a float32 NCHW batch of any size."""
+    """A loaded artifact: `model(x)` returns logits for a float32 NCHW batch of any size.
 
-    def __init__(self, root: Path, manifest: dict):
-        self.root, self.manifest = root, manifest
-        self.preprocess = Preprocess.from_dict(manifest["preprocess"])
-        self.labels = manifest["labels"]
-        self.input_shape = tuple(manifest["input"]["shape"])
-        self.output_shape = tuple(manifest["output"]["shape"])
-        weights = read_params(root, manifest)
-        if manifest["target"]["device"].get("backend") == "wgpu":
-            from .vulkan import WgpuProgram
+    `record` is the validated manifest (a `Manifest`), `manifest` the same as written (a dict)."""
 
-            self.program = WgpuProgram(json.loads((root / PROGRAM).read_text()), weights, self.input_shape)
+    def __init__(self, root: Path, record: Manifest, manifest: dict | None = None):
+        self.root, self.record = root, record
+        self.manifest = manifest if manifest is not None else record.model_dump(mode="json", by_alias=True,
+                                                                                exclude_none=True)
+        self.preprocess = record.preprocess.to_preprocess()
+        self.labels = list(record.labels)
+        self.input_shape = tuple(record.input.shape)
+        self.output_shape = tuple(record.output.shape)
+        weights = read_params(root, record)
+        if record.target.device.backend == "wgpu":
+            from .vulkan import WgpuProgram, read_program
+
+            program = read_program(root / PROGRAM)
+            self.program = WgpuProgram(program, weights, self.input_shape, self.output_shape, str(root / PROGRAM))
             self.device = self.program.adapter_info
             self._run = lambda x: self.program(x).reshape(self.output_shape)
         else:
-            self._load_tvm(root, manifest, weights)
+            self._load_tvm(root, record, weights)
 
-    def _load_tvm(self, root: Path, manifest: dict, weights: list[np.ndarray]) -> None:
+    def _load_tvm(self, root: Path, record: Manifest, weights: list[np.ndarray]) -> None:
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
-        kind = manifest["target"]["device"]["kind"]
+        kind = record.target.device.kind
         self.device = {"cuda": tvm.cuda, "vulkan": tvm.vulkan, "cpu": tvm.cpu}[kind](0)
         mismatch = []
-        if kind == "cuda":
-            _serve_cuda_kernels(root / CUDA_KERNELS, manifest["cuda"]["source_sha256"], mismatch)
+        if record.cuda is not None:
+            _serve_cuda_kernels(root / CUDA_KERNELS, record.cuda.source_sha256, mismatch)
         try:
             library = tvm.runtime.load_module(str(root / LIBRARY))
         except Exception as exc:
@@ -251,20 +624,33 @@ class Model:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.shape[1:] != self.input_shape[1:]:
             raise MixerEdgeError(f"input shape {x.shape} does not match the artifact's {self.input_shape}")
-        return in_batches(self._run, x, self.batch)  # the artifact has a static batch
+        logits = in_batches(self._run, x, self.batch)  # the artifact has a static batch
+        if not np.isfinite(logits).all():  # a result that is not finite is never returned
+            raise MixerEdgeError(f"the artifact {self.root} computed NaN or Inf logits on these inputs: its weights "
+                                 "are not finite or it overflows; rebuild it from a finite checkpoint")
+        return logits
 
     def classify(self, x: np.ndarray) -> np.ndarray:
         return self(x).argmax(axis=1)
 
 
-def read_params(root: Path, manifest: dict) -> list[np.ndarray]:
-    """The weights in params.npz, in the order the manifest lists them; never unpickles anything."""
+def read_params(root: Path, manifest: Manifest | dict) -> list[np.ndarray]:
+    """The weights in params.npz, in the order the manifest lists them; never unpickles anything.
+
+    Refused: an array that is missing or not numeric. (NaN can be legitimate here: TVM's prepacked weight
+    layouts have padding lanes that are never read; the logits are checked instead, see Model.__call__.)"""
+    names = manifest.params if isinstance(manifest, Manifest) else manifest["params"]
     try:
         with np.load(root / PARAMS, allow_pickle=False) as npz:
-            return [npz[name] for name in manifest["params"]]
+            weights = [npz[name] for name in names]
     except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
         raise MixerEdgeError(f"{root / PARAMS} does not hold the plain arrays the manifest lists ({reason(exc)}): "
                              "rebuild the artifact") from exc
+    for name, weight in zip(names, weights):
+        if weight.dtype.kind not in "biuf":
+            raise MixerEdgeError(f"{root / PARAMS}: array '{safe_text(name, 80)}' is {weight.dtype}, not a number "
+                                 "array: rebuild the artifact")
+    return weights
 
 
 def _serve_cuda_kernels(fat_binary: Path, source_sha256: str, mismatch: list) -> None:
@@ -285,9 +671,9 @@ def _serve_cuda_kernels(fat_binary: Path, source_sha256: str, mismatch: list) ->
 def load(path: str | Path) -> Model:
     """Verify and load an artifact directory or .tar (see the module docstring)."""
     with artifact_dir(path) as root:  # Model reads every file it needs while it is built
-        manifest = read_manifest(root)
-        check_device(manifest, root)
-        return Model(root, manifest)
+        manifest, record = verified_manifest(root)
+        check_device(record, root)
+        return Model(root, record, manifest)
 
 
 @contextlib.contextmanager

@@ -3,19 +3,136 @@
 The program (see `compiler/webgpu.py`) is replayed once at load into GPU objects: weights are
 uploaded once, every intermediate tensor gets its GPU buffer, every kernel launch its pipeline and
 bind group. An inference then writes the input, records all dispatches into one compute pass, and
-reads back only the logits: nothing else crosses between host and GPU. Needs numpy and wgpu, not TVM.
+reads back only the logits: nothing else crosses between host and GPU. Needs numpy, pydantic and
+wgpu, not TVM. program.json is validated (`Program`) and checked against the weights before any of
+it reaches the GPU, so a forged one is refused in one line.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import struct
+from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import AfterValidator, Field, model_validator
+from pydantic_core import PydanticCustomError
 
-from .errors import MixerEdgeError
+from .errors import MixerEdgeError, reason
+from .formats import Schema, parse, refuse, safe_text
 
-_STORAGE_KIND = {"read": "read-only-storage", "read_write": "storage"}
+_STORAGE_KIND = {"": "read-only-storage", "read": "read-only-storage", "read_write": "storage"}
+PROGRAM_FORMAT = 1  # compiler/webgpu.py writes it
+IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"  # a WGSL identifier (names from compiler/webgpu.py are sanitised)
+DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+          "bool")
+MAX_WORKGROUPS = 65535  # per grid dimension, WebGPU's maxComputeWorkgroupsPerDimension
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+# ---- program.json's schema ------------------------------------------------------------------------
+
+def _scalar(value: list) -> tuple[str, int | float]:
+    """A kernel's scalar argument: ["i32", an integer in int32's range] or ["f32", a finite number in float32's]."""
+    if len(value) == 2 and value[0] == "i32" and type(value[1]) is int and -2**31 <= value[1] < 2**31:
+        return "i32", value[1]
+    if len(value) == 2 and value[0] == "f32" and type(value[1]) in (int, float) and abs(value[1]) <= _F32_MAX:
+        return "f32", float(value[1])
+    raise PydanticCustomError("scalar", "a scalar is [\"i32\", an int32] or [\"f32\", a finite float32]")
+
+
+ValueId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Scalar = Annotated[list, AfterValidator(_scalar)]
+
+
+class Launch(Schema):
+    """One kernel launch of a `call` step."""
+
+    kernel: str = Field(pattern=IDENTIFIER, description="the WGSL kernel (a key of `kernels`), also its entry point")
+    buffers: list[Annotated[int, Field(ge=0)]] = Field(description="the storage buffers it binds, in binding order: "
+                                                       "positions in the step's `args`")
+    scalars: list[Scalar] = Field(description="its scalar arguments, each `[\"i32\", integer]` or `[\"f32\", "
+                                  "number]`, passed in its uniform buffer before the grid's x size")
+    grid: list[Annotated[int, Field(ge=1, le=2**31 - 1)]] = Field(
+        min_length=3, max_length=3, description=f"workgroups along x, y, z (the runtime refuses more than "
+        f"{MAX_WORKGROUPS} in one dimension, WebGPU's limit)")
+
+
+class CallStep(Schema):
+    """Run one compiled function: its kernel launches, in order."""
+
+    op: Literal["call"] = Field(description="`call`")
+    func: str = Field(description="the function's name, for reading")
+    args: list[ValueId] = Field(description="the values it takes (its tensors, input and output), by id")
+    launches: list[Launch] = Field(description="the kernels it launches")
+
+    @model_validator(mode="after")
+    def _bound(self) -> "CallStep":
+        for i, launch in enumerate(self.launches):
+            for position in launch.buffers:
+                if position >= len(self.args):
+                    refuse(f"launches.{i}.buffers", "binds argument {position} but the call has {n} args",
+                           launch.buffers, position=position, n=len(self.args))
+        return self
+
+
+class StorageStep(Schema):
+    """Allocate a GPU buffer that later `view` steps carve tensors from."""
+
+    op: Literal["storage"] = Field(description="`storage`")
+    out: ValueId = Field(description="the id of the new buffer")
+    bytes: int = Field(ge=1, le=2**40, description="its size in bytes")
+
+
+class ViewStep(Schema):
+    """A tensor inside an earlier value (a storage buffer, a weight or another view): a reshape or an allocation."""
+
+    op: Literal["view"] = Field(description="`view`")
+    out: ValueId = Field(description="the id of the new tensor")
+    src: ValueId = Field(description="the id of the value it lies in")
+    offset: int = Field(ge=0, le=2**40, description="its byte offset inside `src`")
+    shape: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(max_length=16, description="its shape")
+    dtype: Literal[DTYPES] | None = Field(None, description="its element type; absent: `src`'s")
+
+
+class Program(Schema):
+    """An artifact's `program.json` (Vulkan through wgpu): the WGSL kernels TVM generated and the host's plan,
+    replayed once at load. Values are numbered: 0 is the input, 1 to N the weights in the manifest's `params`
+    order, then whatever the steps create. Checked before anything reaches the GPU."""
+
+    format: Literal[PROGRAM_FORMAT] = Field(description="the program format")
+    steps: list[Annotated[CallStep | StorageStep | ViewStep, Field(discriminator="op")]] = Field(
+        description="the plan, in order")
+    output: ValueId = Field(description="the id of the logits")
+    kernels: dict[Annotated[str, Field(pattern=IDENTIFIER)], str] = Field(
+        description="WGSL source of each kernel, by name (its entry point)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Program":
+        created: set[int] = set()
+        for i, step in enumerate(self.steps):
+            for j, launch in enumerate(getattr(step, "launches", ())):
+                if launch.kernel not in self.kernels:
+                    refuse(f"steps.{i}.launches.{j}.kernel", "names no kernel of `kernels`", launch.kernel)
+            out = getattr(step, "out", None)
+            if out is not None:
+                if out in created:
+                    refuse(f"steps.{i}.out", "reuses the id of an earlier step's value", out)
+                created.add(out)
+        return self
+
+
+def read_program(path: Path) -> Program:
+    """program.json at `path`, validated (its structure; the ids and sizes are checked at load)."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise MixerEdgeError(f"{path} is not valid JSON ({safe_text(str(exc), 120)}): rebuild the artifact") from None
+    except OSError as exc:
+        raise MixerEdgeError(f"{path} could not be read ({reason(exc)}): copy the artifact again") from exc
+    return parse(Program, data, str(path), "rebuild the artifact")
 
 
 def _aligned(nbytes: int) -> int:
@@ -40,20 +157,32 @@ def adapter():
     return min(vulkan, key=lambda a: _PREFERENCE.get(a.info["adapter_type"], len(_PREFERENCE)))
 
 
-def _bind_group_layout(device, wgsl: str):
-    """The layout the kernel's WGSL declares: storage buffers (read or read_write), then one uniform."""
+def _bindings(name: str, wgsl: str, source: str) -> list[str]:
+    """The buffers kernel `name`'s WGSL declares, in binding order: storage ones ("read", "read_write") then one
+    "uniform" (its scalars and grid size); refused if it declares anything else."""
+    found = re.findall(r"@binding\((\d+)\)\s*var<(\w+)(?:,\s*(\w+))?>", wgsl)
+    kinds = [("uniform" if space == "uniform" else access or "read") for _, space, access in
+             sorted(found, key=lambda b: int(b[0]))]
+    if [int(b) for b, _, _ in sorted(found, key=lambda b: int(b[0]))] != list(range(len(found))) or \
+            kinds[-1:] != ["uniform"] or any(k not in ("read", "read_write") for k in kinds[:-1]):
+        raise MixerEdgeError(f"{source} kernel {name} does not declare storage buffers then one uniform "
+                             "(bindings 0, 1, ...): rebuild the artifact")
+    return kinds
+
+
+def _bind_group_layout(device, kinds: list[str]):
+    """The layout of a kernel's bindings (see `_bindings`)."""
     import wgpu
 
-    entries = []
-    for binding, space, access in re.findall(r"@binding\((\d+)\)\s*var<(\w+)(?:,\s*(\w+))?>", wgsl):
-        kind = "uniform" if space == "uniform" else _STORAGE_KIND[access]
-        entries.append({"binding": int(binding), "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": kind}})
+    entries = [{"binding": i, "visibility": wgpu.ShaderStage.COMPUTE,
+                "buffer": {"type": "uniform" if kind == "uniform" else _STORAGE_KIND[kind]}}
+               for i, kind in enumerate(kinds)]
     return device.create_bind_group_layout(entries=entries)
 
 
-def _features(program: dict, gpu) -> list[str]:
+def _features(program: Program, gpu) -> list[str]:
     """The device features the kernels need: shader-f16 for float16 builds (WGSL `enable f16;`)."""
-    if not any(re.search(r"^\s*enable f16;", wgsl, re.M) for wgsl in program["kernels"].values()):
+    if not any(re.search(r"^\s*enable f16;", wgsl, re.M) for wgsl in program.kernels.values()):
         return []
     if "shader-f16" not in gpu.features:
         raise MixerEdgeError(f"this artifact computes in float16, which the Vulkan device {gpu.info['device']} "
@@ -62,11 +191,30 @@ def _features(program: dict, gpu) -> list[str]:
 
 
 class WgpuProgram:
-    def __init__(self, program: dict, weights: list[np.ndarray], input_shape: tuple):
-        import wgpu
+    """A `Program` set up on the best Vulkan device: `program(x)` runs one inference and returns the flat logits.
 
+    The plan is checked against the weights first (every id defined before use, every view inside its buffer,
+    every launch binding what its kernel declares, the output the size of the logits); whatever wgpu still
+    refuses while the GPU objects are created is one MixerEdgeError too."""
+
+    def __init__(self, program: Program, weights: list[np.ndarray], input_shape: tuple, output_shape: tuple,
+                 source: str = "program.json"):
+        self.source = source  # the file, for messages
         gpu = adapter()
         self.adapter_info = dict(gpu.info)
+        try:
+            self._setup(program, weights, input_shape, output_shape, gpu)
+        except MixerEdgeError:
+            raise
+        except Exception as exc:  # wgpu's validation errors: a forged kernel or plan that passed the checks
+            device = self.adapter_info.get("device")
+            raise MixerEdgeError(f"{self.source} could not be set up on the Vulkan device {device} "
+                                 f"({safe_text(reason(exc, last=True), 200)}): rebuild the artifact") from exc
+
+    def _setup(self, program: Program, weights: list[np.ndarray], input_shape: tuple, output_shape: tuple,
+               gpu) -> None:
+        import wgpu
+
         limits = gpu.limits
         self.device = gpu.request_device_sync(required_features=_features(program, gpu), required_limits={
             "max-storage-buffers-per-shader-stage": limits["max-storage-buffers-per-shader-stage"]})
@@ -79,39 +227,68 @@ class WgpuProgram:
             data = np.ascontiguousarray(weight).tobytes()
             data += b"\0" * (_aligned(len(data)) - len(data))
             values[i] = (device.create_buffer_with_data(data=data, usage=storage), 0, weight.nbytes, str(weight.dtype))
-        kernels = {}
-        for name, wgsl in program["kernels"].items():
-            layout = _bind_group_layout(device, wgsl)
+
+        def value(ref: int, where: str) -> tuple:
+            if ref not in values:
+                raise MixerEdgeError(f"{self.source} {where} uses value {ref}, which is neither the input (0), a "
+                                     f"weight (1 to {len(weights)}) nor made by an earlier step: rebuild the artifact")
+            return values[ref]
+
+        kernels, bindings = {}, {}
+        for name, wgsl in program.kernels.items():
+            bindings[name] = _bindings(name, wgsl, self.source)
+            layout = _bind_group_layout(device, bindings[name])
             pipeline = device.create_compute_pipeline(
                 layout=device.create_pipeline_layout(bind_group_layouts=[layout]),
                 compute={"module": device.create_shader_module(code=wgsl), "entry_point": name})
             kernels[name] = (pipeline, layout)
         self.dispatches = []
-        for step in program["steps"]:
-            if step["op"] == "storage":
-                buffer = device.create_buffer(size=_aligned(step["bytes"]), usage=storage | wgpu.BufferUsage.COPY_SRC)
-                values[step["out"]] = (buffer, 0, step["bytes"], "uint8")
-            elif step["op"] == "view":
-                buffer, offset, _, dtype = values[step["src"]]
-                dtype = step.get("dtype", dtype)
-                size = int(np.prod(step["shape"])) * np.dtype(dtype).itemsize
-                values[step["out"]] = (buffer, offset + step["offset"], size, dtype)
+        for i, step in enumerate(program.steps):
+            where = f"step {i} ({step.op})"
+            out = getattr(step, "out", None)
+            if out is not None and out in values:
+                raise MixerEdgeError(f"{self.source} {where} redefines value {out} (the input or a weight): "
+                                     "rebuild the artifact")
+            if step.op == "storage":
+                if step.bytes > limits["max-buffer-size"]:
+                    raise MixerEdgeError(f"{self.source} {where} allocates {step.bytes} bytes, more than the Vulkan "
+                                         f"device's largest buffer ({limits['max-buffer-size']}): rebuild the artifact")
+                buffer = device.create_buffer(size=_aligned(step.bytes), usage=storage | wgpu.BufferUsage.COPY_SRC)
+                values[step.out] = (buffer, 0, step.bytes, "uint8")
+            elif step.op == "view":
+                buffer, offset, available, dtype = value(step.src, where)
+                dtype = step.dtype or dtype
+                size = int(np.prod(step.shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+                if step.offset + size > available:
+                    raise MixerEdgeError(f"{self.source} {where} views {size} bytes at offset {step.offset} of value "
+                                         f"{step.src}, which holds {available}: rebuild the artifact")
+                values[step.out] = (buffer, offset + step.offset, size, dtype)
             else:
-                for launch in step["launches"]:
-                    self.dispatches.append(self._dispatch(kernels[launch["kernel"]], launch,
-                                                          [values[step["args"][i]] for i in launch["buffers"]]))
-        self.output = values[program["output"]]
+                args = [value(ref, where) for ref in step.args]
+                for launch in step.launches:
+                    declared = len(bindings[launch.kernel]) - 1
+                    if len(launch.buffers) != declared:
+                        raise MixerEdgeError(f"{self.source} {where} binds {len(launch.buffers)} buffers to kernel "
+                                             f"{launch.kernel}, which declares {declared}: rebuild the artifact")
+                    self.dispatches.append(self._dispatch(kernels[launch.kernel], launch,
+                                                          [args[j] for j in launch.buffers]))
+        self.output = value(program.output, "output")
+        expected = int(np.prod(output_shape)) * 4
+        if self.output[2:] != (expected, "float32"):
+            raise MixerEdgeError(f"{self.source} output (value {program.output}) is {self.output[2]} bytes of "
+                                 f"{self.output[3]}, but the logits {list(output_shape)} are {expected} bytes of "
+                                 "float32: rebuild the artifact")
 
-    def _dispatch(self, kernel, launch: dict, buffers: list) -> tuple:
+    def _dispatch(self, kernel, launch: Launch, buffers: list) -> tuple:
         import wgpu
 
         pipeline, layout = kernel
-        grid = launch["grid"]
-        if max(grid) > 65535:
-            raise MixerEdgeError(f"kernel {launch['kernel']} launches {max(grid)} workgroups in one dimension; "
-                                 "WebGPU allows 65535: build with a smaller batch")
+        grid = launch.grid
+        if max(grid) > MAX_WORKGROUPS:
+            raise MixerEdgeError(f"kernel {launch.kernel} launches {max(grid)} workgroups in one dimension; "
+                                 f"WebGPU allows {MAX_WORKGROUPS}: build with a smaller batch")
         # The kernel's scalar arguments, then packGridDimX: it returns early past blockIdx.x == grid x - 1.
-        pods = [struct.pack("<i" if kind == "i32" else "<f", value) for kind, value in launch["scalars"]]
+        pods = [struct.pack("<i" if kind == "i32" else "<f", value) for kind, value in launch.scalars]
         pod = b"".join(pods) + struct.pack("<I", grid[0] - 1)
         pod += b"\0" * (-len(pod) % 16)
         uniform = self.device.create_buffer_with_data(data=pod, usage=wgpu.BufferUsage.UNIFORM)

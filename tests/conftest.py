@@ -22,6 +22,22 @@ settings.register_profile("mixer-edge", derandomize=True, max_examples=300, dead
 settings.load_profile("mixer-edge")
 
 
+FUZZING = {"examples": None}  # set by `pytest -m fuzz`
+
+
+def pytest_configure(config):
+    """`pytest -m fuzz`: the fuzz tests draw fresh examples, MIXER_EDGE_FUZZ_EXAMPLES of each (default 2000)."""
+    if "fuzz" in (config.getoption("markexpr") or "").split():
+        FUZZING["examples"] = int(os.environ.get("MIXER_EDGE_FUZZ_EXAMPLES", "2000"))
+        settings.register_profile("fuzz", derandomize=False, deadline=None, print_blob=True)
+        settings.load_profile("fuzz")
+
+
+def examples(default: int) -> int:
+    """How many examples a fuzz test draws: `default` (derandomized) in the default run, more under -m fuzz."""
+    return FUZZING["examples"] or default
+
+
 def quiet(*_):
     pass
 

@@ -138,8 +138,8 @@ def onnx_external_data_missing(tmp, corpus):
     return ["compile", "--model", tmp / "split.onnx", "-o", tmp / "out"]
 
 
-@case("not supported", "Frobnicate", "replace the unsupported operator")
-def onnx_unsupported_op(tmp, corpus):
+@case("refused by onnxruntime", "Frobnicate", "re-export it with a standard opset")
+def onnx_unsupported_op(tmp, corpus):  # onnxruntime checks every build, so it is asked first, before the build
     graph = helper.make_graph([helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")], "g",
                               [image()], [logits()])
     return compile_onnx(tmp, graph, domains=[helper.make_opsetid("com.example", 1)])
@@ -413,12 +413,12 @@ def toolchain_xavier_without_nvrtc(tmp, corpus):
 
 # ---- command lines and output paths -------------------------------------------------------------
 
-@case("--batch takes positive whole numbers", "not '0'")
+@case("argument --batch: takes a batch size from 1 to 4096, not 0", "see 'mixer-edge compile --help'")
 def option_batch_zero(tmp, corpus):
     return ["compile", "--batch", "0", "-o", tmp / "out"]
 
 
-@case("--time-budget 'soon'")
+@case("argument --time-budget: takes a duration such as 90s, 10m or 1h30m, not 'soon'")
 def option_time_budget_unparsable(tmp, corpus):
     return ["tune", "--time-budget", "soon", "--tuning-db", tmp / "db"]
 
@@ -491,7 +491,7 @@ def artifact_older_format_version(tmp, corpus):
     return ["inspect", root]
 
 
-@case("lacks params (list)", "rebuild the artifact")
+@case("missing field 'params'", "rebuild the artifact")
 def artifact_manifest_forged_without_a_field(tmp, corpus):
     root = corpus.artifact(tmp)
     edit(root, lambda m: m.pop("params"), reseal=True)

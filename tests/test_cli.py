@@ -82,13 +82,13 @@ def test_int8_compile_and_bench(run_cli, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("compile", "--batch", "1,x"), "--batch takes positive whole numbers"),
+    (("compile", "--batch", "1,x"), "argument --batch: takes a batch size from 1 to 4096, not 'x'"),
     (("compile", "--target", "rpi5-vulkan", "--precision", "int8"), "target rpi5-vulkan builds float32, not int8"),
     (("compile", "--calibration", "minmax"), "apply to --precision int8 only"),
     (("compile", "--precision", "int8", "--calibration", "nope"), "nope"),
-    (("compile", "--precision", "int8", "--calib-samples", "0"), "--calib-samples must be at least 1"),
+    (("compile", "--precision", "int8", "--calib-samples", "0"), "argument --calib-samples: takes a whole number from 1"),
     (("tune", "--calib-data", "digits-train"), "apply to --precision int8 only"),
-    (("compile", "--target", "cuda", "--precision", "bfloat16"), "not bfloat16"),
+    (("compile", "--target", "cuda", "--precision", "bfloat16"), "takes float32, float16, int8, not 'bfloat16'"),
     (("bench", "--model", "other.onnx"), "not an ONNX file"),
     (("export", "-o", "x.onnx", "--batch", "1,8"), "give one --batch"),
     (("run", "nowhere", "--board", "x86-avx2"), "does not exist"),

@@ -32,3 +32,16 @@ def test_sve_build_is_refused_on_a_cortex_a76(board, digits_source, digits_test,
     compile_model(digits_source, str(tmp_path / "graviton3.toml"), tmp_path / "art", progress=quiet)
     with pytest.raises(MixerEdgeError, match="lacks \\(.*sve.*\\)"):
         emulator.run_artifact(tmp_path / "art", digits_test[0][:1], "cortex-a76", board)
+
+
+def test_paths_reach_the_board_as_data_never_as_code(board, build_artifact, digits_test, torch_logits, tmp_path,
+                                                     monkeypatch):
+    """A temporary directory (or artifact path) holding Python syntax is a path on the board, not code."""
+    monkeypatch.chdir(tmp_path)  # where the board's process starts
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "tmp-{open('pwned','w')}-'\"{x}"
+    evil.mkdir()
+    monkeypatch.setattr(emulator.tempfile, "tempdir", str(evil))
+    logits = emulator.run_artifact(build_artifact("rpi5"), digits_test[0][:8], "cortex-a76", board)
+    assert not marker.exists()
+    assert np.abs(logits - torch_logits[:8]).max() < 1e-4

@@ -131,7 +131,7 @@ def test_report_cli_writes_four_files_and_prints_the_table(run_cli, tmp_path):
     (("--variants", "int8:nope"), "nope"),
     (("--target", "rpi5", "--variants", "float16"), "no target builds"),
     (("--batch", "1,8"), "one batch size"),
-    (("--rounds", "0"), "--rounds must be at least 1"),
+    (("--rounds", "0"), "argument --rounds: takes a whole number from 1"),
     (("--variants", "int8-mixed", "--eval-data", "x.npy"), "int8-mixed needs labelled"),
     (("--tuning-db", "x.npy"), "--tuning-db holds one"),
 ])

@@ -22,6 +22,7 @@ def compile_model(source, target: str | TargetPreset, out, batch: int = 1, preci
     quant.Calibration; default recipe and data) first.
     """
     from ..artifact import check_output, write_artifact
+    from ..export import check_finite_weights
     from ..quant import quantize_for_build
 
     check_output(out)
@@ -32,6 +33,7 @@ def compile_model(source, target: str | TargetPreset, out, batch: int = 1, preci
         raise MixerEdgeError("--calibration/--calib-data/--calib-samples apply to --precision int8 only")
     if precision == "int8":
         quantized = quantized or quantize_for_build(source, calibration, progress)
+    check_finite_weights(quantized.qdq if quantized else source.onnx_model, source.name)  # as loading does
     built = build(quantized.qdq if quantized else source.onnx_model, preset, batch, precision, tuning=tuning,
                   model=source.name, progress=progress)
     progress(f"built in {built.seconds:.1f}s" + (f"; {built.int8['layers']} layers on int8 {built.int8['dot_product']} "

@@ -5,7 +5,9 @@ A database is a directory: TVM's JSON database (`database_workload.json`,
 `key.json`, which says what it was tuned for. It is only ever applied to that same key, so records
 measured on one board never reach another. A run killed mid-way leaves at most a torn last line,
 which `open_database` drops (rewriting the file atomically); every complete record survives, and the
-next run starts its search from them and spends only what is left of the trial budget.
+next run starts its search from them and spends only what is left of the trial budget. Every other line
+must be a valid row (schemas `WorkloadRow`, `RecordRow`; `TuningKeyFile` for key.json): a malformed one
+is refused, naming its file and line.
 """
 
 from __future__ import annotations
@@ -22,12 +24,83 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from ..atomic import atomic_dir, atomic_file
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from ..atomic import TUNING_DB, atomic_dir, atomic_file, check_destination
 from ..errors import MixerEdgeError, reason
-from .targets import TargetPreset
+from ..formats import Schema, parse
+from ..formats import one_of
+from ..options import seconds
+from .targets import PRECISIONS, TargetPreset
 
 WORKLOADS, RECORDS, KEY = "database_workload.json", "database_tuning_record.json", "key.json"
+FIX = "delete the line, or the database (`mixer-edge tune` writes a new one)"
+MAX_DEPTH = 64  # arrays/objects in a row nested deeper than this (TVM's rows are ~8 deep) are refused
+
+
+# ---- the database files' schemas ---------------------------------------------------------------------
+
+class TuningKeyFile(Schema):
+    """`key.json` of a tuning database directory: what it was tuned for. Its records are applied only to a build
+    of the same model graph, target and precision."""
+
+    graph: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 (hex) of the Relax program before "
+                       "scheduling: weights excluded, shapes included")
+    target: str = Field(min_length=1, description="the TVM target, as JSON with sorted keys")
+    precision: Annotated[Literal[PRECISIONS], one_of("precision", PRECISIONS)] = Field(
+        description="the precision the model was built in")
+    model: str | None = Field(None, description="the model's name, for listings")
+
+
+def _positional(row: Any, names: tuple[str, ...], shape: str, nested: int | None = None) -> Any:
+    """A JSON-array row as a dict of `names` (the last `nested` of them from a nested array); else a shape error."""
+    flat = row
+    if nested is not None and isinstance(row, list) and len(row) == len(names) - nested + 1 \
+            and isinstance(row[-1], list) and len(row[-1]) == nested:
+        flat = [*row[:-1], *row[-1]]
+    if nested is not None and flat is row or not isinstance(flat, list) or len(flat) != len(names):
+        raise PydanticCustomError("row_shape", "a row is {shape}", {"shape": shape})
+    return dict(zip(names, flat))
+
+
+RunSeconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class WorkloadRow(Schema):
+    """A line of `database_workload.json` (TVM's JSON database): the array [SHASH, MODULE], one tuning task's
+    program per line; records name it by its line's index, from 0."""
+
+    shash: str = Field(pattern=r"^[0-9]{1,20}$", description="position 0: TVM's structural hash of the program, "
+                       "in decimal")
+    module: str = Field(min_length=1, description="position 1: the program, serialized by TVM")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_array(cls, row: Any) -> Any:
+        return _positional(row, ("shash", "module"), "[SHASH, MODULE]")
+
+
+class RecordRow(Schema):
+    """A line of `database_tuning_record.json` (TVM's JSON database): the array
+    [WORKLOAD, [TRACE, RUN_SECS, TARGET, ARGS_INFO]], one measured schedule per line. mixer-edge reads the
+    workload index and the run times (the best record per workload wins a merge); TVM reads the rest."""
+
+    workload: int = Field(ge=0, description="position 0: the index of its workload's line in "
+                          "database_workload.json, from 0")
+    trace: list[Any] = Field(description="position 1.0: the schedule, as TVM's trace")
+    run_secs: list[RunSeconds] | None = Field(description="position 1.1: measured run times in seconds "
+                                              "(1e10: a failed run); null: not measured")
+    target: dict[str, Any] = Field(description="position 1.2: the TVM target it was measured on")
+    args_info: list[Any] = Field(description="position 1.3: the program's arguments (shapes, dtypes)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_array(cls, row: Any) -> Any:
+        return _positional(row, ("workload", "trace", "run_secs", "target", "args_info"),
+                           "[WORKLOAD, [TRACE, RUN_SECS, TARGET, ARGS_INFO]]", nested=4)
 
 
 @dataclass(frozen=True)
@@ -97,7 +170,8 @@ def tune_into(key: TuningKey, preset: TargetPreset, tuning: Tuning, prepared, mo
     (seeded from the shipped one when there is one); returns the database summary."""
     path = Path(tuning.database) if tuning.database else cache_root() / key.digest
     if tuning.database is None and not path.exists() and (shipped_root() / key.digest).is_dir():
-        shutil.copytree(shipped_root() / key.digest, path)
+        with atomic_dir(path, TUNING_DB) as stage:
+            shutil.copytree(shipped_root() / key.digest, stage, dirs_exist_ok=True)
     return tune(prepared, preset, key, path, model, tuning.budget, tuning.rpc, progress)
 
 
@@ -118,14 +192,11 @@ def database_for(key: TuningKey, preset: TargetPreset, tuning: Tuning, prepared,
 
 
 def parse_duration(text: str) -> float:
-    """'90s', '10m', '1h30m' or plain seconds -> seconds."""
-    text = str(text).strip()
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text)
-    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise MixerEdgeError(f"--time-budget '{text}' is not a duration: write e.g. 90s, 10m or 1h30m")
-    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    """'90s', '10m', '1h30m' or plain seconds -> seconds (options.seconds), refused in one line otherwise."""
+    try:
+        return seconds(str(text))
+    except ValueError as exc:
+        raise MixerEdgeError(f"--time-budget: {exc}") from None
 
 
 def graph_key(mod, preset: TargetPreset, precision: str) -> TuningKey:
@@ -135,7 +206,8 @@ def graph_key(mod, preset: TargetPreset, precision: str) -> TuningKey:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("MIXER_EDGE_CACHE", Path.home() / ".cache" / "mixer-edge")) / "tuning"
+    # an empty MIXER_EDGE_CACHE is unset (not the current directory)
+    return Path(os.environ.get("MIXER_EDGE_CACHE") or Path.home() / ".cache" / "mixer-edge") / "tuning"
 
 
 def shipped_root() -> Path:
@@ -152,11 +224,14 @@ def find_database(key: TuningKey) -> Path | None:
 
 
 def read_key(path: Path) -> dict:
+    """The database's key.json, validated as a TuningKeyFile (as a dict: absent fields left out)."""
     try:
-        return json.loads((path / KEY).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads((path / KEY).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise MixerEdgeError(f"{path} is not a mixer-edge tuning database (no readable {KEY}): pass the directory "
                              "`mixer-edge tune` wrote") from exc
+    key = parse(TuningKeyFile, data, str(path / KEY), "pass the directory `mixer-edge tune` wrote, or fix the file")
+    return key.model_dump(exclude_none=True)
 
 
 def check_key(path: Path, key: TuningKey) -> None:
@@ -170,31 +245,64 @@ def check_key(path: Path, key: TuningKey) -> None:
 
 
 def _repair(path: Path) -> None:
-    """Drop torn lines (a run killed mid-append) and records of workloads the file lacks, atomically."""
-    workloads = _keep_valid_lines(path / WORKLOADS, lambda row: True)
-    _keep_valid_lines(path / RECORDS, lambda row: isinstance(row, list) and 0 <= row[0] < len(workloads))
+    """Check every row of the database at `path`; drop a torn last line (a run killed mid-append) and blank
+    lines, rewriting the files atomically. Any other malformed row is refused, naming its file and line."""
+    workloads = _rows(path / WORKLOADS, WorkloadRow)
+    records = _rows(path / RECORDS, RecordRow)
+    for n, _, row in records[1]:
+        if row.workload >= len(workloads[1]):
+            raise MixerEdgeError(f"{path / RECORDS} line {n}: workload {row.workload} is out of range "
+                                 f"({WORKLOADS} has {len(workloads[1])}): {FIX}")
+    for file, (text, rows) in ((path / WORKLOADS, workloads), (path / RECORDS, records)):
+        clean = "".join(line + "\n" for _, line, _ in rows)
+        if clean != text:
+            with atomic_file(file) as tmp:
+                tmp.write_text(clean, encoding="utf-8")
 
 
-def _keep_valid_lines(file: Path, keep) -> list[str]:
-    """The lines of `file` that parse as JSON and pass `keep`; the file is rewritten if others were there."""
-    text = file.read_text() if file.exists() else ""
-    good = []
-    for line in text.splitlines():
+def _rows(file: Path, schema: type[Schema]) -> tuple[str, list[tuple[int, str, Schema]]]:
+    """The text of `file` and its rows as (line number, line, `schema` record), blank lines and a torn last line
+    left out; any other line that is not a valid row is refused."""
+    try:
+        text = file.read_text(encoding="utf-8") if file.exists() else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MixerEdgeError(f"{file} could not be read ({reason(exc)}): {FIX}") from exc
+    lines = text.split("\n")
+    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if keep(row):
-            good.append(line)
-    clean = "".join(line + "\n" for line in good)
-    if clean != text:
-        with atomic_file(file) as tmp:
-            tmp.write_text(clean)
-    return good
+        except json.JSONDecodeError as exc:
+            if n == last:
+                continue  # torn: the writer was killed mid-line
+            raise MixerEdgeError(f"{file} line {n}: not JSON ({exc.msg} at column {exc.colno}): {FIX}") from None
+        except RecursionError:
+            raise MixerEdgeError(f"{file} line {n}: nested too deeply to be a {schema.__name__}: {FIX}") from None
+        if _depth(row) > MAX_DEPTH:
+            raise MixerEdgeError(f"{file} line {n}: nested more than {MAX_DEPTH} deep, too deeply to be a "
+                                 f"{schema.__name__}: {FIX}")
+        rows.append((n, line, parse(schema, row, f"{file} line {n}", FIX)))
+    return text, rows
+
+
+def _depth(value: Any) -> int:
+    """How deeply `value`'s arrays and objects nest (no recursion: a row can be arbitrarily deep)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        deepest = max(deepest, depth)
+        if depth <= MAX_DEPTH and isinstance(item, (list, dict)):
+            todo += [(child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)]
+    return deepest
 
 
 def _json_lines(file: Path) -> list:
-    return [json.loads(line) for line in file.read_text().splitlines()] if file.exists() else []
+    """The rows of a database file `_repair` has checked."""
+    return [json.loads(line) for line in file.read_text(encoding="utf-8").split("\n") if line.strip()] \
+        if file.exists() else []
 
 
 def open_database(path: Path, key: TuningKey):
@@ -203,11 +311,16 @@ def open_database(path: Path, key: TuningKey):
 
     check_key(path, key)
     _repair(path)
-    return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
+    try:
+        return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
+    except Exception as exc:
+        raise MixerEdgeError(f"tuning database {path} could not be loaded by TVM ({reason(exc)}): delete it, or "
+                             "tune again into a new directory") from exc
 
 
 def create_database(path: Path, key: TuningKey, model: str) -> None:
     """An empty database for `key` at `path` (kept as is when one for the same key is there)."""
+    check_destination(path, TUNING_DB)  # a directory mixer-edge did not write is never filled
     if (path / KEY).exists():
         check_key(path, key)
         return
@@ -229,7 +342,12 @@ def merge(sources: list[Path], out: Path, best_only: bool = False) -> dict:
 
     `best_only` keeps just that best record per workload (smallest, for shipping).
     """
+    check_destination(out, TUNING_DB, inputs=sources)  # not a source, nor a directory mixer-edge did not write
     first = TuningKey.stored_at(Path(sources[0]))
+    if (Path(out) / KEY).is_file() and (have := TuningKey.stored_at(Path(out))) != first:
+        raise MixerEdgeError(f"{out} is a tuning database for another key ({have.describe()}), and the merge is for "
+                             f"{first.describe()}: write the merge to a new path, or over a database of the same "
+                             "model, target and precision")
     for src in sources[1:]:
         if (other := TuningKey.stored_at(Path(src))) != first:
             raise MixerEdgeError(f"tuning databases {sources[0]} and {src} were tuned for different keys "
@@ -243,7 +361,7 @@ def merge(sources: list[Path], out: Path, best_only: bool = False) -> dict:
         for wid, record in _json_lines(src / RECORDS):
             if record not in records.setdefault(index[wid], []):
                 records[index[wid]].append(record)
-    with atomic_dir(out, mark=KEY) as stage:
+    with atomic_dir(out, TUNING_DB, inputs=sources) as stage:
         (stage / KEY).write_text(json.dumps(read_key(Path(sources[0])), indent=1) + "\n")
         (stage / WORKLOADS).write_text("".join(w + "\n" for w in workloads))
         lines = []

@@ -9,7 +9,10 @@ kernel launches, so instead of a host library we record that sequence as data ("
 - from each PrimFunc's lowered host code: the kernels it launches (`call_ffi_kernel`), which of
   its arguments each kernel binds, its scalar arguments and its grid size (constants here).
 
-`mixer_edge.vulkan` replays the program with wgpu, weights and intermediates resident on the GPU.
+`mixer_edge.vulkan` replays the program with wgpu, weights and intermediates resident on the GPU
+(`vulkan.Program` is the file's schema). TVM names each kernel's buffers after the Relax parameters
+they come from, which carry the ONNX graph's input and weight names (e.g. `0.stem.proj.weight` for
+a model built as an nn.Sequential): those are renamed to valid, unique WGSL identifiers first.
 """
 
 from __future__ import annotations
@@ -17,8 +20,23 @@ from __future__ import annotations
 import re
 
 from ..errors import MixerEdgeError
+from ..vulkan import PROGRAM_FORMAT
 
-PROGRAM_FORMAT = 1
+# WGSL's keywords and reserved words (W3C WGSL, "Keyword and Reserved Word Summary"): never identifiers.
+WGSL_RESERVED = frozenset("""
+alias break case const const_assert continue continuing default diagnostic discard else enable false fn for if let
+loop override requires return struct switch true var while
+NULL Self abstract active alignas alignof as asm asm_fragment async attribute auto await become binding_array cast
+catch class co_await co_return co_yield coherent column_major common compile compile_fragment concept const_cast
+consteval constexpr constinit crate debugger decltype delete demote demote_to_helper do dynamic_cast enum explicit
+export extends extern external fallthrough filter final finally friend from fxgroup get goto groupshared highp impl
+implements import inline instanceof interface layout lowp macro macro_rules match mediump meta mod module move mut
+mutable namespace new nil noexcept noinline nointerpolation noperspective null nullptr of operator package
+packoffset partition pass patch pixelfragment precise precision premerge priv protected pub public readonly ref
+regardless register reinterpret_cast require resource restrict self set shared sizeof smooth snorm static
+static_assert static_cast std subroutine super target template this thread_local throw trait try type typedef typeid
+typename typeof union unless unorm unsafe unsized use using varying virtual volatile wgsl where with writeonly yield
+""".split())
 _SKIPPED_PACKED = {"vm.builtin.check_tensor_info", "vm.builtin.match_shape", "vm.builtin.null_value"}
 
 
@@ -116,12 +134,48 @@ def _shape(expr) -> list[int]:
     return [int(v) for v in expr.values]
 
 
+def wgsl_identifier(name: str, taken: set[str]) -> str:
+    """`name` as a WGSL identifier not in `taken` (which it joins): other characters become `_`, a leading
+    digit or `__` (reserved) or a reserved word gets a `v_` prefix, a clash a numeric suffix."""
+    ident = re.sub(r"[^A-Za-z0-9_]", "_", name)
+    if not re.match(r"[A-Za-z]|_[A-Za-z0-9]", ident) or ident in WGSL_RESERVED:
+        ident = "v_" + ident
+    unique, n = ident, 2
+    while unique in taken:
+        unique, n = f"{ident}_{n}", n + 1
+    taken.add(unique)
+    return unique
+
+
+def with_wgsl_names(mod):
+    """`mod` with `main`'s parameters (the input and the weights, named from the ONNX graph) renamed to valid,
+    unique WGSL identifiers: the kernels' buffer names are derived from them."""
+    from tvm import relax
+
+    main = mod["main"]
+    taken: set[str] = set()
+    renamed = {}
+    for param in main.params:
+        name = wgsl_identifier(str(param.name), taken)
+        if name != str(param.name):
+            renamed[param] = relax.Var(name, param.ty)
+    if not renamed:
+        return mod
+    bound = main.bind_params(renamed)  # the body now uses the new variables; they become the parameters below
+    func = relax.Function([renamed.get(p, p) for p in main.params], bound.body, bound.ret_ty, bound.is_pure,
+                          main.attrs, main.span)
+    mod = mod.clone()  # the caller keeps its module
+    mod.update_func(mod.get_global_var("main"), func)
+    return mod
+
+
 def program(mod, target) -> dict:
     """Lower a static-shape Relax module for WebGPU into a replayable program (kernels + plan)."""
     import tvm
     from tvm import relax, tirx
     from tvm.tirx.build import split_host_device_mods
 
+    mod = with_wgsl_names(mod)
     with target:
         lowered = relax.get_default_pipeline(target)(mod)
     prims = tvm.IRModule({gv: f for gv, f in lowered.functions.items() if isinstance(f, tirx.PrimFunc)})

@@ -112,7 +112,16 @@ def op_sites(proto, found: list[Layer]) -> list[OpSite]:
 
 
 def chosen_sites(proto, found: list[Layer], recipe: Recipe) -> list[OpSite]:
-    """The op sites the recipe's `int8_ops` entries (KIND or KIND:NAME_PREFIX) select; refused if one selects none."""
+    """The op sites the recipe's `int8_ops` entries (KIND or KIND:NAME_PREFIX) select; refused if one selects none,
+    as is a `float_layers` entry that names no layer of the model."""
+    where = recipe.source or f"recipe {recipe.name}"
+    for entry in recipe.float_layers:
+        if not any(layer.name.startswith(entry) for layer in found):
+            names = [layer.name for layer in found]
+            names = names if len(names) <= 6 else [*names[:4], "...", names[-1]]
+            raise MixerEdgeError(f"{where}: float_layers entry '{entry}' matches no layer of the model "
+                                 f"(its layers: {', '.join(names)}): "
+                                 "give a layer name or name prefix, e.g. \"head\" or \"blocks.0.\"")
     sites = op_sites(proto, found) if recipe.int8_ops else []
     chosen: dict[str, OpSite] = {}
     for entry in recipe.int8_ops:

@@ -10,10 +10,14 @@ from .calibration import Recipe
 from .qdq import activation_histograms, build_qdq, chosen_sites, kept_in_float, layers, with_node_names
 
 
-def sqnr_db(reference: np.ndarray, got: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio of `got` against `reference`, in dB."""
+def sqnr_db(reference: np.ndarray, got: np.ndarray) -> float | None:
+    """Signal-to-quantization-noise ratio of `got` against `reference`, in dB; None where they are identical."""
     noise = float(np.sum((got - reference) ** 2))
-    return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(reference ** 2)) / noise)
+    return None if noise == 0 else float(10 * np.log10(float(np.sum(reference ** 2)) / noise))
+
+
+def _sqnr_order(row: dict) -> float:
+    return float("inf") if row["sqnr_db"] is None else row["sqnr_db"]
 
 
 def layer_sensitivity(proto, x: np.ndarray, recipe: Recipe, progress=print) -> tuple[list[dict], dict]:
@@ -49,7 +53,7 @@ def fallback(proto, x: np.ndarray, recipe: Recipe, val_x: np.ndarray, val_y: np.
     proto = with_node_names(proto)
     found = layers(proto)
     rows, hists = layer_sensitivity(proto, x, recipe, progress)
-    order = [r["layer"] for r in sorted(rows, key=lambda r: r["sqnr_db"])]  # most sensitive first
+    order = [r["layer"] for r in sorted(rows, key=_sqnr_order)]  # most sensitive first
     kept = [l.name for l in found if kept_in_float(l, recipe)]
     sites = chosen_sites(proto, found, recipe)
     float_accuracy = accuracy(proto, val_x, val_y)
@@ -73,5 +77,6 @@ def fallback(proto, x: np.ndarray, recipe: Recipe, val_x: np.ndarray, val_y: np.
 def format_sensitivity(rows: list[dict], kept: list[str] = ()) -> str:
     lines = ["| layer | SQNR dB (only this layer int8) | kept in float |", "| --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['layer']} | {r['sqnr_db']:.1f} | {'yes' if r['layer'] in kept else ''} |")
+        sqnr = "∞ (identical)" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
+        lines.append(f"| {r['layer']} | {sqnr} | {'yes' if r['layer'] in kept else ''} |")
     return "\n".join(lines)
