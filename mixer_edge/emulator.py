@@ -22,6 +22,7 @@ import numpy as np
 
 from .atomic import BOARD, atomic_dir, check_destination
 from .errors import MixerEdgeError
+from .formats import json_text
 
 QEMU = "qemu-aarch64-static"
 PYTHON = "python3.11"
@@ -66,7 +67,7 @@ def _arm64_packages() -> list[str]:
 def setup(root: str | Path | None = None, progress=print) -> Path:
     """Build the board in `root` (default: ~/.cache/mixer-edge/...) unless it is already there."""
     root = board_dir(root)
-    if (root / "board.json").is_file():
+    if BOARD.proves(root):
         return root
     check_destination(root, BOARD)  # before the downloads
     for tool in (QEMU, "apt-get", "dpkg"):
@@ -87,7 +88,7 @@ def setup(root: str | Path | None = None, progress=print) -> Path:
               "--platform", "manylinux_2_28_aarch64", "--platform", "manylinux_2_17_aarch64",  # pydantic-core: 2_17
               "--python-version", "3.11", "--implementation", "cp",
               "--only-binary=:all:", *pins], "pip install of the aarch64 wheels")
-        (stage / "board.json").write_text(json.dumps({"python": PYTHON, "debs": packages, "wheels": pins}, indent=2))
+        (stage / BOARD.file).write_text(json_text({"python": PYTHON, "debs": packages, "wheels": pins}))
     progress(f"board ready in {root}")
     return root
 
@@ -95,7 +96,7 @@ def setup(root: str | Path | None = None, progress=print) -> Path:
 def require_board(root: str | Path | None = None) -> Path:
     """The emulated board's directory; refused with the fix if it was never set up."""
     root = board_dir(root)
-    if not (root / "board.json").is_file():
+    if not BOARD.proves(root):
         raise MixerEdgeError(f"no emulated board in {root}: run 'mixer-edge emulator setup' first")
     return root
 

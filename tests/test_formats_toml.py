@@ -327,36 +327,32 @@ def test_the_toml_writer_round_trips_every_shipped_document():
         assert tomllib.loads(to_toml(doc)) == doc
 
 
-@pytest.mark.fuzz
-@settings(max_examples=examples(100))
-@given(st.data())
-def test_a_preset_with_one_field_broken_loads_or_is_refused(tmp_path_factory, data):
-    doc = mutated(data, PRESETS[data.draw(st.sampled_from(sorted(PRESETS)))])
-    path = tmp_path_factory.mktemp("preset") / "board.toml"
-    path.write_text(to_toml(doc), encoding="utf-8")
-    try:
-        preset = load_preset_file(path)
-    except MixerEdgeError as exc:
-        assert "\n" not in str(exc) and str(path) in str(exc)
-        return
-    assert isinstance(preset, TargetPreset)
-    assert preset.resolve_precision(None) in preset.precisions and preset.arch and preset.device_requirements()
+def usable_preset(preset) -> bool:
+    return isinstance(preset, TargetPreset) and preset.resolve_precision(None) in preset.precisions and \
+        bool(preset.arch) and bool(preset.device_requirements())
 
 
-@pytest.mark.fuzz
-@settings(max_examples=examples(100))
-@given(st.data())
-def test_a_recipe_with_one_field_broken_loads_or_is_refused(tmp_path_factory, data):
-    doc = mutated(data, RECIPES[data.draw(st.sampled_from(sorted(RECIPES)))])
-    path = tmp_path_factory.mktemp("recipe") / "recipe.toml"
-    path.write_text(to_toml(doc), encoding="utf-8")
-    try:
-        recipe = load_recipe_file(path)
-    except MixerEdgeError as exc:
-        assert "\n" not in str(exc) and str(path) in str(exc)
-        return
-    assert isinstance(recipe, Recipe) and 50 < recipe.percentile <= 100 and recipe.samples >= 1
+def usable_recipe(recipe) -> bool:
     json.dumps(recipe.to_dict(), allow_nan=False)
+    return isinstance(recipe, Recipe) and 50 < recipe.percentile <= 100 and recipe.samples >= 1
+
+
+@pytest.mark.fuzz
+@pytest.mark.parametrize("documents, load, usable", [(PRESETS, load_preset_file, usable_preset),
+                                                      (RECIPES, load_recipe_file, usable_recipe)],
+                         ids=["preset", "recipe"])
+@settings(max_examples=examples(100))
+@given(data=st.data())
+def test_a_document_with_one_field_broken_loads_or_is_refused(tmp_path_factory, documents, load, usable, data):
+    doc = mutated(data, documents[data.draw(st.sampled_from(sorted(documents)))])
+    path = tmp_path_factory.mktemp("doc") / "doc.toml"
+    path.write_text(to_toml(doc), encoding="utf-8")
+    try:
+        loaded = load(path)
+    except MixerEdgeError as exc:
+        assert "\n" not in str(exc) and str(path) in str(exc)
+        return
+    assert usable(loaded)
 
 
 JSON_VALUES = st.recursive(st.none() | SCALARS, lambda inner: st.lists(inner, max_size=3)

@@ -56,18 +56,27 @@ def test_a_json_target_is_taken_whole_commas_and_all(run_cli, tmp_path):
     assert f"{out}: custom artifact" in stdout
 
 
-def test_an_internal_error_is_one_line_with_exit_code_70_and_debug_shows_it(run_cli, monkeypatch):
+@pytest.fixture
+def targets_command(monkeypatch):
+    """targets_command(func): `mixer-edge targets` runs `func(args)` instead (main's handling is what is tested)."""
+    def replace(func):
+        parser = cli.build_parser
+
+        def with_func():
+            p = parser()
+            p._subparsers._group_actions[0].choices["targets"].set_defaults(func=func)
+            return p
+
+        monkeypatch.setattr(cli, "build_parser", with_func)
+
+    return replace
+
+
+def test_an_internal_error_is_one_line_with_exit_code_70_and_debug_shows_it(run_cli, targets_command):
     def broken(args):
         raise ZeroDivisionError("a bug")
 
-    parser = cli.build_parser
-
-    def with_broken_targets():
-        p = parser()
-        p._subparsers._group_actions[0].choices["targets"].set_defaults(func=broken)
-        return p
-
-    monkeypatch.setattr(cli, "build_parser", with_broken_targets)
+    targets_command(broken)
     code, _, err = run_cli("targets")
     assert code == 70
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -77,18 +86,11 @@ def test_an_internal_error_is_one_line_with_exit_code_70_and_debug_shows_it(run_
             cli.main(argv)
 
 
-def test_a_library_warning_is_a_progress_line_not_an_error(run_cli, monkeypatch):
+def test_a_library_warning_is_a_progress_line_not_an_error(run_cli, targets_command):
     def warns(args):
         warnings.warn("something odd\nin two lines", UserWarning)
 
-    parser = cli.build_parser
-
-    def with_warning():
-        p = parser()
-        p._subparsers._group_actions[0].choices["targets"].set_defaults(func=warns)
-        return p
-
-    monkeypatch.setattr(cli, "build_parser", with_warning)
+    targets_command(warns)
     code, _, err = run_cli("targets")
     assert code == 0
     assert err == "[mixer-edge] warning: UserWarning: something odd in two lines\n"
