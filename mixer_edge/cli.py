@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -144,16 +145,21 @@ def cmd_export(args) -> None:
     print(f"wrote {args.output}: opset {report['opset']}, max |onnxruntime - torch| = {report['max_abs_diff_vs_torch']:.2e}")
 
 
-def _target_specs(args, default: list[str]) -> list[str]:
-    """The --target specs, flattened (each --target is already a parsed list)."""
-    return [spec for specs in (args.target or [default]) for spec in specs]
+def _presets(args, default: list[str]) -> list:
+    """The presets the --target options name (each already a parsed list), none twice (`host` is a preset too)."""
+    from .compiler import resolve_target
+
+    presets = [resolve_target(spec) for specs in (args.target or [default]) for spec in specs]
+    names = [preset.name for preset in presets]
+    repeated = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if repeated is not None:
+        raise MixerEdgeError(f"--target names {repeated} twice (host is one of the presets): name each target once")
+    return presets
 
 
 def _builds(args):
     """Every (preset, precision, batch) the arguments name, checked before any slow work."""
-    from .compiler import resolve_target
-
-    presets = [resolve_target(t) for t in _target_specs(args, ["host"])]
+    presets = _presets(args, ["host"])
     batches = args.batch
     precisions = args.precision or [None]
     return [(preset, preset.resolve_precision(precision), batch)
@@ -224,11 +230,14 @@ def cmd_tuning_db(args) -> None:
         return
     roots = [Path(d) for d in args.databases] or [tuning.cache_root(), tuning.shipped_root()]
     for root in roots:
-        for path in sorted([root] if (root / tuning.KEY).exists() else root.glob("*/")):
-            if (path / tuning.KEY).exists():
-                info = tuning.summary(path)
-                print(f"{path}\n    {info.get('model', '?')}, {info['precision']}, {info['records']} records for "
-                      f"{info['workloads']} workloads, target {info['target']}")
+        found = [p for p in sorted([root] if (root / tuning.KEY).exists() else root.glob("*/")) if (p / tuning.KEY).exists()]
+        if not found and args.databases:
+            raise MixerEdgeError(f"{root} holds no mixer-edge tuning database (no {tuning.KEY} in it or in its "
+                                 "sub-directories): pass a directory `mixer-edge tune` wrote")
+        for path in found:
+            info = tuning.summary(path)
+            print(f"{path}\n    {info.get('model', '?')}, {info['precision']}, {info['records']} records for "
+                  f"{info['workloads']} workloads, target {info['target']}")
 
 
 def cmd_calibrate(args) -> None:
@@ -291,10 +300,9 @@ def cmd_bench(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .compiler import resolve_target
     from .report import Variant, make_report, table
 
-    presets = [resolve_target(t) for t in _target_specs(args, ["host", "rpi5"])]
+    presets = _presets(args, ["host", "rpi5"])
     variants = [Variant.parse(v) for v in args.variants] if args.variants else None
     batches = args.batch
     if len(batches) > 1:
@@ -558,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("mixer-edge: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            return 141
         except Exception as exc:  # a bug: the last line of defence, not a way to report user mistakes
             if args.debug:
                 raise

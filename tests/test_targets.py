@@ -27,8 +27,11 @@ def test_host_picks_a_preset_this_cpu_runs():
 
 
 def test_raw_json_target():
-    preset = resolve_target(json.dumps({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a55"}))
-    assert preset.name == "custom" and preset.kind == "cpu" and preset.arch == "aarch64"
+    target = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a55"}
+    preset = resolve_target(json.dumps(target))
+    assert preset.name.startswith("custom-") and preset.kind == "cpu" and preset.arch == "aarch64"
+    assert resolve_target(json.dumps(target, indent=2)).name == preset.name  # one name per target, however written
+    assert resolve_target(json.dumps({**target, "mcpu": "cortex-a76"})).name != preset.name
 
 
 @pytest.mark.parametrize("toml, message", [

@@ -9,6 +9,7 @@ only logs a warning for an unknown CPU or feature and builds generic code.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -342,7 +343,8 @@ def resolve_target(spec: str) -> TargetPreset:
                                  "'{\"kind\": \"llvm\", \"mcpu\": \"znver4\"}'") from None
         if not isinstance(target, dict) or "kind" not in target:
             raise MixerEdgeError("--target JSON must be an object with a \"kind\" (llvm, cuda, vulkan)")
-        return _preset_from_dict("custom", {"target": target}, "--target JSON")
+        digest = hashlib.sha256(json.dumps(target, sort_keys=True).encode()).hexdigest()[:8]
+        return _preset_from_dict(f"custom-{digest}", {"target": target}, "--target JSON")  # one name per target
     if spec.endswith(".toml"):
         path = Path(spec)
         if not path.is_file():
