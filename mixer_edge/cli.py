@@ -359,40 +359,43 @@ def cmd_run(args) -> None:
 
 def cmd_inspect(args) -> None:
     from . import runtime
-    from .formats import safe_text as text
 
     with runtime.artifact_dir(args.artifact) as root:
         manifest, m = runtime.verified_manifest(root)  # as written, and as a validated runtime.Manifest
     if args.json:
         print(json.dumps(manifest, indent=2))
         return
+
+    def show(line: str) -> None:  # every field comes from the artifact: printed, never interpreted
+        print(safe_text(line, 2000))
+
     device, check = m.target.device, m.verification
-    print(f"artifact   {args.artifact} (format {m.format_version}, files verified by sha256)")
-    print(f"model      {text(m.model.name, 80)} (from {m.model.from_}), input {text(m.input.name, 80)} "
+    show(f"artifact   {args.artifact} (format {m.format_version}, files verified by sha256)")
+    show(f"model      {safe_text(m.model.name, 80)} (from {m.model.from_}), input {safe_text(m.input.name, 80)} "
           f"{m.input.shape} {m.input.dtype}, {len(m.labels)} classes")
-    print(f"target     {text(m.target.preset, 80)}: {text(m.target.description)}")
+    show(f"target     {safe_text(m.target.preset, 80)}: {safe_text(m.target.description)}")
     if device.backend == "wgpu":
-        print(f"device     any Vulkan GPU through wgpu, any CPU: {m.vulkan.dispatches} dispatches of "
+        show(f"device     any Vulkan GPU through wgpu, any CPU: {m.vulkan.dispatches} dispatches of "
               f"{m.vulkan.kernels} WGSL kernels per inference")
     else:
-        print(f"device     {device.arch}, needs {', '.join(device.cpu_features or ()) or 'no extensions'}"
+        show(f"device     {device.arch}, needs {', '.join(device.cpu_features or ()) or 'no extensions'}"
               + (f"; CUDA {', '.join(m.cuda.archs)}" if m.cuda else ""))
-    print(f"precision  {m.precision.compute} compute, {m.precision.accumulation} accumulation, "
+    show(f"precision  {m.precision.compute} compute, {m.precision.accumulation} accumulation, "
           f"weights {'/'.join(m.precision.weights)}; batch {m.input.shape[0]}")
     if m.quantization:
         q = m.quantization
         recipe = q.recipe if isinstance(q.recipe, str) else q.recipe.name
-        print(f"int8       {q.layers} layers on {q.dot_product} kernels ({q.activations} activations); "
-              f"recipe {text(recipe, 80)}" + (f", {q.samples} samples of {text(str(q.calibration_data), 80)}"
+        show(f"int8       {q.layers} layers on {q.dot_product} kernels ({q.activations} activations); "
+              f"recipe {safe_text(recipe, 80)}" + (f", {q.samples} samples of {safe_text(str(q.calibration_data), 80)}"
                                                if q.samples is not None else ""))
-    print(f"built      {m.created} in {m.build.seconds}s with TVM {m.versions.get('apache-tvm')}")
+    show(f"built      {m.created} in {m.build.seconds}s with TVM {m.versions.get('apache-tvm')}")
     if check is not None and check.status == "verified":
-        print(f"verified   on {text(check.data, 80)}: top-1 agreement {check.top1_agreement:.2%}, "
+        show(f"verified   on {safe_text(check.data, 80)}: top-1 agreement {check.top1_agreement:.2%}, "
               f"max |logit diff| {check.max_abs_logit_diff:.1e}"
               + (f"; accuracy {check.accuracy:.2%}" if check.accuracy is not None else "")
               + (f" (reference {check.reference_accuracy:.2%})" if check.reference_accuracy is not None else ""))
     for name, digest in m.files.items():
-        print(f"file       {name}  sha256 {digest[:16]}...")
+        show(f"file       {name}  sha256 {digest[:16]}...")
 
 
 def cmd_train(args) -> None:

@@ -265,6 +265,21 @@ def test_forged_program_is_refused_in_one_line(copy_artifact, run_cli, change, f
     assert "Traceback" not in err and out == ""
 
 
+def test_inspect_prints_text_from_the_manifest_with_its_control_characters_escaped(copy_artifact, run_cli):
+    root = copy_artifact("host")
+
+    def escapes(m):
+        m["model"]["name"] = "digits\x1b]0;owned\x07"
+        m["target"]["description"] = "\x1b[2Jcleared"
+        m["versions"]["apache-tvm"] = "0.27\r\x1b[31m"
+
+    forge(root, escapes)
+    code, out, err = run_cli("inspect", root)
+    assert code == 0, err
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out
+    assert "digits\\x1b]0;owned\\x07" in out and "\\x1b[2Jcleared" in out
+
+
 def test_params_with_nan_give_no_result(copy_artifact, run_cli):
     root = copy_artifact("host")
     manifest = json.loads((root / runtime.MANIFEST).read_text())
