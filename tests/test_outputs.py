@@ -246,20 +246,24 @@ def special(tmp_path: Path, kind: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind, fragment", [
+SPECIAL_FILES = [
     ("char device", "is a character device"),
     ("fifo", "is a named pipe (FIFO)"),
     ("socket", "is a socket"),
     ("link", "is a symbolic link; pass the path it points to"),
     ("dangling link", "is a symbolic link; pass the path it points to"),
     ("link to a directory", "is a symbolic link; pass the path it points to"),
-])
-@pytest.mark.parametrize("command", ["run", "bench", "train", "export", "calibrate-table"])
+]
+
+
+# The calibration table goes beside its QDQ model, which /dev/null (the char device) has no writable place for.
+@pytest.mark.parametrize("kind, fragment, command", [
+    (kind, fragment, command) for kind, fragment in SPECIAL_FILES
+    for command in ("run", "bench", "train", "export", "calibrate-table")
+    if not (command == "calibrate-table" and kind == "char device")])
 def test_a_file_output_that_is_a_link_device_fifo_or_socket_is_refused(refused, tmp_path, kind, fragment, command):
     path = special(tmp_path, kind)
     if command == "calibrate-table":  # the table beside the QDQ model
-        if kind == "char device":
-            pytest.skip("no device beside a writable .onnx path")
         table = path.with_name("q.calibration.json")
         path.rename(table)
         path = table
