@@ -107,14 +107,8 @@ def _fields_at(schema: type, loc: tuple) -> set[str]:
 
 
 def _record(annotation: Any) -> type[BaseModel] | None:
-    """The schema inside an annotation (X, X | None, list[X], dict[str, X]), if there is one."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _record(arg)
-        if found is not None:
-            return found
-    return None
+    """The first schema inside an annotation (X, X | None, list[X], dict[str, X]), if there is one."""
+    return next(iter(_records(annotation)), None)
 
 
 def json_text(document: Any, indent: int | None = 1) -> str:

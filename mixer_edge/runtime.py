@@ -5,7 +5,8 @@ formats.py and data.py) to the board. Before anything is loaded, the manifest's 
 its own digest (any edit shows), its schema (`Manifest`: a forgery with a recomputed digest is
 refused naming the field), the sha256 of every file and the device's CPU/GPU are checked, so a
 tampered artifact or one built for another board is refused with one clear line instead of a
-crash or an illegal instruction. Nothing in an artifact is unpickled, and no weight may be NaN.
+crash or an illegal instruction. Nothing in an artifact is unpickled, and no logits that are not
+finite are ever returned.
 """
 
 from __future__ import annotations

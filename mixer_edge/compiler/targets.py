@@ -27,7 +27,7 @@ from ..errors import MixerEdgeError, reason
 from ..formats import Schema, one_of, parse, safe_text
 from ..options import seconds
 from ..resources import data_dir
-from ..runtime import machine_cpu_features
+from ..runtime import CUDA_ARCH, machine_cpu_features
 
 KINDS = ("cpu", "cuda", "vulkan")
 TUNING_DEFAULTS = {"trials_per_task": 64, "time_budget": "15m"}  # a preset's [tune] table overrides these
@@ -124,7 +124,6 @@ def _duration(text: str) -> str:
 
 Kind = Annotated[Literal[KINDS], one_of("kind", KINDS)]
 Precision = Annotated[Literal[PRECISIONS], one_of("precision", PRECISIONS)]
-CUDA_ARCH = r"sm_[1-9][0-9]{1,2}[af]?"
 
 
 def _cuda_arch(arch: str) -> str:

@@ -31,8 +31,7 @@ from pydantic_core import PydanticCustomError
 
 from ..atomic import TUNING_DB, atomic_dir, atomic_file, check_destination
 from ..errors import MixerEdgeError, reason
-from ..formats import Schema, parse
-from ..formats import one_of
+from ..formats import Schema, one_of, parse
 from ..options import seconds
 from .targets import PRECISIONS, TargetPreset
 
