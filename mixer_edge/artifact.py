@@ -1,4 +1,4 @@
-"""The deployable bundle: model.so + params.npz + manifest.json, written atomically.
+"""The deployable bundle: the backend's model files + params.npz + manifest.json, written atomically.
 
 When the artifact can run on this machine it is loaded back through `mixer_edge.runtime` and
 checked against the reference (torch, or onnxruntime for an ONNX input) before it is published;
@@ -8,7 +8,6 @@ the result is recorded in the manifest under `verification`.
 from __future__ import annotations
 
 import datetime
-import math
 import platform
 import tarfile
 import tempfile
@@ -20,7 +19,6 @@ import numpy as np
 from . import __version__, runtime
 from .atomic import ARTIFACT, atomic_dir, atomic_file, check_destination
 from .compiler.build import Built
-from .compiler.webgpu import dispatch_count
 from .data import in_batches
 from .errors import MixerEdgeError, reason
 from .export import ModelSource, input_spec, run_onnxruntime
@@ -56,25 +54,26 @@ def manifest_for(built: Built, source: ModelSource) -> dict:
         "export": source.export,
         "build": {"seconds": round(built.seconds, 2), "tuning_db": built.tuning and
                   {k: built.tuning[k] for k in ("graph", "precision", "records", "workloads", "sha256")},
-                  "pipeline": "tvm default, WGSL (webgpu codegen) for wgpu" if built.program else
-                  "tvm default with MetaSchedule records" if built.tuning else "tvm default"},
+                  "pipeline": built.backend.pipeline + (" with MetaSchedule records" if built.tuning else "")},
         "versions": versions(),
     }
 
 
 def write_artifact(out: str | Path, built: Built, source: ModelSource, verify: bool = True,
-                   quantization=None, progress=print) -> dict:
+                   quantization=None, keep_unverified: bool = False, progress=print) -> dict:
     """Write the artifact directory (or `.tar`) at `out` atomically; returns its manifest.
 
-    int8 builds pass their `quantization` (a quant.Quantization): table and recipe go into the manifest."""
+    int8 builds pass their `quantization` (a quant.Quantization): table and recipe go into the manifest.
+    An artifact that fails its verification is not written, unless `keep_unverified` (then its manifest
+    says it failed, and why)."""
     out = Path(out)  # atomic_dir / atomic_file refuse a destination they could not replace
     if out.suffix != ".tar":
         with atomic_dir(out, ARTIFACT) as stage:
-            return _fill(stage, built, source, verify, quantization, progress)
+            return _fill(stage, built, source, verify, quantization, keep_unverified, progress)
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp) / out.stem
         stage.mkdir()
-        manifest = _fill(stage, built, source, verify, quantization, progress)
+        manifest = _fill(stage, built, source, verify, quantization, keep_unverified, progress)
         with atomic_file(out) as tmp_tar, tarfile.open(tmp_tar, "w") as tar:
             tar.add(stage, arcname=out.stem)
     return manifest
@@ -87,34 +86,21 @@ def check_output(out: str | Path, inputs=()) -> Path:
     return check_destination(out, None if out.suffix == ".tar" else ARTIFACT, inputs)
 
 
-def _fill(stage: Path, built: Built, source: ModelSource, verify: bool, quantization, progress) -> dict:
+def _fill(stage: Path, built: Built, source: ModelSource, verify: bool, quantization, keep_unverified: bool,
+          progress) -> dict:
     manifest = manifest_for(built, source)
     if quantization is not None:
         manifest["quantization"] = quantization.manifest(built.int8)
-    if built.program is not None:
-        manifest["vulkan"] = {"backend": "wgpu", "dispatches": dispatch_count(built.program),
-                              "kernels": len(built.program["kernels"])}
-        progress(f"writing {runtime.PROGRAM}: {manifest['vulkan']['dispatches']} dispatches of "
-                 f"{manifest['vulkan']['kernels']} WGSL kernels")
-        (stage / runtime.PROGRAM).write_text(_json_text(built.program, runtime.PROGRAM, indent=None))
-    else:
-        cross = f" with {built.preset.cross_compiler}" if built.preset.cross_compiler else ""
-        progress(f"writing {runtime.LIBRARY}{cross}")
-        try:
-            built.export_library(stage / runtime.LIBRARY)
-        except Exception as exc:
-            raise MixerEdgeError(f"linking {runtime.LIBRARY} for {built.preset.name} failed "
-                                 f"({reason(exc, last=True)})") from exc
+    manifest.update(built.backend.write(built.compiled, stage, built.preset, progress))
     np.savez(stage / runtime.PARAMS, **built.params)
-    if built.cuda:
-        (stage / runtime.CUDA_KERNELS).write_bytes(built.cuda.fat_binary)
-        manifest["cuda"] = {"file": runtime.CUDA_KERNELS, "format": "fatbin", "source_sha256": built.cuda.source_sha256,
-                            "archs": list(built.preset.cuda_archs), "ptx": built.preset.cuda_ptx,
-                            "compiler": built.cuda.compiler}
     manifest["files"] = {p.name: runtime.sha256(p) for p in sorted(stage.iterdir())}
     _write_manifest(stage, manifest)
     if verify:
-        manifest["verification"] = verify_artifact(stage, source, quantization and quantization.qdq, progress)
+        check = verify_artifact(stage, source, quantization and quantization.qdq, progress)
+        if check["status"] == "failed" and not keep_unverified:
+            raise MixerEdgeError(f"verification failed: {check['reason']}; so the artifact was not written (pass "
+                                 "--keep-unverified to write it anyway, marked failed, for a bug report)")
+        manifest["verification"] = check
         _write_manifest(stage, manifest)
     return manifest
 
@@ -125,45 +111,40 @@ def _write_manifest(root: Path, manifest: dict) -> None:
     It is checked against the schema the runtime reads it with (runtime.Manifest) first, so an artifact
     is never written that its own runtime would refuse, and never with NaN or Infinity (not JSON)."""
     manifest["manifest_sha256"] = runtime.manifest_digest(manifest)
-    text = _json_text(manifest, runtime.MANIFEST, indent=2)
+    text = json_text(manifest, indent=2, name=runtime.MANIFEST)
     parse(runtime.Manifest, manifest, f"the {runtime.MANIFEST} being written",
           "report this: mixer-edge wrote a manifest its runtime would refuse")
     (root / runtime.MANIFEST).write_text(text)
 
 
-def _json_text(data, name: str, indent: int | None) -> str:
-    """`data` as JSON text (formats.json_text); a non-finite number, which JSON cannot hold, is refused naming
-    where it is."""
-    try:
-        return json_text(data, indent)
-    except ValueError:
-        raise MixerEdgeError(f"{name} would hold NaN or Infinity at {_non_finite(data) or '?'}, which JSON cannot "
-                             "represent: the model or its build produced non-finite numbers") from None
-
-
-def _non_finite(data, path: str = "") -> str | None:
-    """The dotted path of the first non-finite float inside `data`, or None."""
-    if isinstance(data, float):
-        return None if math.isfinite(data) else path or "the top level"
-    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
-    for key, value in items:
-        found = _non_finite(value, f"{path}.{key}" if path else str(key))
-        if found:
-            return found
-    return None
+# The least cosine similarity of an artifact's logits with what it must compute (the float reference; for int8,
+# onnxruntime on the same QDQ model) where they are not simply equal: below it, the build is wrong.
+MIN_COSINE = {"float32": 0.999, "float16": 0.99, "int8": 0.9}
 
 
 def verify_artifact(root: Path, source: ModelSource, qdq=None, progress=print) -> dict:
     """Compare the artifact with the reference model on this machine, if it can run here.
 
     int8 builds are compared with the float reference (what quantization cost) and with onnxruntime
-    running their QDQ ONNX `qdq` (whether the integer kernels compute what the QDQ graph says).
+    running their QDQ ONNX `qdq` (whether the integer kernels compute what the QDQ graph says). Status
+    `failed` (with the reason) when the artifact does not run here although this machine has what it
+    needs, or computes NaN, Inf or something else than it should.
     """
     try:
-        model = runtime.load(root)
+        record = runtime.verified_manifest(root)[1]
+        runtime.check_device(record, root)
     except MixerEdgeError as exc:
         progress(f"not verified here: {exc}")
         return {"status": "not run on this machine", "reason": str(exc)}
+    try:
+        return _compare(runtime.load(root), source, qdq, progress)
+    except Exception as exc:  # whatever the artifact raises on the machine it was built for is its failure
+        detail = str(exc) if isinstance(exc, MixerEdgeError) else f"it does not run here ({reason(exc, last=True)})"
+        progress(f"verification failed: {detail}")
+        return {"status": "failed", "reason": detail}
+
+
+def _compare(model, source: ModelSource, qdq, progress) -> dict:
     from .data import load_inputs
 
     if source.eval_data:
@@ -181,40 +162,54 @@ def verify_artifact(root: Path, source: ModelSource, qdq=None, progress=print) -
     _require_finite(got, f"the artifact built for {model.record.target.preset}", data,
                     "the compiled model overflows (float16?) or is miscompiled; rebuild with --precision float32, "
                     "or report this model")
-    report = {
-        "status": "verified",
-        "data": data,
-        "samples": len(x),
-        "top1_agreement": float((got.argmax(1) == reference.argmax(1)).mean()),
-        "max_abs_logit_diff": float(np.abs(got - reference).max()),
-        "reference": reference_name,
-    }
+    report = {"status": "verified", "data": data, "samples": len(x), **_agreement(got, reference),
+              "reference": reference_name}
     if y is not None:
         report["accuracy"] = float((got.argmax(1) == y).mean())
         report["reference_accuracy"] = float((reference.argmax(1) == y).mean())
     progress(f"verified on {data}: top-1 agreement {report['top1_agreement']:.2%}, "
              f"max |logit diff| {report['max_abs_logit_diff']:.2e}")
+    precision = model.record.precision.compute
+    expected, expected_name = reference, reference_name
     if qdq is not None:
         ort = reference_logits(None, qdq, x)
         _require_finite(ort, "onnxruntime on the QDQ model", data, "its quantization is broken; calibrate again "
                         "(mixer-edge calibrate) or report this model")
-        report["onnxruntime_qdq"] = {"top1_agreement": float((got.argmax(1) == ort.argmax(1)).mean()),
-                                     "max_abs_logit_diff": float(np.abs(got - ort).max())}
-        progress(f"against onnxruntime on the same QDQ model: top-1 agreement "
-                 f"{report['onnxruntime_qdq']['top1_agreement']:.2%}, max |logit diff| "
-                 f"{report['onnxruntime_qdq']['max_abs_logit_diff']:.2e}")
+        report["onnxruntime_qdq"] = _agreement(got, ort)
+        expected, expected_name = ort, "onnxruntime on the same QDQ model"
+        progress(f"against {expected_name}: top-1 agreement {report['onnxruntime_qdq']['top1_agreement']:.2%}, "
+                 f"max |logit diff| {report['onnxruntime_qdq']['max_abs_logit_diff']:.2e}")
+    _require_close(got, expected, precision, f"{expected_name} on {data}")
     return report
 
 
+def _agreement(got: np.ndarray, expected: np.ndarray) -> dict:
+    return {"top1_agreement": float((got.argmax(1) == expected.argmax(1)).mean()),
+            "max_abs_logit_diff": float(np.abs(got - expected).max())}
+
+
+def _require_close(got: np.ndarray, expected: np.ndarray, precision: str, against: str) -> None:
+    """Fail when the logits are neither within rounding of `expected` nor pointing the same way (cosine)."""
+    from .bench import cosines
+
+    scale = max(1.0, float(np.abs(expected).max()))
+    if np.abs(got - expected).max() <= 1e-3 * scale:
+        return
+    worst = float(cosines(got, expected).min())
+    if worst < MIN_COSINE[precision]:
+        raise MixerEdgeError(f"the artifact's logits differ from {against} (least cosine similarity {worst:.4f}, "
+                             f"below {MIN_COSINE[precision]} for {precision}): the build is wrong; report this model")
+
+
 def _require_finite(logits: np.ndarray, who: str, data: str, fix: str) -> None:
-    """Fail the verification, so that nothing is written, when `who`'s logits hold NaN or Inf: a model that
-    outputs NaN is never "verified" (every comparison with NaN is false)."""
+    """Fail the verification when `who`'s logits hold NaN or Inf: a model that outputs NaN is never
+    "verified" (every comparison with NaN is false)."""
     bad = ~np.isfinite(logits)
     if bad.any():
         kinds = " and ".join(k for k, found in (("NaN", np.isnan(logits).any()), ("Inf", np.isinf(logits).any()))
                              if found)
-        raise MixerEdgeError(f"verification failed: {who} produced {kinds} logits on {int(bad.any(axis=-1).sum())} "
-                             f"of {len(logits)} inputs ({data}), so the artifact was not written: likely {fix}")
+        raise MixerEdgeError(f"{who} produced {kinds} logits on {int(bad.any(axis=-1).sum())} of {len(logits)} "
+                             f"inputs ({data}): likely {fix}")
 
 
 def reference_logits(torch_model, onnx_model, x: np.ndarray) -> np.ndarray:

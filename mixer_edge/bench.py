@@ -2,12 +2,15 @@
 
 Each round runs every candidate a few times in turn, so a noisy machine slows all of them alike;
 the report gives medians over rounds and ratios to PyTorch eager float32 on the same device.
+Measurements are typed (`Latency`, `Timing`, `Agreement`, one `BenchRow` per artifact, whose `to_json`
+is a row of `bench --json`). Importable with numpy and the TVM runtime alone: the emulated board times
+artifacts with `artifact_candidate` and `interleaved`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -15,54 +18,76 @@ import numpy as np
 
 from .errors import MixerEdgeError, reason
 
+REFERENCE = ("pytorch eager", "float32")  # the (engine, precision) every speed-up is relative to
 
-@dataclass
+
+@dataclass(frozen=True)
 class Candidate:
-    name: str
-    run: Callable[[], object]  # one inference, synchronised (returns when the result is ready)
+    """One engine to time: `run` does one synchronised inference (it returns when the result is ready)."""
+
+    name: str  # its label in tables
+    run: Callable[[], object]
+    engine: str = "mixer-edge"  # mixer-edge, pytorch eager, torch.compile or onnxruntime
+    precision: str | None = None
 
 
-def interleaved(candidates: list[Candidate], rounds: int = 20, inner: int = 5, warmup: int = 3) -> dict[str, dict]:
-    """Per-inference latency of each candidate: every call of `rounds` x `inner` timed on its own."""
+@dataclass(frozen=True)
+class Latency:
+    """Per-call latency in milliseconds over `calls` timed calls; `per` says what one timed call is where it is
+    not one inference (on a board over RPC: the mean of several)."""
+
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    min_ms: float
+    calls: int
+    per: str | None = None
+
+    @classmethod
+    def of(cls, ms: list[float], calls: int | None = None, per: str | None = None) -> Latency:
+        """Median, p90, p99 and min of per-call latencies `ms` (`calls`: how many calls they cover)."""
+        p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+        return cls(float(p50), float(p90), float(p99), float(min(ms)), calls or len(ms), per)
+
+    def to_json(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+def interleaved(candidates: list[Candidate], rounds: int = 20, inner: int = 5, warmup: int = 3) -> list[Latency]:
+    """Per-inference latency of each candidate, in their order: every call of `rounds` x `inner` timed on its own."""
     for cand in candidates:
         for _ in range(warmup):
             cand.run()
-    samples: dict[str, list[float]] = {c.name: [] for c in candidates}
+    samples: list[list[float]] = [[] for _ in candidates]
     for _ in range(rounds):
-        for cand in candidates:
+        for cand, ms in zip(candidates, samples):
             cand.run()  # untimed: wakes this engine's threads after the previous engine's turn
             for _ in range(inner):
                 start = time.perf_counter()
                 cand.run()
-                samples[cand.name].append((time.perf_counter() - start) * 1e3)
-    return {name: latency_stats(s) for name, s in samples.items()}
-
-
-def latency_stats(ms: list[float]) -> dict:
-    """Median, p90, p99 and min of per-call latencies in milliseconds."""
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return {"median_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "min_ms": float(min(ms)),
-            "calls": len(ms)}
+                ms.append((time.perf_counter() - start) * 1e3)
+    return [Latency.of(ms) for ms in samples]
 
 
 def artifact_candidate(name: str, model, x: np.ndarray) -> Candidate:
-    """The artifact's `main` on an input already on its device (weights are resident too).
+    """The artifact `model` (a runtime.Model) on the first batch of `x`, input and weights already on its device
+    (a wgpu artifact: the whole call, upload and read-back included)."""
+    return Candidate(name, model.timer(x), "mixer-edge", model.record.precision.compute)
 
-    A wgpu (Vulkan) artifact is timed as a whole call: input upload, all dispatches, logits read back.
-    """
-    if not hasattr(model, "_vm"):
-        return Candidate(name, lambda: model(x))
 
-    import tvm
+def torch_candidate(engine: str, model, x: np.ndarray, device: str, precision: str = "float32") -> Candidate:
+    """`model` (a torch module already on `device` in `precision`) on `x`."""
+    import torch
 
-    data = tvm.runtime.tensor(np.ascontiguousarray(x[: model.batch], np.float32), model.device)
-    main, params, device = model._vm["main"], model._params, model.device
+    data = torch.from_numpy(x).to(device=device, dtype=getattr(torch, precision))
 
     def run():
-        main(data, *params)
-        device.sync()
+        with torch.no_grad():
+            model(data)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
-    return Candidate(name, run)
+    return Candidate(f"{engine} {precision}", run, engine, precision)
 
 
 def torch_candidates(torch_model, x: np.ndarray, device: str, compiled=None) -> list[Candidate]:
@@ -72,23 +97,11 @@ def torch_candidates(torch_model, x: np.ndarray, device: str, compiled=None) -> 
 
     import torch
 
-    data = torch.from_numpy(x).to(device)
-
-    def timed(model, data):
-        def run():
-            with torch.no_grad():
-                model(data)
-            if device == "cuda":
-                torch.cuda.synchronize()
-        return run
-
     cands = []
-    for dtype in (torch.float32, torch.float16) if device == "cuda" else (torch.float32,):
-        model = copy.deepcopy(torch_model).to(device=device, dtype=dtype).eval()
-        cands.append(Candidate(f"pytorch eager {str(dtype).split('.')[1]}", timed(model, data.to(dtype))))
-    if compiled is not None:
-        cands.append(Candidate("torch.compile float32", timed(compiled, data)))
-    return cands
+    for precision in ("float32", "float16") if device == "cuda" else ("float32",):
+        model = copy.deepcopy(torch_model).to(device=device, dtype=getattr(torch, precision)).eval()
+        cands.append(torch_candidate("pytorch eager", model, x, device, precision))
+    return cands + ([torch_candidate("torch.compile", compiled, x, device)] if compiled is not None else [])
 
 
 def compile_torch(torch_model, x: np.ndarray, device: str = "cpu", progress=print):
@@ -118,8 +131,8 @@ def use_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def onnxruntime_candidate(proto, x: np.ndarray, device: str, threads: int, label: str = "") -> Candidate | None:
-    """onnxruntime on the same device, or None where it has no provider for it."""
+def onnxruntime_candidate(proto, x: np.ndarray, device: str, threads: int, precision: str = "float32") -> Candidate | None:
+    """onnxruntime running `proto` (int8: a QDQ model) on the same device, or None where it has no provider for it."""
     import onnxruntime as ort
 
     provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
@@ -130,13 +143,22 @@ def onnxruntime_candidate(proto, x: np.ndarray, device: str, threads: int, label
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads would slow the next candidate
     sess = ort.InferenceSession(proto.SerializeToString(), options, providers=[provider])
     feed = {sess.get_inputs()[0].name: x}
-    return Candidate(f"onnxruntime {provider.removesuffix('ExecutionProvider')}{label}", lambda: sess.run(None, feed))
+    name = f"onnxruntime {provider.removesuffix('ExecutionProvider')}" + (" int8 (QDQ)" if precision == "int8" else "")
+    return Candidate(name, lambda: sess.run(None, feed), "onnxruntime", precision)
 
 
-def agreement(got: np.ndarray, ref: np.ndarray) -> dict:
-    """How far an artifact's logits are from the reference's: top-1 agreement, max |diff|, cosine."""
-    return {"top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
-            "max_abs_diff": float(np.abs(got - ref).max()), "min_cosine": float(cosines(got, ref).min())}
+@dataclass(frozen=True)
+class Agreement:
+    """How far an artifact's logits are from the reference's: top-1 agreement, max |diff|, min cosine."""
+
+    top1_agreement: float
+    max_abs_diff: float
+    min_cosine: float
+
+    @classmethod
+    def of(cls, got: np.ndarray, ref: np.ndarray) -> Agreement:
+        return cls(float((got.argmax(1) == ref.argmax(1)).mean()), float(np.abs(got - ref).max()),
+                   float(cosines(got, ref).min()))
 
 
 def cosines(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -144,49 +166,113 @@ def cosines(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
 
 
+@dataclass(frozen=True)
+class Timing:
+    """One candidate's latency in a bench row, its inferences per second, and its speed-up over PyTorch eager
+    float32 timed beside it (None where that did not run)."""
+
+    candidate: str  # the candidate's label
+    engine: str
+    precision: str | None
+    latency: Latency
+    throughput_per_s: float
+    speedup_vs_pytorch_fp32: float | None = None
+
+    def to_json(self) -> dict:
+        speedup = self.speedup_vs_pytorch_fp32
+        return {**self.latency.to_json(), "throughput_per_s": self.throughput_per_s,
+                **({"speedup_vs_pytorch_fp32": speedup} if speedup is not None else {})}
+
+
+def timings(candidates: list[Candidate], latencies: list[Latency], batch: int) -> tuple[Timing, ...]:
+    """Each candidate's Timing, from latencies measured side by side at `batch` inputs per call."""
+    base = next((lat.median_ms for c, lat in zip(candidates, latencies) if (c.engine, c.precision) == REFERENCE), None)
+    return tuple(Timing(c.name, c.engine, c.precision, lat, batch * 1e3 / lat.median_ms,
+                        None if base is None else base / lat.median_ms) for c, lat in zip(candidates, latencies))
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One artifact timed beside its baselines at its batch size."""
+
+    artifact: str
+    batch: int
+    precision: str
+    device: str  # cuda or cpu (where the baselines ran too), or rpc:KEY (a board, no baselines)
+    threads: int | None  # CPU threads of every candidate; None: the board's
+    vs_torch_fp32: Agreement
+    timings: tuple[Timing, ...]
+
+    def timing(self, engine: str) -> Timing | None:
+        """The first timing of `engine`."""
+        return next((t for t in self.timings if t.engine == engine), None)
+
+    def to_json(self) -> dict:
+        """The row in `bench --json`: latency keyed by candidate label."""
+        return {"artifact": self.artifact, "batch": self.batch, "precision": self.precision, "device": self.device,
+                "threads": self.threads, "vs_torch_fp32": asdict(self.vs_torch_fp32),
+                "latency": {t.candidate: t.to_json() for t in self.timings}}
+
+
+def build_and_compare(request, model, rounds: int = 20, threads: int | None = None, torch_compile: bool = True,
+                      board=None, progress=print) -> list[BenchRow]:
+    """`bench`: build every artifact of `request` (a plan.BuildRequest) for `model` (a plan.ModelRequest) in a
+    temporary directory, then compare() them (on `board`, a compiler.tuning.RpcBoard, when given)."""
+    import tempfile
+
+    from .plan import build_all
+    from .runtime import physical_cores
+
+    if model.is_onnx:
+        raise MixerEdgeError("bench times artifacts beside PyTorch: give a preset (and --checkpoint), not an ONNX file")
+    use_threads(threads or physical_cores())  # before the build starts TVM's thread pool
+    with tempfile.TemporaryDirectory() as tmp:  # compare() checks every artifact against PyTorch itself
+        source, artifacts = build_all(request, model, parent=tmp, verify=False, progress=progress)
+        qdq = next((a.quantization.qdq for a in artifacts if a.quantization), None)
+        return compare(source, [a.path for a in artifacts], rounds=rounds, threads=threads, qdq=qdq,
+                       torch_compile=torch_compile, rpc=board, progress=progress)
+
+
 def compare(source, artifacts: list[Path], rounds: int = 20, threads: int | None = None, qdq=None,
-            torch_compile: bool = False, rpc=None, progress=print) -> list[dict]:
+            torch_compile: bool = False, rpc=None, progress=print) -> list[BenchRow]:
     """Time each artifact (they share one model) beside the baselines at its batch size, every candidate on
     `threads` CPU threads (default: the physical cores); check its outputs. int8 artifacts are timed
     beside onnxruntime running `qdq`, the QDQ ONNX they were compiled from; `torch_compile` adds
     torch.compile to the PyTorch baselines. With `rpc` (a compiler.tuning.RpcBoard) the artifacts run
     and are timed on a board from that tracker instead, without baselines (they do not run there)."""
     from . import runtime
-    from .artifact import reference_logits
 
     if rpc is not None:
         return [remote_row(source, path, rpc, rounds, progress) for path in artifacts]
-
     threads = threads or runtime.physical_cores()
     use_threads(threads)
-    rows = []
-    compiled = {}
-    for path in artifacts:
-        model = runtime.load(path)
-        x = timing_input(source, model.input_shape)
-        device = "cuda" if model.manifest["target"]["device"]["kind"] == "cuda" else "cpu"
-        reference = reference_logits(source.torch_model, source.onnx_model, x)
-        precision = model.manifest["precision"]["compute"]
-        mine = f"mixer-edge {precision}"
-        if torch_compile and (x.shape, device) not in compiled:
-            compiled[x.shape, device] = compile_torch(source.torch_model, x, device, progress)
-        cands = [artifact_candidate(mine, model, x),
-                 *torch_candidates(source.torch_model, x, device, compiled.get((x.shape, device)))]
-        onnx_batch = source.input.shape[0]
-        proto, label = (qdq, " int8 (QDQ)") if precision == "int8" else (source.onnx_model, "")
-        ort = onnxruntime_candidate(proto, x, device, threads, label) \
-            if proto is not None and (isinstance(onnx_batch, str) or onnx_batch == model.batch) else None
-        cands += [ort] if ort else []
-        progress(f"timing {path.name}: {', '.join(c.name for c in cands)} ({rounds} interleaved rounds)")
-        times = interleaved(cands, rounds=rounds)
-        base = times["pytorch eager float32"]["median_ms"]
-        rows.append({"artifact": str(path), "batch": model.batch, "precision": precision, "device": device,
-                     "threads": threads,
-                     "vs_torch_fp32": agreement(model(x), reference),
-                     "latency": {name: {**t, "throughput_per_s": model.batch * 1e3 / t["median_ms"],
-                                        "speedup_vs_pytorch_fp32": base / t["median_ms"]}
-                                 for name, t in times.items()}})
-    return rows
+    compiled = {} if torch_compile else None  # torch.compile by (input shape, device), compiled once
+    return [local_row(source, path, rounds, threads, qdq, compiled, progress) for path in artifacts]
+
+
+def local_row(source, path: Path, rounds: int, threads: int, qdq, compiled: dict | None, progress) -> BenchRow:
+    """compare()'s row for an artifact run here, interleaved with PyTorch (and torch.compile, cached in
+    `compiled`; None: left out) and onnxruntime on the device PyTorch uses beside it."""
+    from . import runtime
+    from .artifact import reference_logits
+
+    model = runtime.load(path)
+    x = timing_input(source, model.input_shape)
+    device, precision = model.baseline_device, model.record.precision.compute
+    if compiled is not None and (x.shape, device) not in compiled:
+        compiled[x.shape, device] = compile_torch(source.torch_model, x, device, progress)
+    torch_compiled = compiled[x.shape, device] if compiled is not None else None
+    cands = [artifact_candidate(f"mixer-edge {precision}", model, x),
+             *torch_candidates(source.torch_model, x, device, torch_compiled)]
+    proto, onnx_batch = qdq if precision == "int8" else source.onnx_model, source.input.shape[0]
+    ort = onnxruntime_candidate(proto, x, device, threads, precision) \
+        if proto is not None and (isinstance(onnx_batch, str) or onnx_batch == model.batch) else None
+    cands += [ort] if ort else []
+    progress(f"timing {path.name}: {', '.join(c.name for c in cands)} ({rounds} interleaved rounds)")
+    latencies = interleaved(cands, rounds=rounds)
+    agreement = Agreement.of(model(x), reference_logits(source.torch_model, source.onnx_model, x))
+    return BenchRow(str(path), model.batch, precision, device, threads, agreement,
+                    timings(cands, latencies, model.batch))
 
 
 def timing_input(source, shape) -> np.ndarray:
@@ -201,91 +287,68 @@ def timing_input(source, shape) -> np.ndarray:
     return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
 
 
-def remote_row(source, path: Path, rpc, rounds: int, progress=print) -> dict:
-    """compare()'s row for an artifact run on a board over RPC: its latency there, its outputs against torch."""
+def remote_row(source, path: Path, rpc, rounds: int, progress=print, inner: int = 5) -> BenchRow:
+    """compare()'s row for an artifact run on a board over RPC (`rpc`: compiler.tuning.RpcBoard): its latency there
+    (TVM's time_evaluator: `rounds` repeats, each the mean of `inner` calls), its outputs against PyTorch."""
     from . import runtime
     from .artifact import reference_logits
 
-    with runtime.artifact_dir(path) as root:
-        manifest = runtime.read_manifest(root)
-    shape = manifest["input"]["shape"]
-    x = timing_input(source, shape)
     progress(f"timing {Path(path).name} on a '{rpc.key}' board from the tracker {rpc.host}:{rpc.port}")
-    measured = remote(path, rpc, x, rounds)
-    reference = reference_logits(source.torch_model, source.onnx_model, x)
-    precision = manifest["precision"]["compute"]
-    latency = {**measured["latency"], "throughput_per_s": shape[0] * 1e3 / measured["latency"]["median_ms"]}
-    return {"artifact": str(path), "batch": shape[0], "precision": precision, "device": f"rpc:{rpc.key}",
-            "threads": None, "vs_torch_fp32": agreement(measured["logits"], reference),
-            "latency": {f"mixer-edge {precision} on {rpc.key}": latency}}
+    with runtime.artifact_dir(path) as root:
+        model = runtime.load_remote(root, connect(rpc))
+    x = timing_input(source, model.input_shape)
+    precision = model.record.precision.compute
+    seconds = model.device_times(x, number=inner, repeat=rounds)
+    latency = Latency.of([s * 1e3 for s in seconds], calls=rounds * inner, per=f"mean of {inner} calls")
+    timing = Timing(f"mixer-edge {precision} on {rpc.key}", "mixer-edge", precision, latency,
+                    model.batch * 1e3 / latency.median_ms)
+    agreement = Agreement.of(model(x), reference_logits(source.torch_model, source.onnx_model, x))
+    return BenchRow(str(path), model.batch, precision, f"rpc:{rpc.key}", None, agreement, (timing,))
 
 
-def format_rows(rows: list[dict]) -> str:
+def connect(rpc):
+    """A session with a board taken from a TVM RPC tracker (`rpc`: compiler.tuning.RpcBoard)."""
+    from tvm import rpc as tvm_rpc
+
+    try:
+        return tvm_rpc.connect_tracker(rpc.host, rpc.port).request(rpc.key, session_timeout=600)
+    except Exception as exc:
+        raise MixerEdgeError(f"no board under key '{rpc.key}' at the tracker {rpc.host}:{rpc.port} "
+                             f"({reason(exc, last=True)}): start one with python -m mixer_edge.rpc_server") from exc
+
+
+def format_rows(rows: list[BenchRow]) -> str:
     lines = ["| artifact | batch | threads | candidate | median ms | p90 ms | p99 ms | min ms | inferences/s | "
              "speed-up vs PyTorch fp32 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        for name, t in row["latency"].items():
-            speedup = f"{t['speedup_vs_pytorch_fp32']:.2f}x" if "speedup_vs_pytorch_fp32" in t else "–"
-            lines.append(f"| {Path(row['artifact']).name} | {row['batch']} | {row['threads'] or 'board'} | {name} | "
-                         f"{t['median_ms']:.3f} | {t['p90_ms']:.3f} | {t['p99_ms']:.3f} | {t['min_ms']:.3f} | "
-                         f"{t['throughput_per_s']:.1f} | {speedup} |")
+        for t in row.timings:
+            lat = t.latency
+            speedup = "–" if t.speedup_vs_pytorch_fp32 is None else f"{t.speedup_vs_pytorch_fp32:.2f}x"
+            lines.append(f"| {Path(row.artifact).name} | {row.batch} | {row.threads or 'board'} | {t.candidate} | "
+                         f"{lat.median_ms:.3f} | {lat.p90_ms:.3f} | {lat.p99_ms:.3f} | {lat.min_ms:.3f} | "
+                         f"{t.throughput_per_s:.1f} | {speedup} |")
     lines += ["", "| artifact | top-1 agreement vs PyTorch fp32 | max abs diff | min cosine |", "| --- | --- | --- | --- |"]
     for row in rows:
-        a = row["vs_torch_fp32"]
-        lines.append(f"| {Path(row['artifact']).name} | {a['top1_agreement']:.2%} | {a['max_abs_diff']:.2e} | "
-                     f"{a['min_cosine']:.6f} |")
+        a = row.vs_torch_fp32
+        lines.append(f"| {Path(row.artifact).name} | {a.top1_agreement:.2%} | {a.max_abs_diff:.2e} | "
+                     f"{a.min_cosine:.6f} |")
     return "\n".join(lines + int8_ratios(rows))
 
 
-def int8_ratios(rows: list[dict]) -> list[str]:
+def int8_ratios(rows: list[BenchRow]) -> list[str]:
     """Speed-up of int8 over float32 at each batch that has both: mixer-edge's, and onnxruntime's (QDQ)."""
-    latency = {(row["batch"], row["precision"]): row["latency"] for row in rows}
+    by_batch = {(row.batch, row.precision): row for row in rows}
     lines = []
-    for (batch, precision), int8 in latency.items():
-        fp32 = latency.get((batch, "float32"))
+    for (batch, precision), int8 in by_batch.items():
+        fp32 = by_batch.get((batch, "float32"))
         if precision != "int8" or fp32 is None:
             continue
-        ort = {p: next((t["median_ms"] for n, t in lat.items() if n.startswith("onnxruntime")), None)
-               for p, lat in (("float32", fp32), ("int8", int8))}
-        mine = fp32["mixer-edge float32"]["median_ms"] / int8["mixer-edge int8"]["median_ms"]
-        line = f"batch {batch}: mixer-edge int8 is {mine:.2f}x the speed of mixer-edge float32"
-        if None not in ort.values():
-            line += (f"; onnxruntime QDQ int8 {ort['float32'] / ort['int8']:.2f}x onnxruntime float32; "
-                     f"mixer-edge int8 {ort['int8'] / int8['mixer-edge int8']['median_ms']:.2f}x onnxruntime int8")
+        mine_fp32, mine_int8 = (row.timing("mixer-edge").latency.median_ms for row in (fp32, int8))
+        line = f"batch {batch}: mixer-edge int8 is {mine_fp32 / mine_int8:.2f}x the speed of mixer-edge float32"
+        ort_fp32, ort_int8 = fp32.timing("onnxruntime"), int8.timing("onnxruntime")
+        if ort_fp32 and ort_int8:
+            ort = ort_fp32.latency.median_ms, ort_int8.latency.median_ms
+            line += (f"; onnxruntime QDQ int8 {ort[0] / ort[1]:.2f}x onnxruntime float32; "
+                     f"mixer-edge int8 {ort[1] / mine_int8:.2f}x onnxruntime int8")
         lines.append(line)
     return ["", *lines] if lines else []
-
-
-def remote(path: Path, rpc, x: np.ndarray, rounds: int = 20, inner: int = 5) -> dict:
-    """Run and time artifact `path` on a board taken from a TVM RPC tracker (`rpc`: compiler.tuning.RpcBoard).
-
-    The artifact's hashes are checked here; its library is uploaded, loaded by the board's TVM runtime
-    and timed there by TVM's time_evaluator (`rounds` repeats, each the mean of `inner` calls).
-    Returns {"logits", "latency"} for the first batch of `x`.
-    """
-    import tvm
-    from tvm import rpc as tvm_rpc
-    from tvm.runtime.vm import VirtualMachine
-
-    from . import runtime
-
-    with runtime.artifact_dir(path) as root:
-        manifest = runtime.read_manifest(root)
-        if runtime.LIBRARY not in manifest["files"]:
-            raise MixerEdgeError(f"{path} is a wgpu (Vulkan) artifact: time it on the device with mixer-edge bench there")
-        try:
-            board = tvm_rpc.connect_tracker(rpc.host, rpc.port).request(rpc.key, session_timeout=600)
-        except Exception as exc:
-            raise MixerEdgeError(f"no board under key '{rpc.key}' at the tracker {rpc.host}:{rpc.port} "
-                                 f"({reason(exc, last=True)}): start one with python -m mixer_edge.rpc_server") from exc
-        board.upload(str(root / runtime.LIBRARY))
-        weights = runtime.read_params(root, manifest)
-    device = board.cuda(0) if manifest["target"]["device"]["kind"] == "cuda" else board.cpu(0)
-    vm = VirtualMachine(board.load_module(runtime.LIBRARY), device)
-    params = [tvm.runtime.tensor(w, device) for w in weights]
-    batch = manifest["input"]["shape"][0]
-    data = tvm.runtime.tensor(np.ascontiguousarray(x[:batch], np.float32), device)
-    logits = vm["main"](data, *params).numpy()
-    result = vm.time_evaluator("main", device, number=inner, repeat=rounds)(data, *params)
-    return {"logits": logits, "latency": {**latency_stats([t * 1e3 for t in result.results]), "calls": rounds * inner,
-                                          "per": f"mean of {inner} calls"}}

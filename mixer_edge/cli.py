@@ -46,17 +46,13 @@ def _calibration_args(p: argparse.ArgumentParser, int8_only: bool) -> None:
     g.add_argument("--calib-samples", type=options.positive, help="how many samples to draw (default: the recipe's)")
 
 
-def _calibration(args, precisions):
-    """The int8 calibration the arguments ask for (None if they name none), checked before any slow work:
-    refused unless one of `precisions` is int8."""
-    from .quant import Calibration, resolve_recipe
+def _calibration(args):
+    """The int8 calibration the arguments ask for, or None."""
+    from .quant import Calibration
 
-    if args.calibration is None and args.calib_data is None and args.calib_samples is None:
-        return None
-    if "int8" not in precisions:
-        raise MixerEdgeError("--calibration/--calib-data/--calib-samples apply to --precision int8 only")
-    resolve_recipe(args.calibration)
-    return Calibration(args.calibration, args.calib_data, args.calib_samples)
+    recipe = getattr(args, "calibration", None)  # report has none: its recipes come from --variants
+    asked = (recipe, args.calib_data, args.calib_samples)
+    return Calibration(*asked) if any(value is not None for value in asked) else None
 
 
 def _tuning_args(p: argparse.ArgumentParser, compile_: bool) -> None:
@@ -79,22 +75,31 @@ def _rpc(args):
     return RpcBoard.parse(args.rpc_tracker, args.rpc_key) if args.rpc_tracker or args.rpc_key else None
 
 
-def _tuning(args, tune: bool, measures: bool = False):
-    """The tuning the arguments ask for; `measures`: the command also runs on --rpc-tracker boards (bench)."""
+def _tuning(args, tune: bool, rpc=None):
+    """The tuning the arguments ask for; `rpc`: the boards it measures on."""
     from .compiler.tuning import Budget, Tuning
 
-    budget = Budget(args.trials, args.time_budget)
-    rpc = _rpc(args)
-    if not tune and (args.trials or args.time_budget or (rpc and not measures)):
-        raise MixerEdgeError("--trials, --time-budget and --rpc-tracker apply to tuning: add --tune")
-    return Tuning(Path(args.tuning_db) if args.tuning_db else None, tune, budget, rpc if tune else None)
+    return Tuning(Path(args.tuning_db) if args.tuning_db else None, tune, Budget(args.trials, args.time_budget), rpc)
 
 
-def _open_model(args, batches: list[int], dynamic_batch: bool = False):
-    from .export import open_model
+def _model(args):
+    from .plan import ModelRequest
 
-    return open_model(args.model, args.checkpoint, batch=batches[0], dynamic_batch=dynamic_batch or len(batches) > 1,
-                      num_classes=args.num_classes, progress=say)
+    return ModelRequest(args.model, args.checkpoint, args.num_classes)
+
+
+def _targets(args, default: list[str]) -> tuple[str, ...]:
+    """The target specs of every --target (each a parsed list), or `default`."""
+    return tuple(spec for specs in args.target or [default] for spec in specs)
+
+
+def _builds(args, tuning):
+    """The builds --target, --precision, --batch and the int8 calibration options ask for (a plan.BuildRequest)."""
+    from .plan import BuildRequest, Variant
+
+    return BuildRequest(_targets(args, ["host"]),
+                        tuple(Variant(precision) for precision in args.precision or [None]), tuple(args.batch),
+                        _calibration(args), tuning)
 
 
 INPUT_OPTIONS = ("model", "checkpoint", "calibration", "calib_data", "val_data", "eval_data", "input", "tuning_db",
@@ -130,95 +135,42 @@ def cmd_targets(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .export import export_onnx
+    from .plan import ExportRequest
 
-    if args.model and args.model.endswith(".onnx"):
-        raise MixerEdgeError("export takes a preset (and checkpoint), not an ONNX file: it is already exported")
-    batches = args.batch
-    if len(batches) > 1:
-        raise MixerEdgeError("export writes one ONNX file: give one --batch, or --dynamic-batch for any")
-    batch = batches[0]
+    request = ExportRequest(_model(args), tuple(args.batch), args.dynamic_batch, not args.no_simplify)
     check_destination(args.output, inputs=_inputs(args))  # before the slow export
-    source = _open_model(args, batches, dynamic_batch=args.dynamic_batch)
-    report = export_onnx(source.torch_model, args.output, batch=batch, dynamic_batch=args.dynamic_batch,
-                         simplify=not args.no_simplify)
+    report = request.write(args.output, progress=say)
     print(f"wrote {args.output}: opset {report['opset']}, max |onnxruntime - torch| = {report['max_abs_diff_vs_torch']:.2e}")
 
 
-def _presets(args, default: list[str]) -> list:
-    """The presets the --target options name (each already a parsed list), none twice (`host` is a preset too)."""
-    from .compiler import resolve_target
-
-    presets = [resolve_target(spec) for specs in (args.target or [default]) for spec in specs]
-    names = [preset.name for preset in presets]
-    repeated = next((name for i, name in enumerate(names) if name in names[:i]), None)
-    if repeated is not None:
-        raise MixerEdgeError(f"--target names {repeated} twice (host is one of the presets): name each target once")
-    return presets
-
-
-def _builds(args):
-    """Every (preset, precision, batch) the arguments name, checked before any slow work."""
-    presets = _presets(args, ["host"])
-    batches = args.batch
-    precisions = args.precision or [None]
-    return [(preset, preset.resolve_precision(precision), batch)
-            for preset in presets for precision in precisions for batch in batches], batches
-
-
-def _compile_all(args, output: str | None, parent: str, verify: bool, measures: bool = False):
-    """Compile every (target, precision, batch) the arguments name; returns the source, the (path, manifest)
-    pairs and the int8 builds' quant.Quantization (None without one)."""
-    from .artifact import check_output
-    from .compiler import compile_model
-    from .quant import quantize_for_build
-
-    builds, batches = _builds(args)
-    tuning = _tuning(args, args.tune, measures)
-    precisions = [precision for _, precision, _ in builds]
-    calibration = _calibration(args, precisions)
-    if tuning.database and len(builds) > 1:
-        raise MixerEdgeError("--tuning-db holds one model/target/precision/batch: compile one build with it")
-    if output and len(builds) == 1:
-        check_output(output, _inputs(args))
-    source = _open_model(args, batches)
-    outs = [Path(output) if output and len(builds) == 1 else Path(output or parent) / (
-        f"{source.name}-{preset.name}" + {"float16": "-fp16", "int8": "-int8"}.get(precision, "") +
-        (f"-b{batch}" if batch != 1 else "")) for preset, precision, batch in builds]
-    for out in outs:
-        check_output(out, _inputs(args))  # every artifact's path, before the first build
-    quantized = quantize_for_build(source, calibration, say) if "int8" in precisions else None
-    built = []
-    for (preset, precision, batch), out in zip(builds, outs):
-        built.append((out, compile_model(source, preset, out, batch=batch, precision=precision, verify=verify,
-                                         tuning=tuning, quantized=quantized if precision == "int8" else None,
-                                         progress=say)))
-    return source, built, quantized
-
-
 def cmd_compile(args) -> None:
-    for out, manifest in _compile_all(args, args.output, "artifacts", verify=not args.no_verify)[1]:
-        preset = manifest["target"]["preset"]
-        check = manifest.get("verification", {})
+    from .plan import build_all
+
+    request = _builds(args, _tuning(args, args.tune, _rpc(args)))
+    _, artifacts = build_all(request, _model(args), args.output, verify=not args.no_verify,
+                             keep_unverified=args.keep_unverified, inputs=_inputs(args), progress=say)
+    for artifact in artifacts:
+        check = artifact.manifest.get("verification", {})
+        status = check.get("status")
         detail = (f"top-1 agreement {check['top1_agreement']:.2%}, max |logit diff| {check['max_abs_logit_diff']:.1e}"
-                  if check.get("status") == "verified" else "not run here (" + check.get("reason", "skipped") + ")")
-        print(f"{out}: {preset} artifact; verification: {detail}")
+                  if status == "verified" else f"FAILED ({check['reason']}), kept by --keep-unverified"
+                  if status == "failed" else "not run here (" + check.get("reason", "skipped") + ")")
+        print(f"{artifact.path}: {artifact.build.preset.name} artifact; verification: {detail}")
 
 
 def cmd_tune(args) -> None:
     from .compiler import tune_model
 
-    builds, batches = _builds(args)
-    if len(builds) > 1:
+    request = _builds(args, _tuning(args, True, _rpc(args)))
+    if len(request.builds) > 1:
         raise MixerEdgeError("tune takes one target, precision and batch: run it once for each")
-    tuning = _tuning(args, True)
-    preset, precision, batch = builds[0]
-    calibration = _calibration(args, [precision])
+    build = request.builds[0]
     if args.tuning_db:  # the database tune writes into (the cache's is checked where it is written)
         check_destination(args.tuning_db, TUNING_DB, inputs=_inputs(args, "tuning_db"))
-    result = tune_model(_open_model(args, batches), preset, batch, precision, tuning, calibration, progress=say)
+    result = tune_model(_model(args).open(request.batches, progress=say), build.preset, build.batch,
+                        build.variant.precision, request.tuning, request.calibration, progress=say)
     print(f"{result['path']}: {result['records']} records for {result['workloads']} workloads "
-          f"({result['model']}, {preset.name}, {result['precision']}); later compiles apply it")
+          f"({result['model']}, {build.preset.name}, {result['precision']}); later compiles apply it")
 
 
 def cmd_tuning_db(args) -> None:
@@ -244,14 +196,13 @@ def cmd_calibrate(args) -> None:
     from .quant import calibrate, format_sensitivity, resolve_recipe
 
     recipe = resolve_recipe(args.calibration)  # before the slow export
-    _calibration(args, ["int8"])
     out = Path(args.output)
     if out.suffix != ".onnx":
         raise MixerEdgeError(f"-o {out}: the QDQ model is written as an .onnx file (the table goes beside it)")
     table_path = out.with_suffix(".calibration.json")
     check_destination(out, inputs=_inputs(args))
     check_destination(table_path, inputs=_inputs(args))
-    source = _open_model(args, args.batch)
+    source = _model(args).open(tuple(args.batch), progress=say)
     qdq, table, summary = calibrate(source, recipe, args.calib_data, args.calib_samples, sensitivity=args.sensitivity,
                                     max_accuracy_drop=args.max_accuracy_drop, val_data=args.val_data, progress=say)
     with atomic_file(out, _inputs(args)) as tmp_onnx, atomic_file(table_path, _inputs(args)) as tmp_table:
@@ -274,45 +225,32 @@ def cmd_calibrate(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    import tempfile
+    from .bench import build_and_compare, format_rows
 
-    from .bench import compare, format_rows, use_threads
-    from .runtime import physical_cores
-
-    if args.model and args.model.lower().endswith(".onnx"):
-        raise MixerEdgeError("bench times artifacts beside PyTorch: give a preset (and --checkpoint), not an ONNX file")
-    use_threads(args.threads or physical_cores())  # before the build starts TVM's thread pool
-    rpc = _rpc(args)
+    board = _rpc(args)  # with --tune the build tunes on these boards; bench times on them either way
+    request = _builds(args, _tuning(args, args.tune, board if args.tune else None))
     if args.json:
         check_destination(args.json, inputs=_inputs(args))  # before the builds and the timing
-    with tempfile.TemporaryDirectory() as tmp:
-        # compare() checks every artifact against PyTorch itself
-        source, built, quantized = _compile_all(args, None, tmp, verify=False, measures=True)
-        rows = compare(source, [out for out, _ in built], rounds=args.rounds, threads=args.threads,
-                       qdq=quantized and quantized.qdq, torch_compile=not args.no_torch_compile, rpc=rpc,
-                       progress=say)
+    rows = build_and_compare(request, _model(args), rounds=args.rounds, threads=args.threads,
+                             torch_compile=not args.no_torch_compile, board=board, progress=say)
     print(format_rows(rows))
     if args.json:
         from .artifact import versions
 
         with atomic_file(args.json, _inputs(args)) as tmp_json:
-            tmp_json.write_text(json_text({"versions": versions(), "rows": rows}))
+            tmp_json.write_text(json_text({"versions": versions(), "rows": [row.to_json() for row in rows]}))
 
 
 def cmd_report(args) -> None:
-    from .report import Variant, make_report, table
+    from .plan import ReportRequest, Variant
+    from .report import make_report, table
 
-    presets = _presets(args, ["host", "rpi5"])
-    variants = [Variant.parse(v) for v in args.variants] if args.variants else None
-    batches = args.batch
-    if len(batches) > 1:
-        raise MixerEdgeError("report times one batch size: give one --batch (bench takes several)")
-    tuning = _tuning(args, args.tune)
+    variants = tuple(Variant.parse(v) for v in args.variants) if args.variants else None
+    request = ReportRequest(_targets(args, ["host", "rpi5"]), variants, tuple(args.batch), _calibration(args),
+                            _tuning(args, args.tune, _rpc(args)), args.eval_data, args.max_accuracy_drop, args.rounds,
+                            args.threads, not args.no_torch_compile)
     check_destination(args.output, REPORT, inputs=_inputs(args))
-    report = make_report(_open_model(args, batches), presets, args.output, variants, eval_data=args.eval_data,
-                         batch=batches[0], rounds=args.rounds, threads=args.threads, calib_data=args.calib_data,
-                         calib_samples=args.calib_samples, max_accuracy_drop=args.max_accuracy_drop, tuning=tuning,
-                         torch_compile=not args.no_torch_compile, progress=say)
+    report = make_report(_model(args).open(request.batches, progress=say), request, args.output, progress=say)
     print("\n".join(table(report)))
     print(f"\n{args.output}/report.html: the table and the plot; report.json: every measurement")
 
@@ -361,41 +299,8 @@ def cmd_inspect(args) -> None:
     from . import runtime
 
     with runtime.artifact_dir(args.artifact) as root:
-        manifest, m = runtime.verified_manifest(root)  # as written, and as a validated runtime.Manifest
-    if args.json:
-        print(json.dumps(manifest, indent=2))
-        return
-
-    def show(line: str) -> None:  # every field comes from the artifact: printed, never interpreted
-        print(safe_text(line, 2000))
-
-    device, check = m.target.device, m.verification
-    show(f"artifact   {args.artifact} (format {m.format_version}, files verified by sha256)")
-    show(f"model      {safe_text(m.model.name, 80)} (from {m.model.from_}), input {safe_text(m.input.name, 80)} "
-          f"{m.input.shape} {m.input.dtype}, {len(m.labels)} classes")
-    show(f"target     {safe_text(m.target.preset, 80)}: {safe_text(m.target.description)}")
-    if device.backend == "wgpu":
-        show(f"device     any Vulkan GPU through wgpu, any CPU: {m.vulkan.dispatches} dispatches of "
-              f"{m.vulkan.kernels} WGSL kernels per inference")
-    else:
-        show(f"device     {device.arch}, needs {', '.join(device.cpu_features or ()) or 'no extensions'}"
-              + (f"; CUDA {', '.join(m.cuda.archs)}" if m.cuda else ""))
-    show(f"precision  {m.precision.compute} compute, {m.precision.accumulation} accumulation, "
-          f"weights {'/'.join(m.precision.weights)}; batch {m.input.shape[0]}")
-    if m.quantization:
-        q = m.quantization
-        recipe = q.recipe if isinstance(q.recipe, str) else q.recipe.name
-        show(f"int8       {q.layers} layers on {q.dot_product} kernels ({q.activations} activations); "
-              f"recipe {safe_text(recipe, 80)}" + (f", {q.samples} samples of {safe_text(str(q.calibration_data), 80)}"
-                                               if q.samples is not None else ""))
-    show(f"built      {m.created} in {m.build.seconds}s with TVM {m.versions.get('apache-tvm')}")
-    if check is not None and check.status == "verified":
-        show(f"verified   on {safe_text(check.data, 80)}: top-1 agreement {check.top1_agreement:.2%}, "
-              f"max |logit diff| {check.max_abs_logit_diff:.1e}"
-              + (f"; accuracy {check.accuracy:.2%}" if check.accuracy is not None else "")
-              + (f" (reference {check.reference_accuracy:.2%})" if check.reference_accuracy is not None else ""))
-    for name, digest in m.files.items():
-        show(f"file       {name}  sha256 {digest[:16]}...")
+        manifest, record = runtime.verified_manifest(root)  # as written, and as a validated runtime.Manifest
+    print(json.dumps(manifest, indent=2) if args.json else "\n".join(runtime.describe(record, args.artifact)))
 
 
 def cmd_train(args) -> None:
@@ -431,18 +336,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"mixer-edge: error: {safe_text(' '.join(message.split()), 2000)}: see '{self.prog} --help'\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="mixer-edge", description="Compile MLP-Mixer classifiers with Apache TVM "
-                    "for edge boards and GPUs, and run the artifacts.")
-    debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="show the traceback of an internal error (for a bug report)")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error (for a bug report)")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=lambda **kw: Parser(parents=[debug], **kw))
-
+def _targets_parser(sub) -> None:
     p = sub.add_parser("targets", help="list the target presets and whether this machine can build them")
     p.set_defaults(func=cmd_targets)
 
+
+def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="export a model to ONNX (simplified, parity-checked against torch)")
     _model_args(p)
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
@@ -450,16 +349,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
     p.set_defaults(func=cmd_export)
 
+
+def _compile_parser(sub) -> None:
     p = sub.add_parser("compile", help="compile a model into a deployable artifact for one or more targets")
     _model_args(p)
     _build_args(p)
     p.add_argument("-o", "--output", help="artifact directory (or .tar); with several builds, their parent "
                    "(default artifacts/MODEL-TARGET[-fp16|-int8][-bBATCH])")
     p.add_argument("--no-verify", action="store_true", help="skip running the artifact against the reference")
+    p.add_argument("--keep-unverified", action="store_true", help="write the artifact even when it fails its "
+                   "verification, marked failed in its manifest (for a bug report)")
     _calibration_args(p, int8_only=True)
     _tuning_args(p, compile_=True)
     p.set_defaults(func=cmd_compile)
 
+
+def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="build, then time against PyTorch eager and onnxruntime on this machine")
     _model_args(p)
     _build_args(p)
@@ -472,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     _tuning_args(p, compile_=True)
     p.set_defaults(func=cmd_bench)
 
+
+def _report_parser(sub) -> None:
     p = sub.add_parser("report", help="which variant to ship: accuracy beside latency for every variant on every "
                        "target, with the baselines (report.json, .md, .png, .html)")
     _model_args(p)
@@ -497,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     _tuning_args(p, compile_=True)
     p.set_defaults(func=cmd_report)
 
+
+def _calibrate_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="int8 post-training quantization: write a QDQ ONNX and its calibration table")
     _model_args(p)
     _calibration_args(p, int8_only=False)
@@ -509,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "NAME.calibration.json beside it")
     p.set_defaults(func=cmd_calibrate)
 
+
+def _tune_parser(sub) -> None:
     p = sub.add_parser("tune", help="autotune a model for a target with MetaSchedule into its tuning database")
     _model_args(p)
     _build_args(p)
@@ -516,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     _tuning_args(p, compile_=False)
     p.set_defaults(func=cmd_tune)
 
+
+def _tuning_db_parser(sub) -> None:
     p = sub.add_parser("tuning-db", help="list tuning databases, or merge several of one model/target/precision")
     actions = p.add_subparsers(dest="action", required=True)
     q = actions.add_parser("list", help="each database's model, precision, records and target")
@@ -526,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--best-only", action="store_true", help="keep only the best record per workload")
     p.set_defaults(func=cmd_tuning_db)
 
+
+def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="run an artifact on images, a .npy/.npz, or the digits test split")
     p.add_argument("artifact", help="artifact directory or .tar")
     p.add_argument("--input", default="digits-test", help="image, image folder, .npy/.npz, digits-test (default)")
@@ -535,17 +450,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", help="write all logits to this .npy file")
     p.set_defaults(func=cmd_run)
 
+
+def _inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="verify an artifact's hashes and print its manifest")
     p.add_argument("artifact")
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     p.set_defaults(func=cmd_inspect)
 
+
+def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train the demo Mixer on the bundled digits (about 30 s on 2 cores)")
     p.add_argument("-o", "--output", default="mixer_digits.safetensors")
     p.add_argument("--epochs", type=options.integer(1, 10_000), default=30)
     p.add_argument("--seed", type=options.integer(0, 2**32 - 1), default=0)
     p.set_defaults(func=cmd_train)
 
+
+def _emulator_parser(sub) -> None:
     p = sub.add_parser("emulator", help="prepare the emulated aarch64 board (qemu-user + Python + TVM runtime)")
     p.add_argument("action", choices=["setup", "serve"], help="setup: build the board; serve: run a TVM RPC "
                    "server on it, registered with a tracker (for tuning)")
@@ -554,6 +475,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", help="serve: the key to register under (tune with the same --rpc-key)")
     p.add_argument("--dir", help="where to build it (default ~/.cache/mixer-edge/..., or $MIXER_EDGE_BOARD)")
     p.set_defaults(func=cmd_emulator)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="mixer-edge", description="Compile MLP-Mixer classifiers with Apache TVM "
+                    "for edge boards and GPUs, and run the artifacts.")
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an internal error (for a bug report)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error (for a bug report)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=lambda **kw: Parser(parents=[debug], **kw))
+    for add in (_targets_parser, _export_parser, _compile_parser, _bench_parser, _report_parser, _calibrate_parser,
+                _tune_parser, _tuning_db_parser, _run_parser, _inspect_parser, _train_parser, _emulator_parser):
+        add(sub)  # each command's options, in the order --help lists them
     return parser
 
 

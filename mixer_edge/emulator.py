@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import BOARD, atomic_dir, check_destination
+from .bench import Latency
 from .errors import MixerEdgeError
 from .formats import json_text
 
@@ -156,12 +157,12 @@ for i, model in enumerate(models):
     np.save(output / f"logits{i}.npy", model(x))
 if job["rounds"]:
     cands = [artifact_candidate(str(i), model, x[:model.batch]) for i, model in enumerate(models)]
-    (output / "latency.json").write_text(json.dumps(interleaved(cands, rounds=job["rounds"])))
+    (output / "latency.json").write_text(json.dumps([t.to_json() for t in interleaved(cands, rounds=job["rounds"])]))
 """
 
 
 def run_artifacts(artifacts: list[str | Path], x: np.ndarray, cpu: str, rounds: int = 0,
-                  root: str | Path | None = None) -> tuple[list[np.ndarray], list[dict] | None]:
+                  root: str | Path | None = None) -> tuple[list[np.ndarray], list[Latency] | None]:
     """Logits of each artifact on inputs `x`, computed on the emulated board with CPU model `cpu`, and with
     `rounds`, their latencies there (bench.interleaved over the artifacts, on the first batch of `x`).
     Emulated latency ranks builds for one board against each other; it is not the board's speed."""
@@ -181,8 +182,7 @@ def run_artifacts(artifacts: list[str | Path], x: np.ndarray, cpu: str, rounds: 
         logits = [np.load(Path(tmp) / f"logits{i}.npy") for i in range(len(paths))]
         if not rounds:
             return logits, None
-        latency = json.loads((Path(tmp) / "latency.json").read_text())
-        return logits, [latency[str(i)] for i in range(len(paths))]
+        return logits, [Latency(**t) for t in json.loads((Path(tmp) / "latency.json").read_text())]
 
 
 def run_artifact(artifact: str | Path, x: np.ndarray, cpu: str, root: str | Path | None = None) -> np.ndarray:

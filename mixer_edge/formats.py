@@ -111,9 +111,26 @@ def _record(annotation: Any) -> type[BaseModel] | None:
     return next(iter(_records(annotation)), None)
 
 
-def json_text(document: Any, indent: int | None = 1) -> str:
-    """`document` as JSON text, the one way mixer-edge writes JSON: a non-finite number is a bug, never written."""
-    return json.dumps(document, indent=indent, allow_nan=False) + ("\n" if indent is not None else "")
+def json_text(document: Any, indent: int | None = 1, name: str = "the JSON document") -> str:
+    """`document` as JSON text, the one way mixer-edge writes JSON. JSON has no NaN or Infinity: a non-finite
+    number is refused naming where it is in `name`, never written."""
+    try:
+        return json.dumps(document, indent=indent, allow_nan=False) + ("\n" if indent is not None else "")
+    except ValueError:
+        raise MixerEdgeError(f"{name} would hold NaN or Infinity at {_non_finite(document) or '?'}, which JSON "
+                             "cannot represent: the model or its build produced non-finite numbers") from None
+
+
+def _non_finite(data: Any, path: str = "") -> str | None:
+    """The dotted path of the first non-finite float inside `data`, or None."""
+    if isinstance(data, float):
+        return None if math.isfinite(data) else path or "the top level"
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
+    for key, value in items:
+        found = _non_finite(value, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
 
 
 def _records(annotation: Any) -> list[type[BaseModel]]:

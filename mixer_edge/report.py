@@ -1,11 +1,11 @@
 """Which variant to ship: accuracy beside latency for every variant of a model on every target.
 
-`make_report` builds each variant (float32, float16 where the target has it, int8 with each
-calibration recipe, int8 mixed precision) for each target, runs it on the evaluation data (on
-this machine, or on the emulated board for ARM presets), times it in one interleaved session per
-device beside the baselines (PyTorch eager, torch.compile, onnxruntime float and the same int8
-QDQ models), and marks the Pareto-optimal rows of each device. `write_report` writes
-report.json, report.md, report.png and a self-contained report.html.
+`make_report` builds each variant a plan.ReportRequest names (float32, float16 where the target has it,
+int8 with each calibration recipe, int8 mixed precision) for each target, runs it on the evaluation data
+(on this machine, or on the emulated board for ARM presets), times it in one interleaved session per
+device beside the baselines (PyTorch eager, torch.compile, onnxruntime float and the same int8 QDQ
+models), and marks the Pareto-optimal rows of each device. Each line is a `Row`; `write_report` writes
+report.json (each row's `to_json`), report.md, report.png and a self-contained report.html.
 """
 
 from __future__ import annotations
@@ -17,87 +17,154 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
+from .bench import Candidate, Latency, cosines
 from .errors import MixerEdgeError
 from .formats import json_text
+from .plan import Build, BuildRequest, ReportRequest, Variant
+from .quant import Quantization
 
 RANDOM_EVAL_SAMPLES = 64  # inputs drawn when the model has no evaluation data (agreement only)
 HERE = "this machine"
 
 
 @dataclass(frozen=True)
-class Variant:
-    """One way to build the model: a precision and, for int8, a calibration recipe and mixed precision."""
+class Metrics:
+    """An engine's logits on the evaluation data: top-1/top-5 accuracy on the labelled samples (None without
+    any), and top-1 agreement, mean cosine and SQNR in dB (None: identical) against the float model's."""
 
-    precision: str
-    recipe: str | None = None  # int8: a recipe name or .toml path; None = default
-    mixed: bool = False  # int8: the most sensitive layers stay float within --max-accuracy-drop
+    top1: float | None
+    top5: float | None
+    agreement: float
+    cosine: float
+    sqnr_db: float | None
 
     @classmethod
-    def parse(cls, text: str) -> Variant:
-        kind, _, recipe = text.partition(":")
-        if kind in ("float32", "float16") and not recipe:
-            return cls(kind)
-        if kind in ("int8", "int8-mixed"):
-            from .quant import resolve_recipe
+    def of(cls, logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> Metrics:
+        """`labels` -1: unknown."""
+        from .quant.sensitivity import sqnr_db
 
-            resolve_recipe(recipe or None)  # an unknown recipe is refused before any slow work
-            return cls("int8", recipe or None, kind == "int8-mixed")
-        raise MixerEdgeError(f"--variants: '{text}' is not a variant: use float32, float16, int8[:RECIPE] or "
-                             "int8-mixed[:RECIPE] (RECIPE: a name in calibration/ or a .toml)")
+        top1 = top5 = None
+        known = labels >= 0 if labels is not None else None
+        if known is not None and known.any():
+            top = np.argsort(-logits[known], axis=1)[:, :5]
+            truth = labels[known]
+            top1, top5 = float((top[:, 0] == truth).mean()), float((top == truth[:, None]).any(1).mean())
+        return cls(top1, top5, float((logits.argmax(1) == reference.argmax(1)).mean()),
+                   float(cosines(logits, reference).mean()), sqnr_db(reference, logits))
+
+
+@dataclass(frozen=True)
+class BuildFacts:
+    """What building one variant took: its artifact (a path inside the report), its size, the seconds spent,
+    the tuning records it applied and the layers int8-mixed kept float."""
+
+    target: str
+    artifact: str
+    size_bytes: int
+    build_s: float
+    tune_s: float | None
+    calibrate_s: float | None
+    tuning_db_records: int
+    float_layers: list[str] | None
+
+
+@dataclass(frozen=True)
+class Row:
+    """A line of the report: an engine running a variant on a device, and what it measured there."""
+
+    engine: str  # mixer-edge, pytorch eager, torch.compile or onnxruntime
+    variant: str
+    precision: str
+    device: str = HERE  # this machine, emulated TARGET (CPU), or not run: WHY
+    emulated: bool = False
+    built: BuildFacts | None = None  # mixer-edge rows
+    latency: Latency | None = None  # None: not run
+    metrics: Metrics | None = None  # None: not run
+
+    def to_json(self, id: int, pareto: bool) -> dict:
+        """The row in report.json: `id` its number in the table, `pareto` whether it is on its device's front."""
+        built = asdict(self.built) if self.built else dict.fromkeys(f.name for f in fields(BuildFacts))
+        metrics = asdict(self.metrics) if self.metrics else dict.fromkeys(f.name for f in fields(Metrics))
+        return {"engine": self.engine, "target": built.pop("target"), "variant": self.variant,
+                "precision": self.precision, **built, "device": self.device, "emulated": self.emulated,
+                "latency": self.latency and self.latency.to_json(), **metrics, "pareto": pareto, "id": id}
+
+
+def pareto_front(rows: list[Row], score: str) -> list[bool]:
+    """Whether each row is Pareto-optimal on its device: timed, and no other timed row there is at least as fast
+    and as accurate (on `score`, a Metrics field) and better in one of the two."""
+    points = [(r.latency.median_ms, getattr(r.metrics, score)) if r.latency and r.metrics else None for r in rows]
+    return [mine is not None and not any(
+        theirs is not None and other is not row and other.device == row.device and theirs[0] <= mine[0]
+        and theirs[1] >= mine[1] and theirs != mine for other, theirs in zip(rows, points))
+        for row, mine in zip(rows, points)]
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """What every engine runs on: inputs, their labels (None: unlabelled) and where they came from (None: drawn
+    at random)."""
+
+    x: np.ndarray
+    y: np.ndarray | None
+    path: str | None
+
+    @classmethod
+    def load(cls, source, path: str | None, batch: int) -> EvalData:
+        """`path`, else the model's evaluation data, else random-normal inputs; at least one `batch`."""
+        from .data import load_inputs
+
+        path = path or source.eval_data
+        if path:
+            data = cls(*load_inputs(path, source.preprocess), str(path))
+        else:
+            shape = (RANDOM_EVAL_SAMPLES, *source.input.shape[1:])
+            data = cls(np.random.default_rng(0).standard_normal(shape).astype(np.float32), None, None)
+        if len(data.x) < batch:
+            raise MixerEdgeError(f"the evaluation data has {len(data.x)} samples, fewer than --batch {batch}")
+        return data
+
+    @property
+    def labelled(self) -> bool:
+        return self.y is not None
 
     @property
     def name(self) -> str:
-        if self.precision != "int8":
-            return self.precision
-        return ("int8-mixed" if self.mixed else "int8") + ":" + (Path(self.recipe).stem if self.recipe else "default")
+        return self.path or f"{RANDOM_EVAL_SAMPLES} random-normal inputs (no labels)"
 
 
-def default_variants(preset, labelled: bool) -> list[Variant]:
-    """What the target builds: its float precisions, int8 with every shipped recipe, and int8 mixed
-    precision (which needs labelled evaluation data)."""
-    from .quant import list_recipes
+@dataclass(frozen=True)
+class Quantized:
+    """An int8 variant's quantization, and the seconds calibrating it took."""
 
-    variants = [Variant(p) for p in ("float32", "float16") if p in preset.precisions]
-    if "int8" in preset.precisions:
-        variants += [Variant("int8", None if name == "default" else name) for name in list_recipes()]
-        variants += [Variant("int8", None, True)] if labelled else []
-    return variants
+    quantization: Quantization
+    seconds: float
 
 
-def metrics(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> dict:
-    """Top-1/top-5 accuracy on the labelled samples (label -1: unknown), and how close the logits are to the
-    float model's."""
-    out = {"top1": None, "top5": None}
-    known = labels >= 0 if labels is not None else None
-    if known is not None and known.any():
-        top5 = np.argsort(-logits[known], axis=1)[:, :5]
-        truth = labels[known]
-        out = {"top1": float((top5[:, 0] == truth).mean()), "top5": float((top5 == truth[:, None]).any(1).mean())}
-    from .bench import cosines
-    from .quant.sensitivity import sqnr_db
+@dataclass(frozen=True)
+class Run:
+    """Where an artifact ran and what it gave: its logits on the evaluation data and its latency (None: not run)."""
 
-    return {**out, "agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
-            "cosine": float(cosines(logits, reference).mean()), "sqnr_db": sqnr_db(reference, logits)}
+    device: str
+    emulated: bool = False
+    logits: np.ndarray | None = None
+    latency: Latency | None = None
 
 
-def mark_pareto(rows: list[dict], score: str) -> None:
-    """Set `pareto` on each timed row: no other row of its device is at least as fast and as accurate
-    (on `score`) and better in one of the two."""
-    for row in rows:
-        row["pareto"] = False
-        if row["latency"] is None:
-            continue
-        mine = (row["latency"]["median_ms"], row[score])
-        row["pareto"] = not any(
-            other is not row and other["device"] == row["device"] and other["latency"] is not None
-            and other["latency"]["median_ms"] <= mine[0] and other[score] >= mine[1]
-            and (other["latency"]["median_ms"], other[score]) != mine
-            for other in rows)
+@dataclass(frozen=True)
+class Baseline:
+    """A reference engine on this machine: its row's names, its logits on the evaluation data, what times it."""
+
+    engine: str
+    variant: str
+    precision: str
+    logits: np.ndarray
+    candidate: Candidate
 
 
 def machine() -> dict:
@@ -117,164 +184,164 @@ def machine() -> dict:
     return info
 
 
-def make_report(source, presets: list, out: str | Path, variants: list[Variant] | None = None,
-                eval_data: str | None = None, batch: int = 1, rounds: int = 20, threads: int | None = None,
-                calib_data: str | None = None, calib_samples: int | None = None, max_accuracy_drop: float = 0.25,
-                tuning=None, torch_compile: bool = True, progress=print) -> dict:
-    """Build, evaluate and time every variant of `source` for every preset; write the report directory
-    `out` (atomically, with the artifacts under artifacts/) and return report.json's content."""
+def make_report(source, request: ReportRequest, out: str | Path, progress=print) -> dict:
+    """Build, evaluate and time every variant of `source` (an export.ModelSource) that `request` names; write the
+    report directory `out` (atomically, with the artifacts under artifacts/) and return report.json's content."""
     from . import runtime
     from .artifact import reference_logits, versions
     from .atomic import REPORT, atomic_dir, check_destination
     from .bench import use_threads
-    from .compiler import Tuning, compile_model, tune
-    from .data import load_inputs
 
-    check_destination(out, REPORT, inputs=(eval_data, calib_data, tuning and tuning.database))
-    threads = threads or runtime.physical_cores()
+    calib_data = request.calibration and request.calibration.data
+    check_destination(out, REPORT, inputs=(request.eval_data, calib_data, request.tuning.database))
+    threads = request.threads or runtime.physical_cores()
     use_threads(threads)
-    tuning = tuning or Tuning()
-    eval_data = eval_data or source.eval_data
-    if eval_data:
-        x, y = load_inputs(eval_data, source.preprocess)
-        data_name = str(eval_data)
-    else:
-        x = np.random.default_rng(0).standard_normal((RANDOM_EVAL_SAMPLES, *source.input.shape[1:])).astype(np.float32)
-        y, data_name = None, f"{RANDOM_EVAL_SAMPLES} random-normal inputs (no labels)"
-    if len(x) < batch:
-        raise MixerEdgeError(f"the evaluation data has {len(x)} samples, fewer than --batch {batch}")
-    plan = [(preset, v) for preset in presets for v in (variants or default_variants(preset, y is not None))
-            if v.precision in preset.precisions]
-    if not plan:
-        raise MixerEdgeError("no target builds any of the variants asked for: see `mixer-edge targets` for each "
-                             "target's precisions")
-    if tuning.database and len(plan) > 1:
-        raise MixerEdgeError("--tuning-db holds one model/target/precision: report on one target and variant with it")
-    if y is None and any(v.mixed for _, v in plan):
-        raise MixerEdgeError("int8-mixed needs labelled evaluation data (--eval-data) to measure the accuracy drop")
-    if any(p.emulator_cpu and p.arch != platform.machine() for p, _ in plan):
+    data = EvalData.load(source, request.eval_data, request.batch)
+    plan = request.builds(data.labelled)
+    if any(b.preset.emulator_cpu and b.preset.arch != platform.machine() for b in plan.builds):
         from .emulator import require_board
 
         require_board()  # before the slow builds
-    progress(f"report on {data_name}: {len(plan)} builds ({', '.join(f'{p.name} {v.name}' for p, v in plan)})")
-    reference = reference_logits(source.torch_model, source.onnx_model, x)
-    quantized = _quantize(source, {v for _, v in plan if v.precision == "int8"}, calib_data, calib_samples,
-                          eval_data, max_accuracy_drop, progress)
+    progress(f"report on {data.name}: {len(plan.builds)} builds "
+             f"({', '.join(f'{b.preset.name} {b.variant.name}' for b in plan.builds)})")
+    reference = reference_logits(source.torch_model, source.onnx_model, data.x)
+    quantized = _quantize(source, plan, data, progress)
     with atomic_dir(out, REPORT) as stage:
-        rows = []
-        for preset, variant in plan:
-            quant, calibrate_s = quantized.get(variant, (None, None))
-            tune_s = None
-            if tuning.tune:  # into the database the compile below applies
-                start = time.perf_counter()
-                tune(quant.qdq if quant else source.onnx_model, preset, batch, variant.precision, tuning=tuning,
-                     model=source.name, progress=progress)
-                tune_s = time.perf_counter() - start
-            path = stage / "artifacts" / f"{source.name}-{preset.name}-{variant.name.replace(':', '-')}"
-            start = time.perf_counter()
-            manifest = compile_model(source, preset, path, batch=batch, precision=variant.precision, verify=False,
-                                     tuning=Tuning(tuning.database), quantized=quant, progress=progress)
-            db = manifest["build"]["tuning_db"]
-            rows.append({"engine": "mixer-edge", "target": preset.name, "variant": variant.name,
-                         "precision": variant.precision, "artifact": str(path.relative_to(stage)),
-                         "size_bytes": sum(f.stat().st_size for f in path.iterdir()),
-                         "build_s": round(time.perf_counter() - start, 2), "tune_s": tune_s and round(tune_s, 1),
-                         "calibrate_s": calibrate_s and round(calibrate_s, 1),
-                         "tuning_db_records": db["records"] if db else 0,
-                         "float_layers": quant.summary.get("mixed_precision", {}).get("float_layers") if quant else None,
-                         "path": path, "preset": preset})
-        _run_and_time(rows, source, x, batch, rounds, threads, quantized, torch_compile, progress)
-        for row in rows:
-            row.update(metrics(row.pop("logits"), reference, y) if row.get("logits") is not None else
-                       {k: None for k in ("top1", "top5", "agreement", "cosine", "sqnr_db")})
-            for build_only in ("path", "preset"):
-                row.pop(build_only, None)
-        score = "top1" if y is not None else "agreement"
-        mark_pareto(rows, score)
-        for i, row in enumerate(rows, 1):
-            row["id"] = i
-        report = {"model": source.name, "evaluation": {"data": data_name, "samples": len(x), "labelled": y is not None},
-                  "score": score, "batch": batch, "threads": threads, "rounds": rounds,
+        built = [_build(source, plan, build, stage, quantized.get(build.variant), progress) for build in plan.builds]
+        rows = _measure(source, built, stage, data, reference, request, threads, quantized, progress)
+        score = "top1" if data.labelled else "agreement"
+        pareto = pareto_front(rows, score)
+        report = {"model": source.name, "evaluation": {"data": data.name, "samples": len(data.x),
+                                                       "labelled": data.labelled},
+                  "score": score, "batch": request.batch, "threads": threads, "rounds": request.rounds,
                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "machine": machine(), "versions": versions(), "rows": rows}
+                  "machine": machine(), "versions": versions(),
+                  "rows": [row.to_json(i, front) for i, (row, front) in enumerate(zip(rows, pareto), 1)]}
         write_report(stage, report)
-    progress(f"wrote {out}: report.json, report.md, report.png, report.html and {len(plan)} artifacts")
+    progress(f"wrote {out}: report.json, report.md, report.png, report.html and {len(plan.builds)} artifacts")
     return report
 
 
-def _quantize(source, variants: set, calib_data, calib_samples, eval_data, max_accuracy_drop, progress) -> dict:
-    """Calibrate once per int8 variant: {variant: (quant.Quantization, seconds)}."""
-    from .quant import Quantization, calibrate
-
+def _quantize(source, plan: BuildRequest, data: EvalData, progress) -> dict[Variant, Quantized]:
+    """Calibrate each int8 variant once, for every target; int8-mixed measures its drop on the evaluation data."""
     out = {}
-    for v in sorted(variants, key=lambda v: v.name):
-        progress(f"calibrating {v.name}")
+    for variant in plan.int8_variants:
+        progress(f"calibrating {variant.name}")
         start = time.perf_counter()
-        out[v] = (Quantization(*calibrate(source, v.recipe, calib_data, calib_samples,
-                                          max_accuracy_drop=max_accuracy_drop if v.mixed else None,
-                                          val_data=eval_data, progress=progress)), time.perf_counter() - start)
+        quantization = plan.quantize(source, variant, data.path, progress)
+        out[variant] = Quantized(quantization, time.perf_counter() - start)
     return out
 
 
-def _run_and_time(rows, source, x, batch, rounds, threads, quantized, torch_compile, progress) -> None:
-    """Fill each row's `logits` and `latency` (None where neither this machine nor the emulator runs it),
-    and append the baselines, which run on this machine."""
-    from . import emulator, runtime
+def _build(source, plan: BuildRequest, build: Build, stage: Path, quantized: Quantized | None,
+           progress) -> tuple[Build, BuildFacts]:
+    """Tune (with --tune) and compile one build into stage/artifacts/, timing both."""
+    from .compiler import Tuning, compile_model, tune
+
+    quant = quantized.quantization if quantized else None
+    tune_s = None
+    if plan.tuning.tune:  # into the database the compile below applies
+        start = time.perf_counter()
+        tune(quant.qdq if quant else source.onnx_model, build.preset, build.batch, build.variant.precision,
+             tuning=plan.tuning, model=source.name, progress=progress)
+        tune_s = round(time.perf_counter() - start, 1)
+    path = stage / "artifacts" / build.name(source.name)
+    start = time.perf_counter()
+    manifest = compile_model(source, build.preset, path, batch=build.batch, precision=build.variant.precision,
+                             verify=False, tuning=Tuning(plan.tuning.database), quantized=quant, progress=progress)
+    build_s = round(time.perf_counter() - start, 2)
+    db = manifest["build"]["tuning_db"]
+    return build, BuildFacts(
+        target=build.preset.name, artifact=str(path.relative_to(stage)),
+        size_bytes=sum(f.stat().st_size for f in path.iterdir()), build_s=build_s, tune_s=tune_s,
+        calibrate_s=quantized and round(quantized.seconds, 1), tuning_db_records=db["records"] if db else 0,
+        float_layers=quant.summary.get("mixed_precision", {}).get("float_layers") if quant else None)
+
+
+def _measure(source, built: list[tuple[Build, BuildFacts]], stage: Path, data: EvalData, reference: np.ndarray,
+             request: ReportRequest, threads: int, quantized: dict[Variant, Quantized], progress) -> list[Row]:
+    """Run every artifact on the evaluation data and time it (on this machine, interleaved with the baselines, or
+    on its preset's emulated board); the rows: the artifacts in plan order, then the baselines."""
+    from .bench import artifact_candidate, interleaved
+
+    here, boards, runs = _place(built, stage, progress)
+    logits = [model(data.x) for _, model in here]
+    baselines = _baselines(source, data.x, request.batch, threads, quantized, request.torch_compile, progress)
+    candidates = [artifact_candidate(f"{built[i][0].preset.name} {built[i][0].variant.name}", model, data.x)
+                  for i, model in here] + [baseline.candidate for baseline in baselines]
+    progress(f"timing on {HERE}: {len(candidates)} candidates, {request.rounds} interleaved rounds")
+    latencies = interleaved(candidates, rounds=request.rounds)
+    for (i, _), lg, latency in zip(here, logits, latencies):
+        runs[i] = Run(HERE, False, lg, latency)
+    runs.update(_run_on_boards(built, boards, stage, data.x, request.rounds, progress))
+
+    def metrics(lg):
+        return None if lg is None else Metrics.of(lg, reference, data.y)
+
+    rows = [Row("mixer-edge", build.variant.name, build.variant.precision, runs[i].device, runs[i].emulated, facts,
+                runs[i].latency, metrics(runs[i].logits)) for i, (build, facts) in enumerate(built)]
+    return rows + [Row(b.engine, b.variant, b.precision, HERE, latency=latency, metrics=metrics(b.logits))
+                   for b, latency in zip(baselines, latencies[len(here):])]
+
+
+def _place(built: list[tuple[Build, BuildFacts]], stage: Path, progress):
+    """Where each artifact runs: loaded here [(index, runtime.Model)], else on its preset's emulated board
+    {cpu: [index]}, else nowhere {index: Run saying why}."""
+    from . import runtime
+
+    here, boards, runs = [], {}, {}
+    for i, (build, facts) in enumerate(built):
+        try:
+            here.append((i, runtime.load(stage / facts.artifact)))
+        except MixerEdgeError as exc:
+            if build.preset.emulator_cpu:
+                boards.setdefault(build.preset.emulator_cpu, []).append(i)
+            else:
+                runs[i] = Run(f"not run: {exc}")
+                progress(f"{build.preset.name} {build.variant.name}: {exc}")
+    return here, boards, runs
+
+
+def _baselines(source, x: np.ndarray, batch: int, threads: int, quantized: dict[Variant, Quantized],
+               torch_compile: bool, progress) -> list[Baseline]:
+    """PyTorch eager and torch.compile in float32, onnxruntime on the float model and on each int8 variant's QDQ
+    model: on this machine's CPU, timed on one batch."""
     from .artifact import reference_logits
-    from .bench import artifact_candidate, compile_torch, interleaved, onnxruntime_candidate, torch_candidates
+    from .bench import compile_torch, onnxruntime_candidate, torch_candidate
     from .data import in_batches
 
-    here, boards = [], {}
-    for row in rows:
-        row["device"], row["emulated"], row["logits"], row["latency"] = HERE, False, None, None
-        try:
-            row["model"] = runtime.load(row["path"])
-            here.append(row)
-        except MixerEdgeError as exc:
-            cpu = row["preset"].emulator_cpu
-            if cpu:
-                row["device"], row["emulated"] = f"emulated {row['target']} ({cpu})", True
-                boards.setdefault(cpu, []).append(row)
-            else:
-                row["device"] = f"not run: {exc}"
-                progress(f"{row['target']} {row['variant']}: {exc}")
     first = np.ascontiguousarray(x[:batch])
-    cands = []
-    for row in here:
-        row["logits"] = row["model"](x)
-        cands.append(artifact_candidate(f"{row['target']} {row['variant']}", row.pop("model"), first))
     baselines = []
     if source.torch_model is not None:
         import torch
 
         compiled = compile_torch(source.torch_model, first, "cpu", progress) if torch_compile else None
-        models = [source.torch_model, *([compiled] if compiled is not None else [])]
-        for cand, model in zip(torch_candidates(source.torch_model, first, "cpu", compiled), models):
-            engine, precision = cand.name.rsplit(" ", 1)
+        for engine, model in (("pytorch eager", source.torch_model), ("torch.compile", compiled)):
+            if model is None:
+                continue
             with torch.no_grad():  # in the timed batch size: torch.compile specialised on it
-                logits = in_batches(lambda chunk, m=model: m(torch.from_numpy(chunk)).numpy(), x, batch)
-            baselines.append(({"engine": engine, "variant": precision, "precision": precision}, logits, cand))
-    ort = [({"engine": "onnxruntime", "variant": "float32", "precision": "float32"}, source.onnx_model)]
-    ort += [({"engine": "onnxruntime", "variant": f"{v.name} (QDQ)", "precision": "int8"}, q.qdq)
-            for v, (q, _) in sorted(quantized.items(), key=lambda kv: kv[0].name)]
-    for info, proto in ort:
-        cand = onnxruntime_candidate(proto, first, "cpu", threads, f" {info['variant']}")
-        baselines.append((info, reference_logits(None, proto, x), cand))
-    cands += [cand for *_, cand in baselines]
-    progress(f"timing on {HERE}: {len(cands)} candidates, {rounds} interleaved rounds")
-    times = interleaved(cands, rounds=rounds) if cands else {}
-    for row, cand in zip(here, cands):
-        row["latency"] = times[cand.name]
-    for info, logits, cand in baselines:
-        rows.append({**info, "target": None, "artifact": None, "size_bytes": None, "build_s": None, "tune_s": None,
-                     "calibrate_s": None, "tuning_db_records": None, "float_layers": None, "device": HERE,
-                     "emulated": False, "logits": logits, "latency": times[cand.name]})
-    for cpu, on_board in boards.items():
-        progress(f"running and timing {len(on_board)} artifacts on the emulated {cpu} board")
-        logits, latency = emulator.run_artifacts([r["path"] for r in on_board], x, cpu, rounds=rounds)
-        for row, lg, lat in zip(on_board, logits, latency):
-            row["logits"], row["latency"] = lg, lat
+                logits = in_batches(lambda chunk: model(torch.from_numpy(chunk)).numpy(), x, batch)
+            baselines.append(Baseline(engine, "float32", "float32", logits, torch_candidate(engine, model, first, "cpu")))
+    protos = [("float32", "float32", source.onnx_model)]
+    protos += [(f"{v.name} (QDQ)", "int8", q.quantization.qdq) for v, q in quantized.items()]
+    for variant, precision, proto in protos:
+        candidate = onnxruntime_candidate(proto, first, "cpu", threads, precision)
+        baselines.append(Baseline("onnxruntime", variant, precision, reference_logits(None, proto, x), candidate))
+    return baselines
 
+
+def _run_on_boards(built: list[tuple[Build, BuildFacts]], boards: dict[str, list[int]], stage: Path, x: np.ndarray,
+                   rounds: int, progress) -> dict[int, Run]:
+    """Run and time the artifacts of each emulated board there, interleaved: {index: Run}."""
+    from . import emulator
+
+    runs = {}
+    for cpu, indices in boards.items():
+        progress(f"running and timing {len(indices)} artifacts on the emulated {cpu} board")
+        logits, latency = emulator.run_artifacts([stage / built[i][1].artifact for i in indices], x, cpu, rounds=rounds)
+        for i, lg, lat in zip(indices, logits, latency):
+            runs[i] = Run(f"emulated {built[i][0].preset.name} ({cpu})", True, lg, lat)
+    return runs
 
 
 COLUMNS = ("#", "device", "engine", "variant", "target", "top-1", "top-5", "agreement", "cosine", "SQNR dB", "median ms",

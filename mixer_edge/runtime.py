@@ -158,10 +158,11 @@ class OutputTensor(Schema):
 class DeviceRequirements(Schema):
     """What the runtime checks on the device before it loads any code of the artifact."""
 
-    kind: Literal["cpu", "cuda", "vulkan"] = Field(description="the processor the model runs on")
-    backend: Literal["wgpu"] | None = Field(None, description="`wgpu`: WGSL kernels run through wgpu on any Vulkan "
-                                            "GPU and any CPU (program.json, no native code); absent: TVM's runtime "
-                                            "loads model.so")
+    kind: str = Field(pattern=r"^[a-z0-9_-]+$", description="the processor the model runs on: a preset kind "
+                      "(`cpu`, `cuda`, `vulkan`)")
+    backend: str | None = Field(None, pattern=r"^[a-z0-9_-]+$", description="the backend that runs it, where the "
+                                "kind alone does not say: `wgpu` (WGSL kernels run through wgpu on any Vulkan GPU "
+                                "and any CPU: program.json, no native code); absent: TVM's runtime loads model.so")
     arch: str | None = Field(None, pattern=r"^[A-Za-z0-9_]+$", description="the CPU architecture model.so is built "
                              "for, as `uname -m` names it (`x86_64`, `aarch64`); absent with backend wgpu")
     cpu_features: list[Annotated[str, Field(pattern=r"^[a-z0-9_]+$")]] | None = Field(
@@ -174,25 +175,34 @@ class DeviceRequirements(Schema):
 
     @model_validator(mode="after")
     def _consistent(self) -> "DeviceRequirements":
-        native = ("arch", "cpu_features", "cuda_archs", "cuda_ptx")
-        if self.backend == "wgpu":
-            if self.kind != "vulkan":
-                refuse("kind", "is {kind}, but backend wgpu runs on Vulkan: kind must be vulkan", self.kind,
-                       kind=repr(self.kind))
-            for name in native:
-                if getattr(self, name) is not None:
-                    refuse(name, "is set, but a wgpu artifact has no native code", getattr(self, name))
-            return self
-        for name in ("arch", "cpu_features") + (("cuda_archs", "cuda_ptx") if self.kind == "cuda" else ()):
-            if getattr(self, name) is None:
-                refuse(name, "is missing: a {kind} artifact needs it", None, kind=self.kind)
-        if self.kind == "cuda" and not self.cuda_archs and not self.cuda_ptx:
-            refuse("cuda_archs", "is empty and cuda_ptx is false: the artifact would run on no GPU", self.cuda_archs)
-        if self.kind != "cuda":
-            for name in ("cuda_archs", "cuda_ptx"):
-                if getattr(self, name) is not None:
-                    refuse(name, "is set, but kind is {kind}, not cuda", getattr(self, name), kind=self.kind)
+        from . import backends
+
+        named = [b for b in backends.table() if b.device_backend == self.backend]
+        if not named:
+            refuse("backend", "is {backend}, which no backend is: rebuild with this mixer-edge", self.backend,
+                   backend=repr(self.backend))
+        if self.kind not in backends.kinds():
+            refuse("kind", "is {kind}, not one of {kinds}", self.kind, kind=repr(self.kind),
+                   kinds=", ".join(backends.kinds()))
+        backend = next((b for b in named if b.kind == self.kind), None)
+        if backend is None:
+            refuse("kind", "is {kind}, but backend {backend} runs on {kinds}", self.kind, kind=repr(self.kind),
+                   backend=self.backend, kinds=" or ".join(b.kind for b in named))
+        for name in [name for name in type(self).model_fields if name not in ("kind", "backend")]:
+            needed, value = name in backend.device_fields, getattr(self, name)
+            if needed and value is None:
+                refuse(name, "is missing: a {backend} artifact needs it", None, backend=backend.name)
+            if value is not None and not needed:
+                refuse(name, "is set, but a {backend} artifact has no use for it", value, backend=backend.name)
+        backend.check_requirements(self, refuse)
         return self
+
+    @property
+    def runner(self):
+        """The backend that runs an artifact with these requirements (mixer_edge.backends)."""
+        from . import backends
+
+        return backends.for_device(self.kind, self.backend)
 
 
 class TargetInfo(Schema):
@@ -396,6 +406,15 @@ class NotVerified(Schema):
     reason: str = Field(description="why, as the runtime refused it")
 
 
+class VerificationFailed(Schema):
+    """The artifact failed its verification on the build machine and was written only because --keep-unverified
+    asked for it (for a bug report)."""
+
+    status: Literal["failed"] = Field(description="`failed`")
+    reason: str = Field(description="what failed: the error it raised, or how far its logits were from the "
+                        "reference")
+
+
 class Manifest(Schema):
     """An artifact's `manifest.json`: what the model is, what it was built for and with, and the sha256 of every
     file. The runtime checks the format version, then the manifest's own digest, then this schema, then every
@@ -422,8 +441,8 @@ class Manifest(Schema):
                                      "sha256")
     manifest_sha256: Sha256 = Field(description="sha256 of this manifest's canonical JSON without this field: any "
                                     "edit shows")
-    verification: Annotated[Verified | NotVerified, Field(discriminator="status")] | None = Field(
-        None, description="the check against the reference on the build machine; absent with --no-verify")
+    verification: Annotated[Verified | NotVerified | VerificationFailed, Field(discriminator="status")] | None = \
+        Field(None, description="the check against the reference on the build machine; absent with --no-verify")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":
@@ -449,22 +468,54 @@ class Manifest(Schema):
                    chans=config.in_chans, img=config.img_size)
         if len(set(self.params)) != len(self.params):
             refuse("params", "lists a weight twice", self.params)
-        device = self.target.device
-        wgpu = device.backend == "wgpu"
-        for name, needed, when in (("quantization", self.precision.compute == "int8", "precision.compute is int8"),
-                                   ("vulkan", wgpu, "target.device.backend is wgpu"),
-                                   ("cuda", device.kind == "cuda", "target.device.kind is cuda")):
+        from . import backends
+
+        backend = self.target.device.runner
+        for name in sorted(backends.sections() | {"quantization"}):
+            needed = self.precision.compute == "int8" if name == "quantization" else name == backend.section
+            when = "precision.compute is int8" if name == "quantization" else f"the backend is {backend.name}"
             section = getattr(self, name)
             if needed and section is None:
                 refuse(name, "is missing, but {when}", None, when=when)
             if section is not None and not needed:
-                refuse(name, "is there, but belongs only where {when}", section.model_dump(), when=when)
-        expected = {PARAMS, PROGRAM if wgpu else LIBRARY} | ({CUDA_KERNELS} if self.cuda else set())
-        if set(self.files) & {PARAMS, PROGRAM, LIBRARY, CUDA_KERNELS} != expected:
+                refuse(name, "is there, but belongs to other builds than this one ({when})", section.model_dump(),
+                       when=when)
+        expected = {PARAMS, *backend.files}
+        model_files = set(self.files) & (backends.model_files() | {PARAMS})
+        if model_files != expected:
             refuse("files", "lists {got} of the model's files, but this build has {expected}", sorted(self.files),
-                   got=", ".join(sorted(set(self.files) & {PARAMS, PROGRAM, LIBRARY, CUDA_KERNELS})) or "none",
-                   expected=", ".join(sorted(expected)))
+                   got=", ".join(sorted(model_files)) or "none", expected=", ".join(sorted(expected)))
         return self
+
+
+def describe(m: Manifest, artifact: str | Path) -> list[str]:
+    """The manifest in words, one line per topic (`mixer-edge inspect`). Every field comes from the artifact:
+    control characters are escaped, so a line prints as itself."""
+    device, check = m.target.device, m.verification
+    lines = [f"artifact   {artifact} (format {m.format_version}, files verified by sha256)",
+             f"model      {m.model.name} (from {m.model.from_}), input {m.input.name} {m.input.shape} "
+             f"{m.input.dtype}, {len(m.labels)} classes",
+             f"target     {m.target.preset}: {m.target.description}",
+             f"device     {device.runner.describe(m)}",
+             f"precision  {m.precision.compute} compute, {m.precision.accumulation} accumulation, weights "
+             f"{'/'.join(m.precision.weights)}; batch {m.input.shape[0]}"]
+    if m.quantization:
+        q = m.quantization
+        recipe = q.recipe if isinstance(q.recipe, str) else q.recipe.name
+        lines.append(f"int8       {q.layers} layers on {q.dot_product} kernels ({q.activations} activations); "
+                     f"recipe {recipe}" + (f", {q.samples} samples of {q.calibration_data}" if q.samples is not None
+                                           else ""))
+    lines.append(f"built      {m.created} in {m.build.seconds}s with TVM {m.versions.get('apache-tvm')}")
+    if check is not None and check.status == "verified":
+        lines.append(f"verified   on {check.data}: top-1 agreement {check.top1_agreement:.2%}, max |logit diff| "
+                     f"{check.max_abs_logit_diff:.1e}" + (f"; accuracy {check.accuracy:.2%}" if check.accuracy
+                                                          is not None else "")
+                     + (f" (reference {check.reference_accuracy:.2%})" if check.reference_accuracy is not None
+                        else ""))
+    if check is not None and check.status != "verified":
+        lines.append(f"verified   no: {check.status} ({check.reason})")
+    lines += [f"file       {name}  sha256 {digest[:16]}..." for name, digest in m.files.items()]
+    return [safe_text(line, 2000) for line in lines]
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -522,64 +573,17 @@ def library_arch(path: Path) -> str:
 
 
 def check_device(manifest: Manifest, root: Path) -> None:
-    """Refuse an artifact whose target this machine cannot run, before loading any code."""
-    req = manifest.target.device
-    preset = manifest.target.preset
-    if req.backend == "wgpu":  # WGSL and a plan: no native code, any CPU; the Vulkan device is
-        return  # chosen (or refused) first thing when the program is created, before anything is uploaded
-    here = platform.machine()
-    built_for = library_arch(root / LIBRARY)
-    if built_for != req.arch:
-        raise MixerEdgeError(f"{root / LIBRARY} is built for {built_for} but the manifest says {req.arch}: "
-                             "the artifact was edited; rebuild it")
-    if req.arch != here:
-        raise MixerEdgeError(f"artifact is built for {req.arch} (target {preset}) but this machine is {here}: "
-                             "run it on the device or rebuild with --target host")
-    missing = sorted(set(req.cpu_features or ()) - machine_cpu_features())
-    if missing:
-        raise MixerEdgeError(f"artifact target {preset} needs CPU features this CPU lacks ({', '.join(missing)}): "
-                             "rebuild for this board's preset")
-    if req.kind == "cuda":
-        import tvm
-
-        _load_cuda_runtime(preset)
-        dev = tvm.cuda(0)
-        if not dev.exist:
-            raise MixerEdgeError(f"artifact target {preset} needs an NVIDIA GPU and CUDA driver; none is present here")
-        sm = "sm_" + dev.compute_version.replace(".", "")
-        archs = req.cuda_archs or []
-        if sm not in archs and not req.cuda_ptx:
-            raise MixerEdgeError(f"artifact holds code for {', '.join(archs)} but this GPU is {sm}: "
-                                 "rebuild for this GPU's preset")
-    elif req.kind == "vulkan":  # built by a TVM with its Vulkan code generator: TVM's Vulkan runtime
-        import tvm
-
-        if not tvm.vulkan(0).exist:
-            raise MixerEdgeError(f"artifact target {preset} needs a Vulkan GPU and a TVM runtime built with Vulkan")
-
-
-def _load_cuda_runtime(preset: str) -> None:
-    """Load TVM's CUDA runtime library: `import tvm` skips it in runtime-only installs (TVM_USE_RUNTIME_LIB=1)."""
-    from tvm.base import _LOADED_LIBS
-    from tvm_ffi.libinfo import load_lib_ctypes
-
-    if "tvm_runtime_cuda" in _LOADED_LIBS:
-        return
-    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
-    try:
-        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(package="tvm", target_name="tvm_runtime_cuda",
-                                                           extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL")
-    except (OSError, RuntimeError) as exc:
-        raise MixerEdgeError(f"artifact target {preset} needs an NVIDIA GPU and its CUDA driver, but TVM's CUDA "
-                             f"runtime could not be loaded here ({reason(exc, last=True)})") from exc
+    """Refuse an artifact whose target this machine cannot run, before loading any code (its backend checks)."""
+    manifest.target.device.runner.check_device(manifest, root)
 
 
 class Model:
     """A loaded artifact: `model(x)` returns logits for a float32 NCHW batch of any size.
 
-    `record` is the validated manifest (a `Manifest`), `manifest` the same as written (a dict)."""
+    `record` is the validated manifest (a `Manifest`), `manifest` the same as written (a dict); `session` is the
+    backend's (mixer_edge.backends.Session), which runs one batch on the device."""
 
-    def __init__(self, root: Path, record: Manifest, manifest: dict | None = None):
+    def __init__(self, root: Path, record: Manifest, manifest: dict | None = None, board=None):
         self.root, self.record = root, record
         self.manifest = manifest if manifest is not None else record.model_dump(mode="json", by_alias=True,
                                                                                 exclude_none=True)
@@ -587,45 +591,26 @@ class Model:
         self.labels = list(record.labels)
         self.input_shape = tuple(record.input.shape)
         self.output_shape = tuple(record.output.shape)
+        self.backend = record.target.device.runner
         weights = read_params(root, record)
-        if record.target.device.backend == "wgpu":
-            from .vulkan import WgpuProgram, read_program
-
-            program = read_program(root / PROGRAM)
-            self.program = WgpuProgram(program, weights, self.input_shape, self.output_shape, str(root / PROGRAM))
-            self.device = self.program.adapter_info
-            self._run = lambda x: self.program(x).reshape(self.output_shape)
-        else:
-            self._load_tvm(root, record, weights)
-
-    def _load_tvm(self, root: Path, record: Manifest, weights: list[np.ndarray]) -> None:
-        import tvm
-        from tvm.runtime.vm import VirtualMachine
-
-        kind = record.target.device.kind
-        self.device = {"cuda": tvm.cuda, "vulkan": tvm.vulkan, "cpu": tvm.cpu}[kind](0)
-        mismatch = []
-        if record.cuda is not None:
-            _serve_cuda_kernels(root / CUDA_KERNELS, record.cuda.source_sha256, mismatch)
-        try:
-            library = tvm.runtime.load_module(str(root / LIBRARY))
-        except Exception as exc:
-            if mismatch:  # raised inside TVM's callback, which wraps it: say it plainly
-                raise MixerEdgeError(mismatch[0]) from exc
-            raise
-        self._vm = VirtualMachine(library, self.device)
-        self._params = [tvm.runtime.tensor(w, self.device) for w in weights]
-        self._run = lambda x: self._vm["main"](tvm.runtime.tensor(x, self.device), *self._params).numpy()
+        self.session = self.backend.load(root, record, weights) if board is None else \
+            self.backend.load_remote(root, record, weights, board)
+        self.device = self.session.device
 
     @property
     def batch(self) -> int:
         return self.input_shape[0]
 
+    @property
+    def baseline_device(self) -> str:
+        """Where PyTorch and onnxruntime run beside this artifact: "cuda" or "cpu"."""
+        return self.backend.baseline_device
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.shape[1:] != self.input_shape[1:]:
             raise MixerEdgeError(f"input shape {x.shape} does not match the artifact's {self.input_shape}")
-        logits = in_batches(self._run, x, self.batch)  # the artifact has a static batch
+        logits = in_batches(self.session, x, self.batch)  # the artifact has a static batch
         if not np.isfinite(logits).all():  # a result that is not finite is never returned
             raise MixerEdgeError(f"the artifact {self.root} computed NaN or Inf logits on these inputs: its weights "
                                  "are not finite or it overflows; rebuild it from a finite checkpoint")
@@ -633,6 +618,27 @@ class Model:
 
     def classify(self, x: np.ndarray) -> np.ndarray:
         return self(x).argmax(axis=1)
+
+    def _batch(self, x: np.ndarray) -> np.ndarray:
+        """The first batch of `x`, which must hold one."""
+        x = np.ascontiguousarray(x[: self.batch], dtype=np.float32)
+        if x.shape != self.input_shape:
+            raise MixerEdgeError(f"input shape {x.shape} is not one batch of the artifact's {self.input_shape}")
+        return x
+
+    def timer(self, x: np.ndarray):
+        """A zero-argument callable running one synchronised inference on `x[:batch]`, which is put on the device
+        once, here, beside the weights (a wgpu artifact: the whole call, upload and read-back included)."""
+        return self.session.timer(self._batch(x))
+
+    def device_times(self, x: np.ndarray, number: int, repeat: int) -> list[float]:
+        """Seconds per call on `x[:batch]`, `repeat` times the mean of `number` calls, timed by TVM where the device
+        is (over RPC: on the board)."""
+        return self.session.device_times(self._batch(x), number, repeat)
+
+    def kernel_times(self, x: np.ndarray, repeat: int = 10) -> list[tuple[str, float]]:
+        """(kernel, median ms) of each kernel launch of one inference on `x[:batch]`, in the order they run."""
+        return self.session.kernel_times(self._batch(x), repeat)
 
 
 def read_params(root: Path, manifest: Manifest | dict) -> list[np.ndarray]:
@@ -654,27 +660,21 @@ def read_params(root: Path, manifest: Manifest | dict) -> list[np.ndarray]:
     return weights
 
 
-def _serve_cuda_kernels(fat_binary: Path, source_sha256: str, mismatch: list) -> None:
-    """Answer TVM's request to compile the library's CUDA source with the fat binary built for it."""
-    import tvm
-
-    binary = fat_binary.read_bytes()
-
-    def precompiled(code, *_):
-        if sha256_text(str(code)) != source_sha256:
-            mismatch.append(f"{fat_binary} was not built from this library's CUDA source: rebuild the artifact")
-            raise MixerEdgeError(mismatch[0])
-        return binary
-
-    tvm.register_global_func("tvm_callback_cuda_compile", precompiled, override=True)
-
-
 def load(path: str | Path) -> Model:
     """Verify and load an artifact directory or .tar (see the module docstring)."""
     with artifact_dir(path) as root:  # Model reads every file it needs while it is built
         manifest, record = verified_manifest(root)
         check_device(record, root)
         return Model(root, record, manifest)
+
+
+def load_remote(root: str | Path, board) -> Model:
+    """Verify artifact directory `root` here and load it on a board over TVM RPC (`board`: a tvm.rpc session):
+    its library is uploaded, its weights copied to the board's device. Refused for backends that run only
+    where they are (wgpu)."""
+    root = Path(root)
+    manifest, record = verified_manifest(root)
+    return Model(root, record, manifest, board=board)
 
 
 @contextlib.contextmanager

@@ -1,18 +1,23 @@
 """Run a WebGPU-path artifact on any Vulkan GPU through wgpu-native (PyPI `wgpu`).
 
-The program (see `compiler/webgpu.py`) is replayed once at load into GPU objects: weights are
-uploaded once, every intermediate tensor gets its GPU buffer, every kernel launch its pipeline and
-bind group. An inference then writes the input, records all dispatches into one compute pass, and
-reads back only the logits: nothing else crosses between host and GPU. Needs numpy, pydantic and
+The program (see `compiler/webgpu.py`) is replayed once at load into GPU objects: the weights it
+uses and its constants are uploaded once (integers and bools as 32-bit: see STORED_AS), every
+intermediate tensor gets its GPU buffer, every kernel launch its pipeline and bind group. An
+inference then writes the input, records all dispatches into one compute pass, and reads back
+only the logits: nothing else crosses between host and GPU. Needs numpy, pydantic and
 wgpu, not TVM. program.json is validated (`Program`) and checked against the weights before any of
 it reaches the GPU, so a forged one is refused in one line.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import re
 import struct
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -28,8 +33,26 @@ PROGRAM_FORMAT = 1  # compiler/webgpu.py writes it
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"  # a WGSL identifier (names from compiler/webgpu.py are sanitised)
 DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
           "bool")
+# WGSL storage buffers hold 32-bit scalars and f16 (STORABLE): integer and bool tensors of other sizes live there
+# as STORED_AS says.
+STORABLE = ("float32", "float16", "int32", "uint32")
+STORED_AS = {"int64": "int32", "uint64": "uint32", "bool": "int32", "int8": "int32", "int16": "int32",
+             "uint8": "uint32", "uint16": "uint32"}
 MAX_WORKGROUPS = 65535  # per grid dimension, WebGPU's maxComputeWorkgroupsPerDimension
 _F32_MAX = float(np.finfo(np.float32).max)
+
+
+def stored(array: np.ndarray, what: str) -> np.ndarray:
+    """`array` as a GPU buffer holds it (STORED_AS): 64-bit integers narrowed, refused where a value does not fit;
+    bool and 8- or 16-bit integers widened."""
+    dtype = STORED_AS.get(str(array.dtype))
+    if dtype is None:
+        return array
+    info = np.iinfo(dtype)
+    if array.size and (array.min() < info.min or array.max() > info.max):
+        raise MixerEdgeError(f"{what} holds {array.dtype} values beyond {dtype} ({array.min()} to {array.max()}), "
+                             "which WGSL cannot hold (it has no 64-bit integers): build for a CPU or CUDA target")
+    return array.astype(dtype)
 
 
 # ---- program.json's schema ------------------------------------------------------------------------
@@ -97,13 +120,47 @@ class ViewStep(Schema):
     dtype: Literal[DTYPES] | None = Field(None, description="its element type; absent: `src`'s")
 
 
+class ConstantStep(Schema):
+    """A tensor the compiled graph holds as a constant (e.g. an ONNX Constant node's weight, a folded index),
+    uploaded once at load."""
+
+    op: Literal["constant"] = Field(description="`constant`")
+    out: ValueId = Field(description="the id of the new tensor")
+    dtype: Literal[STORABLE] = Field(description="its element type (one WGSL storage holds)")
+    shape: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(max_length=16, description="its shape")
+    data: str = Field(max_length=2**32, description="its bytes, little-endian, in base64 (finite numbers only)")
+
+    @model_validator(mode="after")
+    def _decodes(self) -> "ConstantStep":
+        self.array()
+        return self
+
+    def array(self) -> np.ndarray:
+        """The tensor, checked against its dtype and shape."""
+        try:
+            raw = base64.b64decode(self.data, validate=True)
+        except ValueError:
+            refuse("data", "is not base64", self.data[:40])
+        dtype = np.dtype(self.dtype).newbyteorder("<")
+        size = int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize
+        if len(raw) != size:
+            refuse("data", "holds {n} bytes, but {dtype}{shape} is {size}", self.data[:40], n=len(raw),
+                   dtype=self.dtype, shape=self.shape, size=size)
+        array = np.frombuffer(raw, dtype).reshape(self.shape)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            refuse("data", "holds NaN or Inf", self.data[:40])
+        return array
+
+
 class Program(Schema):
     """An artifact's `program.json` (Vulkan through wgpu): the WGSL kernels TVM generated and the host's plan,
     replayed once at load. Values are numbered: 0 is the input, 1 to N the weights in the manifest's `params`
-    order, then whatever the steps create. Checked before anything reaches the GPU."""
+    order (integer and bool weights as 32-bit integers: WGSL storage holds no others), then whatever the steps
+    create.
+    Checked before anything reaches the GPU."""
 
     format: Literal[PROGRAM_FORMAT] = Field(description="the program format")
-    steps: list[Annotated[CallStep | StorageStep | ViewStep, Field(discriminator="op")]] = Field(
+    steps: list[Annotated[CallStep | StorageStep | ViewStep | ConstantStep, Field(discriminator="op")]] = Field(
         description="the plan, in order")
     output: ValueId = Field(description="the id of the logits")
     kernels: dict[Annotated[str, Field(pattern=IDENTIFIER)], str] = Field(
@@ -142,13 +199,35 @@ def _aligned(nbytes: int) -> int:
 _PREFERENCE = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
 
 
+@contextmanager
+def _wayland_runtime_dir():
+    """Looking for GPUs, the Vulkan loader asks libwayland for a display, which prints `error: XDG_RUNTIME_DIR is
+    invalid or not set in the environment.` wherever that variable is unset or not an absolute path (a container,
+    a service, ssh). Within this block it names an empty private directory instead: no display is found there
+    either, silently. A valid setting is left alone; the variable is restored afterwards."""
+    before = os.environ.get("XDG_RUNTIME_DIR")
+    if before and os.path.isabs(before):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="mixer-edge-xdg-") as empty:
+        os.environ["XDG_RUNTIME_DIR"] = empty
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("XDG_RUNTIME_DIR", None)
+            else:
+                os.environ["XDG_RUNTIME_DIR"] = before
+
+
 def adapter():
     """The best Vulkan device wgpu sees (a real GPU before a software one), or a clear error."""
     try:
         import wgpu
     except ImportError as exc:
         raise MixerEdgeError("Vulkan artifacts need the wgpu package: pip install wgpu") from exc
-    adapters = wgpu.gpu.enumerate_adapters_sync()
+    with _wayland_runtime_dir():
+        adapters = wgpu.gpu.enumerate_adapters_sync()
     vulkan = [a for a in adapters if a.info["backend_type"] == "Vulkan"]
     if not vulkan:
         others = ", ".join(f"{a.info['backend_type']} {a.info['device']}" for a in adapters) or "none"
@@ -223,12 +302,15 @@ class WgpuProgram:
         nbytes = int(np.prod(input_shape)) * 4
         self.input = device.create_buffer(size=_aligned(nbytes), usage=storage | wgpu.BufferUsage.COPY_DST)
         values = {0: (self.input, 0, nbytes, "float32")}  # id -> (buffer, offset, bytes, dtype)
-        for i, weight in enumerate(weights, start=1):
-            data = np.ascontiguousarray(weight).tobytes()
+
+        def upload(array: np.ndarray) -> tuple:
+            data = np.ascontiguousarray(array).tobytes()
             data += b"\0" * (_aligned(len(data)) - len(data))
-            values[i] = (device.create_buffer_with_data(data=data, usage=storage), 0, weight.nbytes, str(weight.dtype))
+            return device.create_buffer_with_data(data=data, usage=storage), 0, array.nbytes, str(array.dtype)
 
         def value(ref: int, where: str) -> tuple:
+            if ref not in values and 1 <= ref <= len(weights):  # weights reach the GPU when a step first uses them
+                values[ref] = upload(stored(weights[ref - 1], f"{self.source}: weight {ref}"))
             if ref not in values:
                 raise MixerEdgeError(f"{self.source} {where} uses value {ref}, which is neither the input (0), a "
                                      f"weight (1 to {len(weights)}) nor made by an earlier step: rebuild the artifact")
@@ -246,7 +328,7 @@ class WgpuProgram:
         for i, step in enumerate(program.steps):
             where = f"step {i} ({step.op})"
             out = getattr(step, "out", None)
-            if out is not None and out in values:
+            if out is not None and (out <= len(weights) or out in values):
                 raise MixerEdgeError(f"{self.source} {where} redefines value {out} (the input or a weight): "
                                      "rebuild the artifact")
             if step.op == "storage":
@@ -255,6 +337,8 @@ class WgpuProgram:
                                          f"device's largest buffer ({limits['max-buffer-size']}): rebuild the artifact")
                 buffer = device.create_buffer(size=_aligned(step.bytes), usage=storage | wgpu.BufferUsage.COPY_SRC)
                 values[step.out] = (buffer, 0, step.bytes, "uint8")
+            elif step.op == "constant":
+                values[step.out] = upload(step.array())
             elif step.op == "view":
                 buffer, offset, available, dtype = value(step.src, where)
                 dtype = step.dtype or dtype

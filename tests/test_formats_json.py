@@ -33,6 +33,7 @@ from mixer_edge.checkpoints import checkpoint_metadata, load_checkpoint, read_st
 from mixer_edge.compiler import compile_model
 from mixer_edge.compiler.webgpu import wgsl_identifier
 from mixer_edge.errors import MixerEdgeError
+from mixer_edge.formats import json_text
 from mixer_edge.model import create_model, preset
 
 from conftest import assert_one_line_error, examples, quiet
@@ -84,7 +85,7 @@ MANIFEST_FORGERIES = [  # (id, change, fragments of the one-line refusal)
     ("sha256-not-hex", lambda m: m["files"].update({runtime.PARAMS: "z" * 64}), ["field 'files.params.npz'"]),
     ("device-kind", setter("target.device.kind", "tpu"), ["field 'target.device.kind'"]),
     ("device-arch-missing", lambda m: m["target"]["device"].pop("arch"), ["field 'target.device.arch'", "missing"]),
-    ("wgpu-on-cpu", setter("target.device.backend", "wgpu"), ["field 'target.device.kind'", "wgpu runs on Vulkan"]),
+    ("wgpu-on-cpu", setter("target.device.backend", "wgpu"), ["field 'target.device.kind'", "backend wgpu runs on vulkan"]),
     ("std-zero", setter("preprocess.std.0", 0), ["field 'preprocess.std.0'", "greater than 0"]),
     ("mean-per-channel", setter("preprocess.mean", [0.5, 0.5, 0.5]), ["field 'preprocess.mean'",
                                                                       "has 3 values but channels is 1"]),
@@ -447,4 +448,4 @@ def test_non_finite_weights_never_become_an_artifact(digits_source, tmp_path):
 
 def test_a_manifest_is_never_written_with_nan(tmp_path):
     with pytest.raises(MixerEdgeError, match=r"would hold NaN or Infinity at verification.max_abs_logit_diff"):
-        artifact._json_text({"verification": {"max_abs_logit_diff": math.nan}}, runtime.MANIFEST, indent=2)
+        json_text({"verification": {"max_abs_logit_diff": math.nan}}, indent=2, name=runtime.MANIFEST)

@@ -71,7 +71,7 @@ def test_cpu_int8_kernels_use_the_dot_product_instruction(quantized, target, dot
     built = build(quantized.qdq, resolve_target(target), precision="int8", progress=quiet)
     assert built.int8 == {"layers": DIGITS_LAYERS, "dot_product": dot_product,
                           "activations": "uint8" if dot_product == "vnni" else "int8"}
-    asm = module_source(built.executable, "llvm", "asm")
+    asm = module_source(built.compiled.executable, "llvm", "asm")
     kernels = {line.split(":")[0] for line in asm.splitlines() if line.startswith("int8_dense_")}
     assert len(kernels) >= 4  # one per distinct matmul shape (stem, token fc1/fc2, channel fc1/fc2, head)
     assert asm.count(instruction) >= len(kernels)
@@ -80,7 +80,7 @@ def test_cpu_int8_kernels_use_the_dot_product_instruction(quantized, target, dot
 def test_cpu_without_a_dot_product_gets_plain_integer_kernels(quantized, int8_artifact, digits_test):
     built = build(quantized.qdq, resolve_target("rpi4"), precision="int8", progress=quiet)
     assert built.int8["dot_product"] == "plain"
-    assert "sdot" not in module_source(built.executable, "llvm", "asm")
+    assert "sdot" not in module_source(built.compiled.executable, "llvm", "asm")
     # the same plain schedule on x86 (AVX2: no VNNI) runs here and matches the VNNI build
     x = digits_test[0]
     plain = load(int8_artifact("x86-avx2"))

@@ -10,9 +10,10 @@ import pytest
 
 from conftest import assert_one_line_error, leftovers, quiet
 from mixer_edge import runtime
-from mixer_edge.compiler import resolve_target
+from mixer_edge.bench import Latency
 from mixer_edge.export import run_onnxruntime
-from mixer_edge.report import Variant, make_report, mark_pareto, metrics
+from mixer_edge.plan import ReportRequest, Variant
+from mixer_edge.report import Metrics, Row, make_report, pareto_front
 
 
 def dominated(row, rows, score):
@@ -24,29 +25,46 @@ def dominated(row, rows, score):
 
 def test_pareto_marks_exactly_the_undominated_rows_of_each_device():
     def row(device, ms, top1):
-        return {"device": device, "latency": {"median_ms": ms}, "top1": top1}
+        return Row("mixer-edge", "float32", "float32", device, latency=Latency(ms, ms, ms, ms, 1),
+                   metrics=Metrics(top1, top1, 1.0, 1.0, None))
 
     rows = [row("a", 1.0, 0.90), row("a", 2.0, 0.95), row("a", 3.0, 0.94), row("a", 0.5, 0.80),
-            row("a", 2.0, 0.95), row("b", 9.0, 0.10), {"device": "a", "latency": None, "top1": None}]
-    mark_pareto(rows, "top1")
-    # 3.0/0.94 loses to 2.0/0.95; two identical rows are both optimal; device b has its own front
-    assert [r["pareto"] for r in rows] == [True, True, False, True, True, True, False]
+            row("a", 2.0, 0.95), row("b", 9.0, 0.10), Row("mixer-edge", "int8:default", "int8", "a")]
+    # 3.0/0.94 loses to 2.0/0.95; two identical rows are both optimal; device b has its own front; untimed: never
+    assert pareto_front(rows, "top1") == [True, True, False, True, True, True, False]
+    assert pareto_front(rows, "agreement") == [False, False, False, True, False, True, False]
 
 
 def test_metrics_of_known_logits():
     ref = np.array([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]])
     got = np.array([[1.0, 2.0, 0.0], [0.0, 1.0, 3.0]])
-    m = metrics(got, ref, np.array([0, 2]))
-    assert m["top1"] == 0.5 and m["top5"] == 1.0 and m["agreement"] == 0.5
-    assert m["sqnr_db"] == pytest.approx(10 * np.log10(15 / 2))
-    assert m["cosine"] == pytest.approx((0.8 + 1.0) / 2)
+    m = Metrics.of(got, ref, np.array([0, 2]))
+    assert m.top1 == 0.5 and m.top5 == 1.0 and m.agreement == 0.5
+    assert m.sqnr_db == pytest.approx(10 * np.log10(15 / 2))
+    assert m.cosine == pytest.approx((0.8 + 1.0) / 2)
+    unlabelled = Metrics.of(got, ref, np.array([-1, -1]))
+    assert unlabelled.top1 is None and unlabelled.top5 is None and unlabelled.agreement == 0.5
+    assert Metrics.of(ref, ref, None).sqnr_db is None  # identical: infinite SQNR
+
+
+def test_a_row_in_report_json_has_every_field_in_order():
+    row = Row("onnxruntime", "int8:default (QDQ)", "int8", latency=Latency(1.0, 2.0, 3.0, 0.5, 10),
+              metrics=Metrics(0.9, 1.0, 0.95, 0.999, 30.0))
+    assert row.to_json(7, True) == {
+        "engine": "onnxruntime", "target": None, "variant": "int8:default (QDQ)", "precision": "int8", "artifact": None,
+        "size_bytes": None, "build_s": None, "tune_s": None, "calibrate_s": None, "tuning_db_records": None,
+        "float_layers": None, "device": "this machine", "emulated": False,
+        "latency": {"median_ms": 1.0, "p90_ms": 2.0, "p99_ms": 3.0, "min_ms": 0.5, "calls": 10},
+        "top1": 0.9, "top5": 1.0, "agreement": 0.95, "cosine": 0.999, "sqnr_db": 30.0, "pareto": True, "id": 7}
+    assert list(Row("mixer-edge", "float32", "float32", "not run: no GPU").to_json(1, False).values())[11:] == \
+        ["not run: no GPU", False, None, None, None, None, None, None, False, 1]
 
 
 @pytest.fixture(scope="module")
 def host_report(digits_source, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "r"
-    variants = [Variant.parse(v) for v in ("float32", "int8", "int8:minmax")]
-    report = make_report(digits_source, [resolve_target("host")], out, variants, rounds=3, torch_compile=False,
+    variants = tuple(Variant.parse(v) for v in ("float32", "int8", "int8:minmax"))
+    report = make_report(digits_source, ReportRequest(("host",), variants, rounds=3, torch_compile=False), out,
                          progress=quiet)
     return out, report
 
@@ -60,8 +78,9 @@ def test_report_rows_are_what_the_artifacts_and_baselines_measure(host_report, d
     assert set(rows) == {("mixer-edge", "float32"), ("mixer-edge", "int8:default"), ("mixer-edge", "int8:minmax"),
                          ("pytorch eager", "float32"), ("onnxruntime", "float32"),
                          ("onnxruntime", "int8:default (QDQ)"), ("onnxruntime", "int8:minmax (QDQ)")}
-    for variant in ("float32", "int8:default", "int8:minmax"):
+    for variant, suffix in (("float32", ""), ("int8:default", "-int8"), ("int8:minmax", "-int8-minmax")):
         row = rows["mixer-edge", variant]
+        assert row["artifact"] == f"artifacts/mixer_digits-{row['target']}{suffix}"  # named as compile names it
         artifact = out / row["artifact"]
         logits = runtime.load(artifact)(x)
         assert row["top1"] == pytest.approx((logits.argmax(1) == y).mean())
@@ -101,9 +120,9 @@ def test_report_marks_the_pareto_front_and_writes_it_everywhere(host_report):
 
 @pytest.mark.emulation
 def test_report_on_host_and_emulated_rpi5_with_torch_compile(digits_source, board, tmp_path):
-    variants = [Variant.parse(v) for v in ("float32", "int8")]
-    report = make_report(digits_source, [resolve_target("host"), resolve_target("rpi5")], tmp_path / "r", variants,
-                         rounds=2, progress=quiet)
+    variants = tuple(Variant.parse(v) for v in ("float32", "int8"))
+    report = make_report(digits_source, ReportRequest(("host", "rpi5"), variants, rounds=2), tmp_path / "r",
+                         progress=quiet)
     rows = report["rows"]
     board_rows = [r for r in rows if r["target"] == "rpi5"]
     assert [r["variant"] for r in board_rows] == ["float32", "int8:default"]

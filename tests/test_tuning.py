@@ -229,10 +229,11 @@ def test_tuning_over_rpc_on_the_emulated_board(rpc_board, board, digits_source, 
     assert agreement(logits, torch_logits) == 1.0
     # the same board times the artifact for bench: outputs come back from it, latency from time_evaluator
     row = bench.compare(digits_source, [tmp_path / "a"], rounds=3, rpc=rpc_board, progress=quiet)[0]
-    assert row["device"] == "rpc:rpi5" and row["vs_torch_fp32"]["top1_agreement"] == 1.0
-    assert row["vs_torch_fp32"]["max_abs_diff"] < 1e-4
-    timing = row["latency"]["mixer-edge float32 on rpi5"]
-    assert timing["calls"] == 15 and 0 < timing["min_ms"] <= timing["median_ms"]
+    assert row.device == "rpc:rpi5" and row.vs_torch_fp32.top1_agreement == 1.0
+    assert row.vs_torch_fp32.max_abs_diff < 1e-4
+    timing = row.timing("mixer-edge")
+    assert timing.candidate == "mixer-edge float32 on rpi5"
+    assert timing.latency.calls == 15 and 0 < timing.latency.min_ms <= timing.latency.median_ms
     assert "| mixer-edge float32 on rpi5 |" in bench.format_rows([row])
 
 

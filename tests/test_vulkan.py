@@ -54,7 +54,7 @@ def test_program_dispatches_and_kernels(build_artifact):
         wgsl = program["kernels"][launch["kernel"]]
         assert wgsl.count("var<storage") == len(launch["buffers"]) and wgsl.count("var<uniform>") == 1
         assert all(g >= 1 for g in launch["grid"])
-    assert len(runtime.load(root).program.dispatches) == len(dispatches)
+    assert len(runtime.load(root).session.program.dispatches) == len(dispatches)
 
 
 def test_no_vulkan_device_is_a_clear_error(build_artifact):
@@ -74,11 +74,11 @@ def test_vulkan_preset_without_a_webgpu_route_needs_native_codegen(digits_source
 
 def test_native_vulkan_codegen_is_preferred_when_tvm_has_it():
     preset = resolve_target("android-vulkan")
-    assert preset.uses_wgpu and preset.device_requirements() == {"kind": "vulkan", "backend": "wgpu"}
+    assert preset.backend.name == "wgpu" and preset.device_requirements() == {"kind": "vulkan", "backend": "wgpu"}
     tvm.register_global_func("target.build.vulkan", lambda *args: None)  # stands in for a Vulkan-enabled TVM
     try:
-        assert not preset.uses_wgpu
+        assert preset.backend.name == "tvm-vulkan"
         assert preset.device_requirements()["arch"] == "aarch64"
     finally:
         remove_global_func("target.build.vulkan")
-    assert preset.uses_wgpu
+    assert preset.backend.name == "wgpu"

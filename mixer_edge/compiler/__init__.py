@@ -15,11 +15,12 @@ def _preset(target: str | TargetPreset) -> TargetPreset:
 
 def compile_model(source, target: str | TargetPreset, out, batch: int = 1, precision: str | None = None,
                   verify: bool = True, tuning: Tuning = Tuning(), calibration=None, quantized=None,
-                  progress=print) -> dict:
+                  keep_unverified: bool = False, progress=print) -> dict:
     """Build `source` (an export.ModelSource) for `target` and write the artifact at `out`; returns its manifest.
 
     int8 builds compile `quantized` (a quant.Quantization) or calibrate with `calibration` (a
-    quant.Calibration; default recipe and data) first.
+    quant.Calibration; default recipe and data) first. An artifact that fails its verification is not
+    written, unless `keep_unverified` (its manifest then says so).
     """
     from ..artifact import check_output, write_artifact
     from ..export import check_finite_weights
@@ -38,7 +39,8 @@ def compile_model(source, target: str | TargetPreset, out, batch: int = 1, preci
                   model=source.name, progress=progress)
     progress(f"built in {built.seconds:.1f}s" + (f"; {built.int8['layers']} layers on int8 {built.int8['dot_product']} "
                                                  "kernels" if built.int8 else ""))
-    return write_artifact(out, built, source, verify=verify, quantization=quantized, progress=progress)
+    return write_artifact(out, built, source, verify=verify, quantization=quantized, keep_unverified=keep_unverified,
+                          progress=progress)
 
 
 def tune_model(source, target: str | TargetPreset, batch: int = 1, precision: str | None = None,

@@ -1,8 +1,8 @@
-"""ONNX -> Relax -> a compiled Relax VM executable for one target preset.
+"""ONNX -> Relax -> what the preset's backend compiles it into (mixer_edge/backends).
 
-CPU targets use TVM's default pipeline (cross-compiled for ARM boards); CUDA targets use the
-default GPU pipeline (DLight schedules), and their kernels are compiled ahead of time into a fat
-binary shipped beside the library (compiler/cuda.py).
+The shared front half is here: import the ONNX graph with its batch fixed, then float16 casts or
+the int8 lowering, with the weight transforms run once on this machine. The preset's backend
+(native CPU library, CUDA library + fat binary, WGSL program, ...) does the rest.
 """
 
 from __future__ import annotations
@@ -10,54 +10,34 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from ..backends import Backend
 from ..errors import MixerEdgeError, reason
-from . import cuda as cuda_kernels
 from . import tuning as tuning_lib
-from . import webgpu
 from .targets import TargetPreset
 
 
 @dataclass
 class Built:
-    executable: object | None  # tvm.relax.VMExecutable; None on the WebGPU route
+    backend: Backend  # what compiled it, and writes and loads it
+    compiled: object  # what the backend compiled (native.Library, or the WGSL program dict)
     params: dict[str, np.ndarray]  # in the order `main` takes them after the input
     preset: TargetPreset
     batch: int
     precision: str
     seconds: float
-    cuda: cuda_kernels.CudaKernels | None = None
-    program: dict | None = None  # the WebGPU route's kernels and launch plan (compiler/webgpu.py)
     tuning: dict | None = None  # the tuning database applied (tuning.summary), if any
     int8: dict | None = None  # int8 builds: the layers lowered to integer kernels and the instruction
-
-    def export_library(self, path: Path) -> None:
-        """Write the shared library, with the preset's cross compiler where it has one."""
-        if self.preset.cross_compiler:
-            from tvm.support.cc import cross_compiler
-
-            self.executable.export_library(str(path), fcompile=cross_compiler(self.preset.cross_compiler))
-        else:
-            self.executable.export_library(str(path))
 
 
 def check_toolchain(preset: TargetPreset) -> None:
     """Fail before any work when a tool or back end the preset needs is missing."""
-    import tvm
-
-    if preset.kind == "vulkan" and preset.webgpu_target is None and \
-            tvm.get_global_func("target.build.vulkan", allow_missing=True) is None:
-        raise MixerEdgeError(f"target {preset.name} needs TVM's Vulkan code generator, which this TVM build lacks "
-                             "(the PyPI wheel has none): build TVM with USE_VULKAN=ON, or add a [build.webgpu] "
-                             "table to the preset to run WGSL through wgpu")
+    preset.backend.check_toolchain(preset)
     if preset.cross_compiler and shutil.which(preset.cross_compiler) is None:
         raise MixerEdgeError(f"target {preset.name} needs the cross compiler {preset.cross_compiler}, not on PATH: "
                              "install it (Debian: apt-get install g++-aarch64-linux-gnu)")
-    if preset.kind == "cuda":
-        cuda_kernels.check_compilers(preset)
 
 
 def import_onnx(proto, batch: int):
@@ -154,44 +134,18 @@ def tune(proto, preset: TargetPreset, batch: int = 1, precision: str | None = No
          tuning: tuning_lib.Tuning = tuning_lib.Tuning(tune=True), model: str = "model", progress=print) -> dict:
     """Tune the model for `preset` into its database (created or resumed); returns the database summary."""
     precision = preset.resolve_precision(precision)
-    _refuse_wgpu_tuning(preset)
+    preset.backend.check_tunable(preset)
     mod, _, key, _ = relax_program(proto, preset, batch, precision)
     return tuning_lib.tune_into(key, preset, tuning, tuning_lib.prepare(mod, preset), model, progress)
 
 
-def _refuse_wgpu_tuning(preset: TargetPreset) -> None:
-    if preset.uses_wgpu:
-        raise MixerEdgeError(f"target {preset.name} builds WGSL with DLight's schedules, which MetaSchedule does "
-                             "not tune: drop --tune/--tuning-db")
-
-
 def build(proto, preset: TargetPreset, batch: int = 1, precision: str | None = None,
           tuning: tuning_lib.Tuning = tuning_lib.Tuning(), model: str = "model", progress=print) -> Built:
-    """Compile an ONNX Mixer for `preset`: TVM's pipeline for the target, with MetaSchedule's records
-    for this (graph, target, precision) where a tuning database has them (tuning first if asked)."""
-    import tvm
-
+    """Compile an ONNX Mixer for `preset` with its backend: TVM's pipeline for the target, with MetaSchedule's
+    records for this (graph, target, precision) where a tuning database has them (tuning first if asked)."""
     precision = preset.resolve_precision(precision)
     start = time.perf_counter()
     mod, params, key, lowered = relax_program(proto, preset, batch, precision)
-    if preset.uses_wgpu:
-        if tuning.wanted:
-            _refuse_wgpu_tuning(preset)
-        prog = webgpu.program(mod, tvm.target.Target({**preset.webgpu_target, "host": {"kind": "llvm"}}))
-        return Built(None, params, preset, batch, precision, time.perf_counter() - start, program=prog)
-    if preset.kind == "cpu" or tuning.wanted or tuning_lib.find_database(key):
-        mod = tuning_lib.prepare(mod, preset)
-    database, record = tuning_lib.database_for(key, preset, tuning, mod, model, progress)
-    if database is not None:
-        mod = tuning_lib.apply(mod, preset, database)
-    mod, params = run_transform_params(mod, params)
-    target = preset.tvm_target()
-    with target:
-        try:
-            executable = tvm.compile(mod, target)
-        except Exception as exc:
-            raise MixerEdgeError(f"TVM could not compile the model for {preset.name} ({reason(exc, last=True)}): "
-                                 "report it with the model and target") from exc
-    kernels = cuda_kernels.compile_kernels(module_source(executable, "cuda"), preset) if preset.kind == "cuda" else None
-    return Built(executable, params, preset, batch, precision, time.perf_counter() - start, kernels,
-                 tuning=record, int8=lowered)
+    backend = preset.backend
+    compiled, params, record = backend.compile(mod, params, preset, key, tuning, model, progress)
+    return Built(backend, compiled, params, preset, batch, precision, time.perf_counter() - start, record, lowered)

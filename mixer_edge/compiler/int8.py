@@ -48,14 +48,14 @@ class DotProduct:
 
 DOT_PRODUCTS = {"vnni": DotProduct("vnni", "uint8"), "sdot": DotProduct("sdot", "int8"),
                 "dp4a": DotProduct("dp4a", "int8"), "plain": DotProduct("plain", "int8")}
-# The first CPU feature (LLVM name) the target has picks the instruction; CUDA targets use dp4a.
+# The first CPU feature (LLVM name) the target has picks the instruction (GPU backends name theirs).
 CPU_DOT_PRODUCT = (("avx512vnni", "vnni"), ("dotprod", "sdot"))
 
 
 def dot_product(preset: TargetPreset) -> DotProduct:
-    """The int8 dot-product instruction the preset's device has."""
-    if preset.kind == "cuda":
-        return DOT_PRODUCTS["dp4a"]
+    """The int8 dot-product instruction the preset's device has: its backend's, else its CPU's."""
+    if preset.backend.int8_dot_product:
+        return DOT_PRODUCTS[preset.backend.int8_dot_product]
     features = set(codegen.llvm_get_cpu_features(tvm.target.Target(preset.cpu_target)))
     return DOT_PRODUCTS[next((name for feature, name in CPU_DOT_PRODUCT if feature in features), "plain")]
 

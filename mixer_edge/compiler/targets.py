@@ -23,13 +23,14 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
+from .. import backends
 from ..errors import MixerEdgeError, reason
 from ..formats import Schema, one_of, parse, safe_text
 from ..options import seconds
 from ..resources import data_dir
 from ..runtime import CUDA_ARCH, machine_cpu_features
 
-KINDS = ("cpu", "cuda", "vulkan")
+KINDS = tuple(backends.kinds())  # every preset kind some backend builds
 TUNING_DEFAULTS = {"trials_per_task": 64, "time_budget": "15m"}  # a preset's [tune] table overrides these
 PRECISIONS = ("float32", "float16", "int8")  # float16: fp16 compute, fp32 accumulation; int8: compiler/int8.py
 # LLVM feature name -> the name Linux reports (x86 /proc/cpuinfo flags, arm64 HWCAP names).
@@ -63,7 +64,12 @@ class TargetPreset:
     @property
     def cpu_target(self) -> dict:
         """The LLVM target that runs the host side (the whole model, for CPU targets)."""
-        return self.target if self.kind == "cpu" else self.target.get("host", {"kind": "llvm"})
+        return self.target if self.target.get("kind") == "llvm" else self.target.get("host", {"kind": "llvm"})
+
+    @property
+    def backend(self):
+        """The backend that builds this preset (mixer_edge.backends), given what the installed TVM can do."""
+        return backends.for_preset(self)
 
     @property
     def arch(self) -> str:
@@ -92,23 +98,9 @@ class TargetPreset:
         llvm = codegen.llvm_get_cpu_features(tvm.target.Target(self.cpu_target))
         return sorted(LLVM_TO_LINUX_FEATURE[f] for f in llvm if f in LLVM_TO_LINUX_FEATURE)
 
-    @property
-    def uses_wgpu(self) -> bool:
-        """True when this Vulkan preset builds WGSL for wgpu, because TVM has no Vulkan code generator."""
-        import tvm
-
-        return self.kind == "vulkan" and self.webgpu_target is not None and \
-            tvm.get_global_func("target.build.vulkan", allow_missing=True) is None
-
     def device_requirements(self) -> dict:
         """What the runtime checks before it loads an artifact built for this preset."""
-        if self.uses_wgpu:  # no native code at all: any CPU, any Vulkan GPU
-            return {"kind": "vulkan", "backend": "wgpu"}
-        req = {"kind": self.kind, "arch": self.arch, "cpu_features": self.cpu_features()}
-        if self.kind == "cuda":
-            req["cuda_archs"] = list(self.cuda_archs)
-            req["cuda_ptx"] = self.cuda_ptx
-        return req
+        return self.backend.device_requirements(self)
 
 
 # ---- the preset file's schema ----------------------------------------------------------------------
@@ -207,7 +199,7 @@ class PresetFile(Schema):
     tune: TuneTable = Field(TuneTable(), description="the tuning budget")
 
 
-TVM_KINDS = {"llvm": "cpu", "cuda": "cuda", "vulkan": "vulkan"}  # [target] kind -> preset kind
+TVM_KINDS = {tvm: kind for kind, tvm in backends.kinds().items()}  # [target] kind -> preset kind
 
 
 def _preset_from_dict(name: str, data: dict, source: str) -> TargetPreset:
@@ -285,11 +277,7 @@ def _validate(preset: TargetPreset) -> None:
     for attr in llvm.get("mattr", []):
         if attr.startswith("+") and attr[1:] not in known:
             raise MixerEdgeError(f"{src}: mattr '{attr}' is not a feature LLVM knows for {triple}: fix or remove it")
-    if preset.kind == "cuda" and not preset.cuda_archs:
-        arch = preset.target.get("arch")
-        if not isinstance(arch, str) or not re.fullmatch(CUDA_ARCH, arch):
-            raise MixerEdgeError(f"{src}: CUDA arch '{safe_text(str(arch), 40)}' should look like sm_87: set [target] "
-                                 "arch or [build] cuda_archs")
+    preset.backend.validate(preset)
 
 
 @contextlib.contextmanager

@@ -382,7 +382,7 @@ def prepare(mod, preset: TargetPreset):
     import tvm
     from tvm import relax
 
-    cpu = preset.kind == "cpu"
+    cpu = preset.backend.runs_on_cpu
     passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
               *([relax.transform.FastMathTransform()] if cpu else []), relax.get_pipeline("zero"),
               *([relax.transform.AttachAttrLayoutFreeBuffers()] if cpu else [])]
@@ -398,7 +398,7 @@ def apply(mod, preset: TargetPreset, database):
 
     with preset.tvm_target(), database:  # the pass reads both from the context when it is created
         passes = [relax.transform.MetaScheduleApplyDatabase()]
-        if preset.kind == "cpu":
+        if preset.backend.runs_on_cpu:
             passes += [relax.transform.SplitLayoutRewritePreproc(), relax.transform.LiftTransformParams(),
                        relax.transform.FoldConstant()]
         return tvm.transform.Sequential(passes)(mod)
@@ -438,7 +438,7 @@ def _runner(preset: TargetPreset, rpc: RpcBoard | None):
     if preset.cross_compiler:
         raise MixerEdgeError(f"target {preset.name} is measured on the board itself: pass --rpc-tracker and "
                              "--rpc-key of a tracker its RPC server registered with")
-    if preset.kind != "cpu" and not tvm.device(preset.target["kind"]).exist:
+    if not preset.backend.runs_on_cpu and not tvm.device(preset.target["kind"]).exist:
         raise MixerEdgeError(f"tuning for {preset.name} measures on a {preset.kind} device and this machine has "
                              "none: tune on a machine that has one, or over RPC (--rpc-tracker, --rpc-key)")
     return ms.runner.LocalRunner(timeout_sec=60)

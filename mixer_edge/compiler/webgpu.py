@@ -10,19 +10,25 @@ kernel launches, so instead of a host library we record that sequence as data ("
   its arguments each kernel binds, its scalar arguments and its grid size (constants here).
 
 `mixer_edge.vulkan` replays the program with wgpu, weights and intermediates resident on the GPU
-(`vulkan.Program` is the file's schema). TVM names each kernel's buffers after the Relax parameters
-they come from, which carry the ONNX graph's input and weight names (e.g. `0.stem.proj.weight` for
-a model built as an nn.Sequential): those are renamed to valid, unique WGSL identifiers first.
+(`vulkan.Program` is the file's schema); the graph's constants travel in it as `constant` steps.
+Before lowering, `for_wgsl` makes any Mixer's graph fit WGSL: TVM names each kernel's buffers after
+`main`'s variables, which carry the ONNX graph's names (e.g. `2.0.fn.3.weight` for a model built as an
+nn.Sequential), so each is renamed by one function, `wgsl_identifier`; and WGSL has no 64-bit
+integers, so int64 weights, constants and index arithmetic (a class token's Gather) become int32.
 """
 
 from __future__ import annotations
 
+import base64
 import re
 
-from ..errors import MixerEdgeError
-from ..vulkan import PROGRAM_FORMAT
+import numpy as np
 
-# WGSL's keywords and reserved words (W3C WGSL, "Keyword and Reserved Word Summary"): never identifiers.
+from ..errors import MixerEdgeError, reason
+from ..vulkan import PROGRAM_FORMAT, STORABLE, STORED_AS, stored
+
+# WGSL's keywords and reserved words (W3C WGSL, "Keyword and Reserved Word Summary"): never identifiers; and its
+# predeclared types, which a declaration of the same name would shadow (`array<f32>` needs both).
 WGSL_RESERVED = frozenset("""
 alias break case const const_assert continue continuing default diagnostic discard else enable false fn for if let
 loop override requires return struct switch true var while
@@ -36,7 +42,13 @@ packoffset partition pass patch pixelfragment precise precision premerge priv pr
 regardless register reinterpret_cast require resource restrict self set shared sizeof smooth snorm static
 static_assert static_cast std subroutine super target template this thread_local throw trait try type typedef typeid
 typename typeof union unless unorm unsafe unsized use using varying virtual volatile wgsl where with writeonly yield
-""".split())
+array atomic bool f16 f32 i32 u32 ptr sampler sampler_comparison texture_1d texture_2d texture_2d_array texture_3d
+texture_cube texture_cube_array texture_multisampled_2d texture_external texture_storage_1d texture_storage_2d
+texture_storage_2d_array texture_storage_3d texture_depth_2d texture_depth_2d_array texture_depth_cube
+texture_depth_cube_array texture_depth_multisampled_2d
+""".split()) | {f"vec{n}{t}" for n in "234" for t in ("", "i", "u", "f", "h")} | \
+    {f"mat{c}x{r}{t}" for c in "234" for r in "234" for t in ("", "f", "h")}
+_WIDE = ("int64", "uint64")  # narrowed to 32 bits: computed on as such (the other STORED_AS types are cast back)
 _SKIPPED_PACKED = {"vm.builtin.check_tensor_info", "vm.builtin.match_shape", "vm.builtin.null_value"}
 
 
@@ -147,26 +159,110 @@ def wgsl_identifier(name: str, taken: set[str]) -> str:
     return unique
 
 
-def with_wgsl_names(mod):
-    """`mod` with `main`'s parameters (the input and the weights, named from the ONNX graph) renamed to valid,
-    unique WGSL identifiers: the kernels' buffer names are derived from them."""
+def _rewriter(mod, params):
+    """The mutator `for_wgsl` runs over `main` (see there)."""
     from tvm import relax
 
-    main = mod["main"]
-    taken: set[str] = set()
-    renamed = {}
+    @relax.expr_functor.mutator
+    class ForWgsl(relax.PyExprMutator):
+        def __init__(self):
+            super().__init__(mod)
+            self.taken: set[str] = set()
+
+        def _define(self, var):
+            ty = var.ty
+            if var in params and str(getattr(ty, "dtype", "")) in _WIDE:
+                ty = relax.TensorType(ty.shape, STORED_AS[str(ty.dtype)])  # a weight: `vulkan.stored` narrows it
+            name = wgsl_identifier(str(var.name), self.taken)
+            if name == str(var.name) and ty.same_as(var.ty):
+                return var
+            new = type(var)(name, ty)
+            self.set_var_remap(var, new)
+            return new
+
+        def visit_var_def_(self, var):
+            return self._define(var)
+
+        def visit_dataflow_var_def_(self, var):
+            return self._define(var)
+
+        def visit_generic_const_(self, const):
+            if str(const.ty.dtype) not in _WIDE:
+                return const
+            return relax.const(stored(const.value.numpy(), "a constant"))
+
+    return ForWgsl()
+
+
+def _stored_params(main):
+    """`main` taking its bool and 8- or 16-bit integer parameters (e.g. a comparison of weights that a float16
+    build precomputed) as the 32-bit ones `vulkan.stored` uploads, cast back where they are used."""
+    from tvm import relax
+
+    params, casts = [], {}
     for param in main.params:
-        name = wgsl_identifier(str(param.name), taken)
-        if name != str(param.name):
-            renamed[param] = relax.Var(name, param.ty)
-    if not renamed:
-        return mod
-    bound = main.bind_params(renamed)  # the body now uses the new variables; they become the parameters below
-    func = relax.Function([renamed.get(p, p) for p in main.params], bound.body, bound.ret_ty, bound.is_pure,
-                          main.attrs, main.span)
-    mod = mod.clone()  # the caller keeps its module
+        dtype = str(getattr(param.ty, "dtype", ""))
+        if dtype in STORED_AS and dtype not in _WIDE:
+            wide = relax.Var(param.name, relax.TensorType(param.ty.shape, STORED_AS[dtype]))
+            casts[param] = relax.BlockBuilder().normalize(relax.op.astype(wide, dtype))
+            param = wide
+        params.append(param)
+    if not casts:
+        return main
+    bound = main.bind_params(casts)
+    return relax.Function(params, bound.body, bound.ret_ty, bound.is_pure, main.attrs, main.span)
+
+
+def _op_name(value) -> str:
+    op = getattr(value, "op", None)
+    return str(getattr(op, "name", None) or getattr(op, "name_hint", None) or type(value).__name__)
+
+
+def for_wgsl(mod):
+    """`mod` as the WGSL route needs it (the caller keeps its module):
+
+    - shape arithmetic folded away (static shapes: e.g. the int64 `shape_to_tensor` of a class token's Gather);
+    - every variable of `main` renamed by `wgsl_identifier`: TVM names each kernel's buffers after them, and they
+      carry the ONNX graph's names (e.g. `2.0.fn.3.weight` from an nn.Sequential), which WGSL may not take;
+    - 64-bit integers narrowed to 32 bits (WGSL has none): int64 weights (`vulkan.stored` uploads them as int32),
+      int64 constants and so whatever computes on them, such as a Gather's index. Tensor dims are far below 2^31,
+      so indices fit; a value that does not, or an operator that still computes int64 or float64, is refused in
+      one line naming it;
+    - bool and 8- or 16-bit integer weights taken as 32-bit ones (see `_stored_params`)."""
+    from tvm import ir, relax
+
+    mod = relax.transform.FoldConstant()(mod)
+    main = _stored_params(mod["main"])
+    for binding in (b for block in main.body.blocks for b in block.bindings):
+        args = [a for arg in getattr(binding.value, "args", ()) for a in getattr(arg, "fields", [arg])]  # tuples too
+        for arg in args:
+            if isinstance(arg, ir.GenericConst) and str(arg.ty.dtype) in _WIDE:
+                stored(arg.value.numpy(), f"operator {_op_name(binding.value)}'s constant")
+    try:
+        func = _rewriter(mod, set(main.params)).visit_expr(main)
+    except Exception as exc:  # type inference over the narrowed graph: an operator that mixes 32 and 64 bits
+        raise MixerEdgeError(f"the WGSL route cannot narrow this model's 64-bit integers to 32 bits "
+                             f"({reason(exc, last=True)}): build it for a CPU or CUDA target") from exc
+    for binding in (b for block in func.body.blocks for b in block.bindings):
+        dtype = str(getattr(binding.var.ty, "dtype", ""))
+        if dtype in ("int64", "uint64", "float64"):
+            raise MixerEdgeError(f"operator {_op_name(binding.value)} computes {dtype}, which WGSL cannot hold (it "
+                                 "has no 64-bit types): build for a CPU or CUDA target, or export the model so it "
+                                 "computes that in 32 bits")
+    mod = mod.clone()
     mod.update_func(mod.get_global_var("main"), func)
     return mod
+
+
+def _constant_step(const, out: int) -> dict:
+    """A constant of the lowered graph as a `constant` step: its little-endian bytes, base64."""
+    array = const.value.numpy()
+    if str(array.dtype) not in STORABLE:
+        raise MixerEdgeError(f"the lowered graph passes a {array.dtype} constant {list(array.shape)} to a kernel, "
+                             "which WGSL storage cannot hold: build for a CPU or CUDA target")
+    data = np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
+    return {"op": "constant", "out": out, "dtype": str(array.dtype), "shape": list(array.shape),
+            "data": base64.b64encode(data).decode("ascii")}
 
 
 def program(mod, target) -> dict:
@@ -175,16 +271,20 @@ def program(mod, target) -> dict:
     from tvm import relax, tirx
     from tvm.tirx.build import split_host_device_mods
 
-    mod = with_wgsl_names(mod)
-    with target:
-        lowered = relax.get_default_pipeline(target)(mod)
-    prims = tvm.IRModule({gv: f for gv, f in lowered.functions.items() if isinstance(f, tirx.PrimFunc)})
-    prims = tirx.transform.BindTarget(target.with_host(target.host))(prims)
-    pipeline, _, finalize_device = tirx.get_default_tir_pipeline(target)
-    host, devices = split_host_device_mods(pipeline(prims))
+    mod = for_wgsl(mod)
+    try:
+        with target:
+            lowered = relax.get_default_pipeline(target)(mod)
+        prims = tvm.IRModule({gv: f for gv, f in lowered.functions.items() if isinstance(f, tirx.PrimFunc)})
+        prims = tirx.transform.BindTarget(target.with_host(target.host))(prims)
+        pipeline, _, finalize_device = tirx.get_default_tir_pipeline(target)
+        host, devices = split_host_device_mods(pipeline(prims))
+        ((device_target, device_mod),) = devices.items()
+        wgsl = tvm.get_global_func("target.build.webgpu")(finalize_device()(device_mod), device_target)
+    except Exception as exc:
+        raise MixerEdgeError(f"TVM could not lower the model to WGSL ({reason(exc, last=True)}): build it for a CPU "
+                             "or CUDA target, or report it with the model") from exc
     launches = {gv.name_hint: kernel_launches(f) for gv, f in host.functions.items()}
-    ((device_target, device_mod),) = devices.items()
-    wgsl = tvm.get_global_func("target.build.webgpu")(finalize_device()(device_mod), device_target)
     kernels = split_wgsl(str(wgsl.inspect_source()))
 
     main = lowered["main"]
@@ -192,6 +292,9 @@ def program(mod, target) -> dict:
     steps = []
 
     def ref(expr) -> int:
+        if isinstance(expr, tvm.ir.GenericConst) and expr not in ids:  # a tensor the graph holds as a constant
+            ids[expr] = len(ids)
+            steps.append(_constant_step(expr, ids[expr]))
         if expr not in ids:
             raise MixerEdgeError(f"the WebGPU plan refers to an unknown value {expr}")
         return ids[expr]
@@ -221,7 +324,9 @@ def program(mod, target) -> dict:
                 steps.append({"op": "view", "out": out, "src": ref(value.args[0]), "offset": int(value.args[1].value),
                               "shape": _shape(value.args[2]), "dtype": dtype})
                 ids[binding.var] = out
-            elif op_name in ("relax.vm.kill_object", "relax.null_value") or isinstance(value, relax.Constant):
+            elif isinstance(value, tvm.ir.GenericConst):
+                ids[binding.var] = ref(value)
+            elif op_name in ("relax.vm.kill_object", "relax.null_value"):
                 ids[binding.var] = out
             else:
                 raise MixerEdgeError(f"the WebGPU plan does not support {op_name or type(value).__name__}")
