@@ -20,6 +20,7 @@ package with only TVM's runtime, numpy and pydantic installed.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable, ClassVar
 
@@ -39,6 +40,16 @@ class Session:
     def timer(self, x: np.ndarray) -> Callable[[], None]:
         """A callable that runs one synchronised inference on batch `x`, which is put on the device once, here."""
         raise NotImplementedError
+
+    def device_times(self, x: np.ndarray, number: int, repeat: int) -> list[float]:
+        """Seconds per call on batch `x`, `repeat` times the mean of `number` calls of `timer(x)`."""
+        run, times = self.timer(x), []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            for _ in range(number):
+                run()
+            times.append((time.perf_counter() - start) / number)
+        return times
 
     def kernel_times(self, x: np.ndarray, repeat: int = 10) -> list[tuple[str, float]]:
         """(kernel, median milliseconds) of each kernel launch of one inference on batch `x`, in call order."""
