@@ -640,6 +640,11 @@ class Model:
         """(kernel, median ms) of each kernel launch of one inference on `x[:batch]`, in the order they run."""
         return self.session.kernel_times(self._batch(x), repeat)
 
+    def kernel_outputs(self, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """(kernel, its output, flat) of each kernel launch of one inference on `x[:batch]`, in the order they run:
+        the compiled model's intermediate tensors, the last of them the logits."""
+        return self.session.kernel_outputs(self._batch(x))
+
 
 def read_params(root: Path, manifest: Manifest | dict) -> list[np.ndarray]:
     """The weights in params.npz, in the order the manifest lists them; never unpickles anything.

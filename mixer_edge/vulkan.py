@@ -324,7 +324,7 @@ class WgpuProgram:
                 layout=device.create_pipeline_layout(bind_group_layouts=[layout]),
                 compute={"module": device.create_shader_module(code=wgsl), "entry_point": name})
             kernels[name] = (pipeline, layout)
-        self.dispatches = []
+        self.dispatches, self.written = [], []  # per dispatch: what to record, and the views it writes
         for i, step in enumerate(program.steps):
             where = f"step {i} ({step.op})"
             out = getattr(step, "out", None)
@@ -354,8 +354,10 @@ class WgpuProgram:
                     if len(launch.buffers) != declared:
                         raise MixerEdgeError(f"{self.source} {where} binds {len(launch.buffers)} buffers to kernel "
                                              f"{launch.kernel}, which declares {declared}: rebuild the artifact")
-                    self.dispatches.append(self._dispatch(kernels[launch.kernel], launch,
-                                                          [args[j] for j in launch.buffers]))
+                    bound = [args[j] for j in launch.buffers]
+                    self.dispatches.append(self._dispatch(kernels[launch.kernel], launch, bound))
+                    self.written.append([view for view, kind in zip(bound, bindings[launch.kernel])
+                                         if kind == "read_write"])
         self.output = value(program.output, "output")
         expected = int(np.prod(output_shape)) * 4
         if self.output[2:] != (expected, "float32"):

@@ -50,6 +50,9 @@ def test_a_session_runs_times_and_times_each_kernel(build_artifact, digits_test,
         assert len(kernels) == model.record.vulkan.dispatches
     else:  # every kernel call of `main`, none of the VM's own builtins
         assert all(not name.startswith("vm.builtin") for name, _ in kernels)
+    outputs = model.kernel_outputs(x)  # the intermediate tensors, in launch order: the last is the logits
+    assert [name for name, _ in outputs] == [name for name, _ in kernels]
+    np.testing.assert_allclose(outputs[-1][1], model(x).ravel(), rtol=1e-6, atol=1e-6)
     with pytest.raises(MixerEdgeError, match="is not one batch"):
         model.timer(x[:, :, :4])
 

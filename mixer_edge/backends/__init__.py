@@ -55,6 +55,11 @@ class Session:
         """(kernel, median milliseconds) of each kernel launch of one inference on batch `x`, in call order."""
         raise NotImplementedError
 
+    def kernel_outputs(self, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """(kernel, what it wrote, flat) for each kernel launch of one inference on batch `x`, in call order: the
+        intermediate tensors, the last of them the logits."""
+        raise NotImplementedError
+
 
 class Backend:
     """What one kind of build does. The class attributes are data; the methods, one step each."""

@@ -85,6 +85,24 @@ class TvmSession(Session):
                 for i in range(per_run)]
 
 
+    def kernel_outputs(self, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """The output (a kernel's last argument: TVM kernels write into their last buffer) of each kernel call of
+        `main`, copied off the device by the VM's instrument hook right after the call."""
+        outputs = []
+
+        def instrument(func, symbol, before_run, ret_value, *args):
+            if not before_run and not symbol.startswith("vm.builtin.") and args and hasattr(args[-1], "numpy"):
+                outputs.append((symbol, args[-1].numpy().ravel()))
+            return 0
+
+        self.vm.set_instrument(instrument)
+        try:
+            self.vm["main"](self._on_device(x), *self.weights)
+        finally:
+            self.vm.set_instrument(lambda *_: 0)
+        return outputs
+
+
 class TvmLibrary(Backend):
     """A model.so for a TVM device (`device_type`), built by TVM's default pipeline for the preset's target."""
 
