@@ -383,16 +383,20 @@ class WgpuProgram:
         entries.append({"binding": len(buffers), "resource": {"buffer": uniform, "offset": 0, "size": len(pod)}})
         return pipeline, self.device.create_bind_group(layout=layout, entries=entries), tuple(grid)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        queue = self.device.queue
-        queue.write_buffer(self.input, 0, np.ascontiguousarray(x, np.float32).tobytes())
+    def commands(self, dispatches: list[tuple]):
+        """A command buffer running `dispatches` (some of `self.dispatches`) in one compute pass."""
         encoder = self.device.create_command_encoder()
         compute = encoder.begin_compute_pass()
-        for pipeline, bind_group, grid in self.dispatches:
+        for pipeline, bind_group, grid in dispatches:
             compute.set_pipeline(pipeline)
             compute.set_bind_group(0, bind_group)
             compute.dispatch_workgroups(*grid)
         compute.end()
-        queue.submit([encoder.finish()])
+        return encoder.finish()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        queue = self.device.queue
+        queue.write_buffer(self.input, 0, np.ascontiguousarray(x, np.float32).tobytes())
+        queue.submit([self.commands(self.dispatches)])
         buffer, offset, size, dtype = self.output
         return np.frombuffer(queue.read_buffer(buffer, offset, size), dtype=dtype).copy()

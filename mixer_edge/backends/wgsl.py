@@ -39,33 +39,20 @@ class WgpuSession(Session):
         device, (output, offset, size, _) = self.program.device, self.program.output
         times = np.empty((repeat, len(self.kernels)))
         for r in range(repeat):
-            for i, (pipeline, bind_group, grid) in enumerate(self.program.dispatches):
-                encoder = device.create_command_encoder()
-                compute = encoder.begin_compute_pass()
-                compute.set_pipeline(pipeline)
-                compute.set_bind_group(0, bind_group)
-                compute.dispatch_workgroups(*grid)
-                compute.end()
+            for i, dispatch in enumerate(self.program.dispatches):
+                commands = self.program.commands([dispatch])
                 start = time.perf_counter()
-                device.queue.submit([encoder.finish()])
+                device.queue.submit([commands])
                 device.queue.read_buffer(output, offset, size)
                 times[r, i] = time.perf_counter() - start
         return [(name, 1e3 * float(t)) for name, t in zip(self.kernels, np.median(times, axis=0))]
-
 
     def kernel_outputs(self, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
         """What each dispatch wrote (its read_write bindings), read back right after it ran in a pass of its own."""
         self.program(x)  # the input in place
         device, outputs = self.program.device, []
-        for name, (pipeline, bind_group, grid), written in zip(self.kernels, self.program.dispatches,
-                                                              self.program.written):
-            encoder = device.create_command_encoder()
-            compute = encoder.begin_compute_pass()
-            compute.set_pipeline(pipeline)
-            compute.set_bind_group(0, bind_group)
-            compute.dispatch_workgroups(*grid)
-            compute.end()
-            device.queue.submit([encoder.finish()])
+        for name, dispatch, written in zip(self.kernels, self.program.dispatches, self.program.written):
+            device.queue.submit([self.program.commands([dispatch])])
             for buffer, offset, size, dtype in written:
                 data = device.queue.read_buffer(buffer, offset, -(-size // 4) * 4)[:size]
                 outputs.append((name, np.frombuffer(data, dtype=dtype).copy()))
