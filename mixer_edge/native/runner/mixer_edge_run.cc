@@ -1,0 +1,207 @@
+// mixer-edge-run: classify images or a .npy batch with a compiled artifact, through the C API alone.
+//
+//   mixer-edge-run ARTIFACT [--input x.npy|image ...] [--top 5] [--show 5] [--bench N] [--threads N] [--save out.npy]
+//
+// Prints the top classes of each input; with --bench N, the time to open the artifact and to run the first
+// inference, then the median and p90 of N more, and the peak resident memory. Bad input: one line on stderr,
+// exit code 2. This file is the example to copy: everything it does with a model is in mixer_edge.h.
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
+#include <memory>
+#include <stdexcept>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#define STB_IMAGE_IMPLEMENTATION
+#define STBI_NO_HDR
+#define STBI_NO_LINEAR
+#include <stb/stb_image.h>
+#define STB_IMAGE_RESIZE_IMPLEMENTATION
+#include <stb/stb_image_resize.h>
+
+#include "mixer_edge.h"
+#include "npy.h"
+
+namespace {
+
+struct Usage : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct Options {
+  std::string artifact, save;
+  std::vector<std::string> inputs;
+  int top = 5, show = 5, bench = 0, threads = 0;
+};
+
+int integer(const std::string& option, const char* value, int low, int high) {
+  char* end = nullptr;
+  const long v = value ? std::strtol(value, &end, 10) : 0;
+  if (!value || *end || v < low || v > high)
+    throw Usage(option + " takes an integer from " + std::to_string(low) + " to " + std::to_string(high));
+  return static_cast<int>(v);
+}
+
+Options parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    const char* value = i + 1 < argc ? argv[i + 1] : nullptr;
+    if (arg == "--input" && value) o.inputs.push_back(argv[++i]);
+    else if (arg == "--save" && value) o.save = argv[++i];
+    else if (arg == "--top") o.top = integer(arg, value, 1, 1 << 20), ++i;
+    else if (arg == "--show") o.show = integer(arg, value, 0, 1 << 30), ++i;
+    else if (arg == "--bench") o.bench = integer(arg, value, 1, 1 << 24), ++i;
+    else if (arg == "--threads") o.threads = integer(arg, value, 0, 4096), ++i;
+    else if (arg.rfind("--", 0) == 0) throw Usage("unknown option " + arg + " (options: --input --top --show --bench --threads --save)");
+    else if (o.artifact.empty()) o.artifact = arg;
+    else throw Usage("one artifact only (got " + o.artifact + " and " + arg + ")");
+  }
+  if (o.artifact.empty())
+    throw Usage("usage: mixer-edge-run ARTIFACT [--input x.npy|image ...] [--top N] [--show N] [--bench N] "
+                "[--threads N] [--save logits.npy]");
+  if (o.inputs.empty() && !o.bench) throw Usage("pass --input x.npy or an image (or --bench N to time zeros)");
+  return o;
+}
+
+// A float32 .npy of (N, C, H, W) or (C, H, W) model inputs, appended to `batch`.
+void read_array(const std::string& path, const int64_t shape[4], std::vector<float>& batch) {
+  std::ifstream f(path, std::ios::binary);
+  const std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  mixer_edge::npy::View view;
+  try {
+    view = mixer_edge::npy::parse(path, bytes.data(), bytes.size());
+  } catch (const std::exception& exc) {
+    throw Usage("array file " + path + " could not be read (" + exc.what() + "): save it with numpy.save");
+  }
+  std::vector<int64_t> dims = view.shape;
+  if (dims.size() == 3) dims.insert(dims.begin(), 1);
+  const std::string expected = "(N, " + std::to_string(shape[1]) + ", " + std::to_string(shape[2]) + ", " +
+                               std::to_string(shape[3]) + ")";
+  if (view.dtype != "float32" || dims.size() != 4 || !std::equal(dims.begin() + 1, dims.end(), shape + 1))
+    throw Usage(path + " is " + view.dtype + " of another shape; the model expects float32 " + expected +
+                ": pass arrays of that shape");
+  const float* values = reinterpret_cast<const float*>(view.data);
+  batch.insert(batch.end(), values, values + view.nbytes / sizeof(float));
+}
+
+// One image: decoded (alpha over black), grey as PIL's ITU-R 601 luma, resized with the preprocessing's filter,
+// scaled to [0, 1], normalised. Close to the Python runtime's PIL path, not bit-identical: use .npy for that.
+void read_image(const std::string& path, const mixer_edge_preprocess& pre, std::vector<float>& batch) {
+  if (pre.channels != 1 && pre.channels != 3)
+    throw Usage("image " + path + " cannot feed a " + std::to_string(pre.channels) + "-channel model: pass a .npy array");
+  int width = 0, height = 0, found = 0;
+  unsigned char* rgba = stbi_load(path.c_str(), &width, &height, &found, 4);
+  if (!rgba)
+    throw Usage("image " + path + " could not be read (" + stbi_failure_reason() + "): pass a PNG, JPEG, BMP or GIF file, "
+                "or a .npy array");
+  std::vector<float> plane(static_cast<size_t>(width) * height * pre.channels);
+  for (size_t i = 0; i < static_cast<size_t>(width) * height; ++i) {
+    const unsigned char* px = rgba + 4 * i;
+    const float a = px[3] / 255.0f, r = px[0] * a, g = px[1] * a, b = px[2] * a;
+    if (pre.channels == 1) plane[i] = std::round((r * 19595 + g * 38470 + b * 7471) / 65536.0f);
+    else plane[3 * i] = r, plane[3 * i + 1] = g, plane[3 * i + 2] = b;
+  }
+  stbi_image_free(rgba);
+  const std::string resample = pre.resample;
+  const stbir_filter filter = resample == "nearest" || resample == "box" ? STBIR_FILTER_BOX
+                              : resample == "bilinear"                   ? STBIR_FILTER_TRIANGLE
+                                                                         : STBIR_FILTER_CATMULLROM;
+  std::vector<float> small(static_cast<size_t>(pre.width) * pre.height * pre.channels);
+  stbir_resize_float_generic(plane.data(), width, height, 0, small.data(), pre.width, pre.height, 0, pre.channels,
+                             STBIR_ALPHA_CHANNEL_NONE, 0, STBIR_EDGE_CLAMP, filter, STBIR_COLORSPACE_LINEAR, nullptr);
+  const size_t pixels = static_cast<size_t>(pre.width) * pre.height;
+  for (int c = 0; c < pre.channels; ++c)  // HWC -> CHW
+    for (size_t i = 0; i < pixels; ++i) {
+      const float unit = std::min(1.0f, std::max(0.0f, small[i * pre.channels + c] / 255.0f));
+      batch.push_back((unit - pre.mean[c]) / pre.std[c]);
+    }
+}
+
+double ms_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+}
+
+double percentile(std::vector<double> v, double q) {
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(std::ceil(q * v.size())) - (q > 0 ? 1 : 0))];
+}
+
+int run(const Options& o) {
+  const auto opening = std::chrono::steady_clock::now();
+  mixer_edge_options options{o.threads};
+  mixer_edge_model* model = nullptr;
+  if (mixer_edge_open(o.artifact.c_str(), &options, &model) != MIXER_EDGE_OK) throw Usage(mixer_edge_last_error());
+  const double open_ms = ms_since(opening);
+  std::unique_ptr<mixer_edge_model, void (*)(mixer_edge_model*)> owned(model, mixer_edge_close);
+  int64_t shape[4];
+  mixer_edge_input_shape(model, shape);
+  const int classes = mixer_edge_num_classes(model);
+  std::vector<float> inputs;
+  for (const std::string& path : o.inputs) {
+    const std::string ext = path.substr(path.find_last_of('.') + 1);
+    if (ext == "npy") read_array(path, shape, inputs);
+    else read_image(path, *mixer_edge_preprocessing(model), inputs);
+  }
+  const int64_t image = shape[1] * shape[2] * shape[3];
+  if (inputs.empty()) inputs.assign(shape[0] * image, 0.0f);  // --bench alone: one batch of zeros
+  const int64_t count = static_cast<int64_t>(inputs.size()) / image;
+  std::vector<float> logits(count * classes);
+
+  const auto first = std::chrono::steady_clock::now();
+  if (mixer_edge_run(model, inputs.data(), count, logits.data()) != MIXER_EDGE_OK)
+    throw std::runtime_error(mixer_edge_last_error());
+  const double first_ms = ms_since(first);
+  if (!o.inputs.empty()) {
+    for (int64_t i = 0; i < std::min<int64_t>(count, o.show); ++i) {
+      std::vector<int> order(classes);
+      std::iota(order.begin(), order.end(), 0);
+      const float* row = &logits[i * classes];
+      const int top = std::min(o.top, classes);
+      std::partial_sort(order.begin(), order.begin() + top, order.end(), [&](int a, int b) { return row[a] > row[b]; });
+      std::printf("#%lld:", static_cast<long long>(i));
+      for (int k = 0; k < top; ++k) std::printf("%s %s (%.2f)", k ? "," : "", mixer_edge_label(model, order[k]), row[order[k]]);
+      std::printf("\n");
+    }
+  }
+  if (!o.save.empty() && !mixer_edge::npy::write_float32(o.save, {count, classes}, logits.data()))
+    throw Usage("--save " + o.save + " could not be written: pass a path in a writable directory");
+  if (o.bench) {
+    std::vector<double> times;
+    for (int i = 0; i < o.bench; ++i) {
+      const auto start = std::chrono::steady_clock::now();
+      if (mixer_edge_run(model, inputs.data(), std::min<int64_t>(count, shape[0]), logits.data()) != MIXER_EDGE_OK)
+        throw std::runtime_error(mixer_edge_last_error());
+      times.push_back(ms_since(start));
+    }
+    struct rusage usage;
+    getrusage(RUSAGE_SELF, &usage);
+    std::printf("%s on %s, batch %lld: open %.1f ms, first inference %.2f ms, then %d runs: median %.3f ms, p90 %.3f "
+                "ms; peak resident memory %.1f MiB\n", mixer_edge_backend(model), mixer_edge_device(model),
+                static_cast<long long>(shape[0]), open_ms, first_ms, o.bench, percentile(times, 0.5),
+                percentile(times, 0.9), usage.ru_maxrss / 1024.0);
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(parse(argc, argv));
+  } catch (const Usage& exc) {
+    std::fprintf(stderr, "mixer-edge-run: error: %s\n", exc.what());
+    return 2;
+  } catch (const std::exception& exc) {
+    std::fprintf(stderr, "mixer-edge-run: error: %s\n", exc.what());
+    return 1;
+  }
+}
