@@ -12,8 +12,9 @@ before they start and just before they rename):
 
 - A directory output replaces an existing directory only if it is empty or mixer-edge wrote it,
   proven by content: its marker file (a `Marker`, one per kind of output: ARTIFACT, TUNING_DB,
-  REPORT, BOARD) is a regular file that parses as a JSON object holding that kind's keys. A marker
-  file of the right name but other content proves nothing.
+  REPORT, BOARD, BUNDLE, and bundle.py's caches NATIVE_BUILD and RUNTIME_LIBS) is a regular file
+  that parses as a JSON object holding that kind's keys. A marker file of the right name but other
+  content proves nothing.
 - A file output replaces an existing regular file: the files mixer-edge writes (.onnx, .npy, .json,
   .safetensors, .tar) are regenerated outputs, and the path was named for this output, as with
   `cc -o`. Never a directory, and never a file that is also an input of the command.
@@ -81,7 +82,10 @@ ARTIFACT = Marker("manifest.json", ("format_version", "manifest_sha256"), "artif
 TUNING_DB = Marker("key.json", ("graph", "target", "precision"), "tuning database")  # compiler/tuning.py
 REPORT = Marker("report.json", ("model", "evaluation", "score", "rows"), "report")  # report.py
 BOARD = Marker("board.json", ("python", "debs", "wheels"), "emulated board")  # emulator.py
-MARKERS = {m.file: m for m in (ARTIFACT, TUNING_DB, REPORT, BOARD)}
+BUNDLE = Marker("bundle.json", ("format", "arch", "backend", "files"), "native bundle")  # bundle.py
+NATIVE_BUILD = Marker("native.json", ("arch", "backends", "key"), "native runtime build")  # bundle.py's cache
+RUNTIME_LIBS = Marker("runtime.json", ("arch", "wheels"), "runtime library cache")  # bundle.py's cache
+MARKERS = {m.file: m for m in (ARTIFACT, TUNING_DB, REPORT, BOARD, BUNDLE, NATIVE_BUILD, RUNTIME_LIBS)}
 
 Inputs = Iterable["str | Path | None"]
 

@@ -303,6 +303,15 @@ def cmd_inspect(args) -> None:
     print(json.dumps(manifest, indent=2) if args.json else "\n".join(runtime.describe(record, args.artifact)))
 
 
+def cmd_package(args) -> None:
+    from .bundle import package, read_bundle
+
+    path = package(args.artifact, args.output, say, arch=args.arch, tar=args.tar)
+    bundle = read_bundle(path)
+    print(f"wrote {path}: {bundle.arch}, {bundle.backend} backend, {len(bundle.files)} files, "
+          f"{bundle.total_bytes / 1e6:.1f} MB")
+
+
 def cmd_train(args) -> None:
     from .train import save_checkpoint, train_digits
 
@@ -458,6 +467,17 @@ def _inspect_parser(sub) -> None:
     p.set_defaults(func=cmd_inspect)
 
 
+def _package_parser(sub) -> None:
+    p = sub.add_parser("package", help="bundle an artifact with the native C/C++ runtime that runs it without "
+                       "Python: bin/mixer-edge-run, lib/, include/mixer_edge.h, a C example")
+    p.add_argument("artifact", help="a cpu or wgpu artifact directory or .tar")
+    p.add_argument("-o", "--output", required=True, help="the bundle directory to write (a .tar with --tar)")
+    p.add_argument("--arch", choices=["x86_64", "aarch64"], help="the device's CPU, for a wgpu artifact (default: "
+                   "this machine's); a cpu artifact is packaged for the arch it was compiled for")
+    p.add_argument("--tar", action="store_true", help="write BUNDLE.tar instead of a directory")
+    p.set_defaults(func=cmd_package)
+
+
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train the demo Mixer on the bundled digits (about 30 s on 2 cores)")
     p.add_argument("-o", "--output", default="mixer_digits.safetensors")
@@ -486,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error (for a bug report)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=lambda **kw: Parser(parents=[debug], **kw))
     for add in (_targets_parser, _export_parser, _compile_parser, _bench_parser, _report_parser, _calibrate_parser,
-                _tune_parser, _tuning_db_parser, _run_parser, _inspect_parser, _train_parser, _emulator_parser):
+                _tune_parser, _tuning_db_parser, _run_parser, _inspect_parser, _package_parser, _train_parser,
+                _emulator_parser):
         add(sub)  # each command's options, in the order --help lists them
     return parser
 

@@ -2,7 +2,8 @@
 //
 //   mixer-edge-run ARTIFACT [--input x.npy|image ...] [--top 5] [--show 5] [--bench N] [--threads N] [--save out.npy]
 //
-// Prints the top classes of each input; with --bench N, the time to open the artifact and to run the first
+// Without --input or --bench, checks the artifact and says what it is. Prints the top classes of each input; with
+// --bench N, the time to open the artifact and to run the first
 // inference, then the median and p90 of N more, and the peak resident memory. Bad input: one line on stderr,
 // exit code 2. This file is the example to copy: everything it does with a model is in mixer_edge.h.
 #include <sys/resource.h>
@@ -68,7 +69,6 @@ Options parse(int argc, char** argv) {
   if (o.artifact.empty())
     throw Usage("usage: mixer-edge-run ARTIFACT [--input x.npy|image ...] [--top N] [--show N] [--bench N] "
                 "[--threads N] [--save logits.npy]");
-  if (o.inputs.empty() && !o.bench) throw Usage("pass --input x.npy or an image (or --bench N to time zeros)");
   return o;
 }
 
@@ -145,6 +145,13 @@ int run(const Options& o) {
   int64_t shape[4];
   mixer_edge_input_shape(model, shape);
   const int classes = mixer_edge_num_classes(model);
+  if (o.inputs.empty() && !o.bench) {
+    std::printf("%s: checked; %s backend on %s, input float32 [%lld, %lld, %lld, %lld], %d classes\n",
+                o.artifact.c_str(), mixer_edge_backend(model), mixer_edge_device(model), static_cast<long long>(shape[0]),
+                static_cast<long long>(shape[1]), static_cast<long long>(shape[2]), static_cast<long long>(shape[3]),
+                classes);
+    return 0;
+  }
   std::vector<float> inputs;
   for (const std::string& path : o.inputs) {
     const std::string ext = path.substr(path.find_last_of('.') + 1);

@@ -75,25 +75,17 @@ constexpr const char* kBackends =
 #endif
 
 std::unique_ptr<mixer_edge::Engine> open_engine(const mixer_edge::Artifact& artifact, int num_threads) {
-  auto without = [&]() {
-    mixer_edge::fail(MIXER_EDGE_UNSUPPORTED, artifact.root + " is a " + artifact.backend + " artifact, but this "
-                     "libmixer_edge was built with backends: " + std::string(*kBackends ? kBackends : "none") +
-                     ": package this artifact with mixer-edge package");
-  };
-  if (artifact.backend == "cpu") {
 #ifdef MIXER_EDGE_WITH_TVM
+  if (artifact.backend == "cpu")
     return mixer_edge::open_tvm_engine(artifact, mixer_edge::read_params(artifact), num_threads);
-#else
-    (void)num_threads;
-    without();
 #endif
-  }
 #ifdef MIXER_EDGE_WITH_WGPU
-  return mixer_edge::open_wgpu_engine(artifact, mixer_edge::read_params(artifact));
-#else
-  without();
-  return nullptr;
+  if (artifact.backend == "wgpu") return mixer_edge::open_wgpu_engine(artifact, mixer_edge::read_params(artifact));
 #endif
+  (void)num_threads;
+  mixer_edge::fail(MIXER_EDGE_UNSUPPORTED, artifact.root + " is a " + artifact.backend + " artifact, but this "
+                   "libmixer_edge was built with backends: " + std::string(*kBackends ? kBackends : "none") +
+                   ": package this artifact with mixer-edge package");
 }
 
 }  // namespace

@@ -1,0 +1,265 @@
+"""The native runtime: the C API and mixer-edge-run, built by the test itself, in bundles for x86_64 (CPU and
+Vulkan) and for the emulated aarch64 board with no Python in its root; tampered artifacts refused in the
+Python loader's words."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mixer_edge import bundle, runtime
+from mixer_edge.errors import MixerEdgeError
+
+from conftest import quiet
+from test_bad_inputs import CASES, Corpus
+
+CROSS_ROOT = Path("/usr/aarch64-linux-gnu")  # the cross toolchain's libc and libstdc++: a root with no Python
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the native runtime needs a C++ compiler")
+
+
+@pytest.fixture(scope="module")
+def host_bundle(build_artifact, tmp_path_factory):
+    """package(ARTIFACT) -> a bundle of the digits model built for that target (made once per target)."""
+    made = {}
+
+    def make(target: str, precision: str = "float32") -> Path:
+        if (target, precision) not in made:
+            root = tmp_path_factory.mktemp("bundles")
+            artifact = build_artifact(target) if precision == "float32" else _built(target, precision, root)
+            made[target, precision] = bundle.package(artifact, root / "bundle", progress=quiet)
+        return made[target, precision]
+
+    return make
+
+
+def _built(target: str, precision: str, root: Path) -> Path:
+    from mixer_edge.compiler import compile_model
+    from mixer_edge.export import open_model
+
+    compile_model(open_model(progress=quiet), target, root / f"art-{precision}", precision=precision, progress=quiet)
+    return root / f"art-{precision}"
+
+
+def needed_libraries(elf: Path) -> list[str]:
+    """The DT_NEEDED entries of an ELF file (readelf, from binutils beside the compiler)."""
+    out = subprocess.run(["readelf", "-d", str(elf)], capture_output=True, text=True, check=True).stdout
+    return [line.split("[")[1].split("]")[0] for line in out.splitlines() if "(NEEDED)" in line]
+
+
+def run_native(bundle_dir: Path, *args, emulated_cpu: str | None = None, timeout: float = 300):
+    """(exit code, stdout, stderr) of the bundle's mixer-edge-run; aarch64 bundles under qemu-user, with an
+    environment and a root that hold no Python."""
+    runner = str(bundle_dir / "bin" / "mixer-edge-run")
+    cmd = ["qemu-aarch64-static", "-cpu", emulated_cpu, "-L", str(CROSS_ROOT), runner] if emulated_cpu else [runner]
+    proc = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={"PATH": "/usr/bin:/bin"})
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def native_logits(bundle_dir: Path, x: np.ndarray, tmp: Path, **kw) -> np.ndarray:
+    np.save(tmp / "x.npy", x)
+    code, out, err = run_native(bundle_dir, bundle_dir / "artifact", "--input", tmp / "x.npy", "--show", 0,
+                                "--save", tmp / "logits.npy", **kw)
+    assert code == 0, err
+    return np.load(tmp / "logits.npy")
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_host_bundle_matches_the_python_runtime(host_bundle, digits_test, precision, tmp_path):
+    """float32 within 1e-6 of the Python runtime; int8 bit-identical (the same integer kernels)."""
+    root = host_bundle("host", precision)
+    reference = runtime.load(root / "artifact")(digits_test[0])
+    logits = native_logits(root, digits_test[0], tmp_path)
+    if precision == "int8":
+        np.testing.assert_array_equal(logits, reference)
+    else:
+        np.testing.assert_allclose(logits, reference, rtol=0, atol=1e-6)
+    assert (logits.argmax(1) == digits_test[1]).mean() > 0.9
+
+
+def test_runner_prints_predictions_and_benchmarks(host_bundle, digits_test, tmp_path):
+    root = host_bundle("host")
+    np.save(tmp_path / "x.npy", digits_test[0][:3])
+    code, out, err = run_native(root, root / "artifact", "--input", tmp_path / "x.npy", "--top", 2, "--bench", 20)
+    assert code == 0, err
+    lines = out.splitlines()
+    labels = json.loads((root / "artifact" / "manifest.json").read_text())["labels"]
+    assert [line.split(":")[0] for line in lines[:3]] == ["#0", "#1", "#2"]
+    assert lines[0].split(": ")[1].split(" (")[0] in labels
+    assert "median" in lines[3] and "p90" in lines[3] and "peak resident memory" in lines[3]
+
+
+def test_image_input_is_preprocessed(host_bundle, tmp_path):
+    """A PNG goes through the artifact's preprocessing (decode, resize, normalise) to a prediction."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = host_bundle("host")
+    digit = (load_digits().images[0] * 255 / 16).astype(np.uint8)  # a 0, scaled up as a user's photo would be
+    Image.fromarray(digit).resize((64, 64), Image.Resampling.NEAREST).save(tmp_path / "digit.png")
+    code, out, err = run_native(root, root / "artifact", "--input", tmp_path / "digit.png", "--top", 1)
+    assert code == 0, err
+    assert out.startswith("#0: 0 (")
+
+
+def test_c_program_links_against_the_bundle_with_cmake(host_bundle, digits_test, tmp_path):
+    """The bundle's example CMake project builds a C program against include/ and lib/ that classifies."""
+    if shutil.which("cmake") is None:
+        pytest.skip("needs cmake (apt-get install cmake)")
+    root = host_bundle("host")
+    build = tmp_path / "build"
+    for cmd in (["cmake", "-S", root / "example", "-B", build], ["cmake", "--build", build]):
+        proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    np.save(tmp_path / "x.npy", digits_test[0][:20])
+    proc = subprocess.run([str(build / "classify"), str(root / "artifact"), str(tmp_path / "x.npy")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    expected = runtime.load(root / "artifact").classify(digits_test[0][:20])
+    assert proc.stdout.split() == [str(label) for label in expected]
+
+
+def test_rpi5_bundle_runs_on_the_emulated_board_without_python(host_bundle, build_artifact, digits_test, tmp_path):
+    if shutil.which("qemu-aarch64-static") is None or not (CROSS_ROOT / "lib" / "libstdc++.so.6").exists():
+        pytest.skip("needs qemu-user-static and the aarch64 cross toolchain's libraries")
+    assert not list(CROSS_ROOT.rglob("python*")), "the emulated root must hold no Python"
+    root = host_bundle("rpi5")
+    assert not [p for p in root.rglob("*") if "python" in p.name.lower()]
+    x = digits_test[0][:64]
+    logits = native_logits(root, x, tmp_path, emulated_cpu="cortex-a76")
+    reference = runtime.load(build_artifact("host"))(x)
+    np.testing.assert_allclose(logits, reference, rtol=0, atol=1e-4)
+    code, _, err = run_native(root, root / "artifact", "--input", tmp_path / "x.npy", emulated_cpu="cortex-a72")
+    assert code == 2 and "needs CPU features this CPU lacks (asimddp, asimdhp)" in err  # a Pi 4 is refused
+
+
+def test_vulkan_bundle_runs_through_wgpu_native(host_bundle, build_artifact, digits_test, tmp_path):
+    """The WGSL artifact through wgpu-native from C on Mesa's software Vulkan device, as the Python runner."""
+    from mixer_edge import vulkan
+
+    try:
+        vulkan.adapter()
+    except MixerEdgeError as exc:
+        pytest.skip(str(exc))
+    root = host_bundle("android-vulkan")
+    x = digits_test[0][:32]
+    reference = runtime.load(build_artifact("android-vulkan"))(x)
+    np.testing.assert_allclose(native_logits(root, x, tmp_path), reference, rtol=0, atol=1e-5)
+
+
+def test_bundle_manifest_lists_every_file_and_needs_nothing_else(host_bundle):
+    for target in ("host", "rpi5", "android-vulkan"):
+        root = host_bundle(target)
+        record = json.loads((root / "bundle.json").read_text())
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != "bundle.json")
+        assert sorted(record["files"]) == files
+        assert record["total_bytes"] == sum((root / f).stat().st_size for f in files)
+        for name, digest in record["files"].items():
+            assert runtime.sha256(root / name) == digest
+        bundled = {p.name for p in (root / "lib").iterdir()}
+        system = {"libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0", "librt.so.1", "libstdc++.so.6",
+                  "libgcc_s.so.1", "ld-linux-x86-64.so.2", "ld-linux-aarch64.so.1"}
+        for elf in [root / "bin" / "mixer-edge-run", *(root / "lib").iterdir()]:
+            needed = set(needed_libraries(elf))
+            assert needed <= bundled | system, (elf.name, needed - bundled - system)
+            assert not any(n.startswith(("libcudart", "libnvrtc", "libtvm_runtime_cuda", "libpython")) for n in needed)
+
+
+# ---- the C API itself, called from Python through ctypes ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def c_api(host_bundle):
+    lib = ctypes.CDLL(str(host_bundle("host") / "lib" / "libmixer_edge.so"))
+    lib.mixer_edge_last_error.restype = ctypes.c_char_p
+    lib.mixer_edge_label.restype = ctypes.c_char_p
+    lib.mixer_edge_backend.restype = ctypes.c_char_p
+    return lib
+
+
+def open_model(c_api, path: Path):
+    model = ctypes.c_void_p()
+    status = c_api.mixer_edge_open(str(path).encode(), None, ctypes.byref(model))
+    return status, model
+
+
+def test_c_api_reports_errors_as_codes_and_one_line(c_api, tmp_path):
+    status, model = open_model(c_api, tmp_path)
+    assert status == 2 and not model.value
+    assert c_api.mixer_edge_last_error().decode() == (f"{tmp_path} is not a mixer-edge artifact (no manifest.json): "
+                                                      "pass the directory `compile` wrote")
+    assert c_api.mixer_edge_open(None, None, ctypes.byref(model)) == 1
+
+
+def test_c_api_runs_any_count_and_one_model_per_thread(c_api, host_bundle, digits_test):
+    root = host_bundle("host")
+    x = np.ascontiguousarray(digits_test[0][:37])
+    reference = runtime.load(root / "artifact")(x)
+    status, model = open_model(c_api, root / "artifact")
+    assert status == 0, c_api.mixer_edge_last_error()
+    try:
+        assert c_api.mixer_edge_backend(model) == b"cpu" and c_api.mixer_edge_num_classes(model) == 10
+        assert c_api.mixer_edge_label(model, 3) == b"3" and c_api.mixer_edge_label(model, 10) is None
+        out = np.empty((37, 10), np.float32)
+        assert c_api.mixer_edge_run(model, ctypes.c_void_p(x.ctypes.data), 0, ctypes.c_void_p(out.ctypes.data)) == 1
+        assert c_api.mixer_edge_run(model, ctypes.c_void_p(x.ctypes.data), 37, ctypes.c_void_p(out.ctypes.data)) == 0
+        np.testing.assert_allclose(out, reference, rtol=0, atol=1e-6)
+    finally:
+        c_api.mixer_edge_close(model)
+
+    results = {}
+
+    def worker(i: int) -> None:  # ctypes releases the GIL: the threads run the C API at the same time
+        status, own = open_model(c_api, root / "artifact")
+        mine = np.empty((37, 10), np.float32)
+        for _ in range(5):
+            c_api.mixer_edge_run(own, ctypes.c_void_p(x.ctypes.data), 37, ctypes.c_void_p(mine.ctypes.data))
+        c_api.mixer_edge_close(own)
+        results[i] = (status, mine)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for status, mine in results.values():
+        assert status == 0
+        np.testing.assert_allclose(mine, reference, rtol=0, atol=1e-6)
+
+
+# ---- tampered artifacts: the corpus's artifact cases, refused in the Python loader's words -------------
+
+class NativeCorpus(Corpus):
+    """The bad-input corpus, without the cases that fake this machine inside the Python process (a native process
+    sees the real one; test_rpi5_bundle_runs_on_the_emulated_board_without_python has it refuse a Pi 4)."""
+
+    @property
+    def monkeypatch(self):
+        pytest.skip("the case fakes this machine inside the Python process")
+
+    @monkeypatch.setter
+    def monkeypatch(self, value):
+        self._monkeypatch = value
+
+
+ARTIFACT_CASES = [case for case in CASES if case.id.startswith("artifact-")]
+
+
+@pytest.mark.parametrize("make, fragments", ARTIFACT_CASES)
+def test_tampered_artifacts_are_refused_as_the_python_loader_refuses_them(make, fragments, tmp_path, request,
+                                                                          monkeypatch, host_bundle):
+    corpus = NativeCorpus(request, monkeypatch)
+    argv = make(tmp_path, corpus)
+    if not Path(argv[-1]).is_dir():
+        pytest.skip("the native runtime opens artifact directories; a .tar is unpacked by the Python runtime")
+    code, _, err = run_native(host_bundle("host"), argv[1])
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("mixer-edge-run: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
