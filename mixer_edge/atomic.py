@@ -12,7 +12,7 @@ before they start and just before they rename):
 
 - A directory output replaces an existing directory only if it is empty or mixer-edge wrote it,
   proven by content: its marker file (a `Marker`, one per kind of output: ARTIFACT, TUNING_DB,
-  REPORT, BOARD, BUNDLE, and bundle.py's caches NATIVE_BUILD and RUNTIME_LIBS) is a regular file
+  REPORT, BOARD, VULKAN_ROOT, BUNDLE, and bundle.py's caches NATIVE_BUILD and RUNTIME_LIBS) is a regular file
   that parses as a JSON object holding that kind's keys. A marker file of the right name but other
   content proves nothing.
 - A file output replaces an existing regular file: the files mixer-edge writes (.onnx, .npy, .json,
@@ -85,7 +85,8 @@ BOARD = Marker("board.json", ("python", "debs", "wheels"), "emulated board")  # 
 BUNDLE = Marker("bundle.json", ("format", "arch", "backend", "files"), "native bundle")  # bundle.py
 NATIVE_BUILD = Marker("native.json", ("arch", "backends", "key"), "native runtime build")  # bundle.py's cache
 RUNTIME_LIBS = Marker("runtime.json", ("arch", "wheels"), "runtime library cache")  # bundle.py's cache
-MARKERS = {m.file: m for m in (ARTIFACT, TUNING_DB, REPORT, BOARD, BUNDLE, NATIVE_BUILD, RUNTIME_LIBS)}
+VULKAN_ROOT = Marker("vulkan-root.json", ("mesa", "debs"), "emulated Vulkan root")  # vulkan_root.py
+MARKERS = {m.file: m for m in (ARTIFACT, TUNING_DB, REPORT, BOARD, BUNDLE, NATIVE_BUILD, RUNTIME_LIBS, VULKAN_ROOT)}
 
 Inputs = Iterable["str | Path | None"]
 

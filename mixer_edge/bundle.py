@@ -15,6 +15,9 @@ default ~/.cache/mixer-edge/native). It links TVM's and wgpu's libraries from th
 same versions' wheels for the other arch, which pip fetches once into that cache (`runtime_libraries`), and
 mbedcrypto (SHA-256) statically from Debian's libmbedtls-dev. The device needs a glibc and libstdc++ as new as
 the compiler's (Debian 12's g++: glibc 2.34, GLIBCXX_3.4.29) and, for wgpu artifacts, a Vulkan driver.
+
+`compare_runtimes` times a bundle's runner beside the Python runtime on its artifact, on this machine (`mixer-edge
+package --bench`): start-up, latency and peak memory, for the README's figures.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -499,3 +504,136 @@ def _fill(stage: Path, root: Path, manifest: dict, record: runtime.Manifest, arc
     parse(Bundle, document, f"the {BUNDLE.file} being written", "report this: mixer-edge wrote a bundle description "
           "its own schema refuses")
     (stage / BUNDLE.file).write_text(json_text(document, name=BUNDLE.file))
+
+
+# ---- the native runner beside the Python runtime -------------------------------------------------------
+
+COST_FIELDS = ("open_ms", "first_inference_ms", "median_ms", "p90_ms", "peak_rss_mib")
+
+
+class RuntimeCost(Schema):
+    """What one runtime costs to run a bundle's artifact on this machine, each field the median over the rounds of
+    `compare_runtimes`: a fresh process each round, the input one batch of zeros."""
+
+    runtime: Literal["native", "python"] = Field(description="native: the bundle's bin/mixer-edge-run; python: "
+                                                 "mixer_edge.runtime in a fresh interpreter, without torch "
+                                                 "(PYTHON_BENCH)")
+    open_ms: float = Field(description="loading the artifact: mixer_edge_open, or runtime.load (which imports TVM)")
+    first_inference_ms: float = Field(description="the first call on one batch")
+    median_ms: float = Field(description="the median of the timed calls after it, each one batch")
+    p90_ms: float = Field(description="their 90th percentile")
+    peak_rss_mib: float = Field(description="the process's peak resident memory at the end (VmHWM in "
+                                "/proc/self/status, which starts afresh at exec)")
+    start_to_first_result_ms: float = Field(description="from spawning the process to the first call's logits: "
+                                            "start-up, loading and the first inference together")
+
+
+class _Measured(Schema):
+    """The JSON line a timed child process prints (mixer-edge-run --bench N --json, or PYTHON_BENCH)."""
+
+    backend: str
+    device: str
+    batch: int
+    open_ms: float
+    first_inference_ms: float
+    runs: int
+    median_ms: float
+    p90_ms: float
+    peak_rss_mib: float
+    first_result_unix_ms: float
+
+
+# The Python side, run as `python -c PYTHON_BENCH '{"artifact": ..., "runs": N}'`: load the artifact, time the first
+# call and `runs` more of model(x) -- the whole public call, as mixer_edge_run is: the input copied in, the logits
+# copied out and checked finite -- on one batch of zeros; print the same JSON line as mixer-edge-run --json.
+# torch is kept out, as on a device: the runtime needs only TVM, numpy and pydantic, but tvm_ffi imports torch
+# whenever it is installed (as it is beside the compiler), which would double the process's memory and start-up.
+PYTHON_BENCH = """\
+import json, math, sys, time
+sys.modules["torch"] = None  # `import torch` raises ImportError, as where it is not installed
+request = json.loads(sys.argv[1])
+import numpy as np
+from mixer_edge import runtime
+from mixer_edge.errors import MixerEdgeError
+def percentile(v, q):
+    v = sorted(v)
+    return v[min(len(v) - 1, math.ceil(q * len(v)) - (1 if q > 0 else 0))]
+try:
+    start = time.perf_counter()
+    model = runtime.load(request["artifact"])
+    open_ms = (time.perf_counter() - start) * 1e3
+    x = np.zeros(model.input_shape, np.float32)
+    start = time.perf_counter()
+    model(x)
+    first_ms = (time.perf_counter() - start) * 1e3
+    first_result_unix_ms = time.time() * 1e3
+    times = []
+    for _ in range(request["runs"]):
+        start = time.perf_counter()
+        model(x)
+        times.append((time.perf_counter() - start) * 1e3)
+except MixerEdgeError as exc:
+    print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+    sys.exit(2)
+print(json.dumps({"backend": model.backend.name, "device": str(model.device), "batch": model.batch,
+                  "open_ms": open_ms, "first_inference_ms": first_ms, "runs": request["runs"],
+                  "median_ms": percentile(times, 0.5), "p90_ms": percentile(times, 0.9),
+                  "peak_rss_mib": next(int(line.split()[1]) for line in open("/proc/self/status")
+                                       if line.startswith("VmHWM:")) / 1024,
+                  "first_result_unix_ms": first_result_unix_ms}))
+"""
+
+
+def compare_runtimes(bundle_dir: Path, runs: int, threads: int | None, repeats: int = 3,
+                     progress=print) -> list[RuntimeCost]:
+    """The bundle's native runner beside the Python runtime on the bundle's artifact, on this machine: `repeats`
+    rounds, each spawning the runner (`--bench runs --json`) and a fresh Python process (PYTHON_BENCH), in turns,
+    with the same `threads` (default: the physical cores); [native, python], each field the median over the
+    rounds. Measurements for a README, not for an assert on time."""
+    bundle_dir = Path(bundle_dir)
+    record = read_bundle(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise MixerEdgeError(f"{bundle_dir} is a .tar: unpack it and pass its directory")
+    if record.arch != host_arch():
+        raise MixerEdgeError(f"{bundle_dir} is built for {record.arch}, not this machine ({host_arch()}): its "
+                             f"runtimes cannot be timed here; run bin/mixer-edge-run --bench N on the device")
+    threads = threads or runtime.physical_cores()
+    artifact = bundle_dir / "artifact"
+    env = {**os.environ, "TVM_NUM_THREADS": str(threads),  # the Python runtime's pool; the runner's --threads
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                          *filter(None, [os.environ.get("PYTHONPATH")])])}
+    commands = {"native": [str(bundle_dir / "bin" / RUNNER), str(artifact), "--bench", str(runs), "--json",
+                           "--threads", str(threads)],
+                "python": [sys.executable, "-c", PYTHON_BENCH, json.dumps({"artifact": str(artifact), "runs": runs})]}
+    measured: dict[str, list[dict[str, float]]] = {name: [] for name in commands}
+    for round_ in range(repeats):
+        order = list(commands) if round_ % 2 == 0 else list(reversed(commands))  # neither always goes first
+        for name in order:
+            cost = _spawn_timed(name, commands[name], env)
+            measured[name].append(cost)
+            progress(f"round {round_ + 1}/{repeats}, {name}: open {cost['open_ms']:.1f} ms, first inference "
+                     f"{cost['first_inference_ms']:.2f} ms, median {cost['median_ms']:.3f} ms of {runs}, peak RSS "
+                     f"{cost['peak_rss_mib']:.1f} MiB, spawn to first result "
+                     f"{cost['start_to_first_result_ms']:.0f} ms")
+    return [RuntimeCost(runtime=name, **{field: statistics.median(cost[field] for cost in costs)
+                                         for field in [*COST_FIELDS, "start_to_first_result_ms"]})
+            for name, costs in measured.items()]
+
+
+def _spawn_timed(name: str, cmd: list[str], env: dict[str, str]) -> dict[str, float]:
+    """The costs one child process reports on its last stdout line, with the time from its spawn to its first
+    result."""
+    spawned = time.time() * 1e3
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    what = "the native runner" if name == "native" else "the Python runtime"
+    if proc.returncode:
+        tail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+        raise MixerEdgeError(f"{what} failed timing the artifact ({safe_text(tail[0], 300)})")
+    try:
+        document = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise MixerEdgeError(f"{what} printed no JSON line ({safe_text(proc.stdout.strip(), 200)}): report "
+                             "this") from None
+    line = parse(_Measured, document, f"{what}'s --json line", "report this")
+    return {**line.model_dump(include=set(COST_FIELDS)),
+            "start_to_first_result_ms": line.first_result_unix_ms - spawned}

@@ -306,10 +306,35 @@ def cmd_inspect(args) -> None:
 def cmd_package(args) -> None:
     from .bundle import package, read_bundle
 
+    if args.threads is not None and args.bench is None:
+        raise MixerEdgeError("--threads sets the threads --bench times with: add --bench N")
+    if args.bench is not None and args.tar:
+        raise MixerEdgeError("--bench times the bundle directory: leave out --tar (tar the directory afterwards)")
     path = package(args.artifact, args.output, say, arch=args.arch, tar=args.tar)
     bundle = read_bundle(path)
     print(f"wrote {path}: {bundle.arch}, {bundle.backend} backend, {len(bundle.files)} files, "
           f"{bundle.total_bytes / 1e6:.1f} MB")
+    if args.bench is not None:
+        from .bundle import compare_runtimes
+
+        print("\n".join(_cost_table(compare_runtimes(path, args.bench, args.threads, progress=say))))
+
+
+def _cost_table(costs) -> list[str]:
+    """`mixer-edge package --bench`'s table of bundle.RuntimeCost rows, and the native/python ratios."""
+    header = ("runtime", "open ms", "first inference ms", "median ms", "p90 ms", "peak RSS MiB",
+              "spawn to first result ms")
+    rows = [(c.runtime, f"{c.open_ms:.1f}", f"{c.first_inference_ms:.2f}", f"{c.median_ms:.3f}", f"{c.p90_ms:.3f}",
+             f"{c.peak_rss_mib:.1f}", f"{c.start_to_first_result_ms:.0f}") for c in costs]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    lines = [" | ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in (header, *rows)]
+    by = {c.runtime: c for c in costs}
+    native, python = by["native"], by["python"]
+    ratios = ", ".join(f"{name} {getattr(native, field) / getattr(python, field):.2f}x" for name, field in
+                       (("median", "median_ms"), ("peak RSS", "peak_rss_mib"),
+                        ("spawn to first result", "start_to_first_result_ms")))
+    return [lines[0], "-+-".join("-" * w for w in widths), *lines[1:], f"native/python: {ratios}"]
 
 
 def cmd_train(args) -> None:
@@ -475,6 +500,10 @@ def _package_parser(sub) -> None:
     p.add_argument("--arch", choices=["x86_64", "aarch64"], help="the device's CPU, for a wgpu artifact (default: "
                    "this machine's); a cpu artifact is packaged for the arch it was compiled for")
     p.add_argument("--tar", action="store_true", help="write BUNDLE.tar instead of a directory")
+    p.add_argument("--bench", type=options.positive, metavar="N", help="then time the bundle's runner beside the "
+                   "Python runtime on this machine: 3 rounds of a fresh process each, N runs of one batch")
+    p.add_argument("--threads", type=options.threads, help="CPU threads for both with --bench (default: the "
+                   "physical cores)")
     p.set_defaults(func=cmd_package)
 
 

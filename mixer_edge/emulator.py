@@ -42,7 +42,8 @@ def board_dir(root: str | Path | None = None) -> Path:
     return Path.home() / ".cache" / "mixer-edge" / f"arm64-board-{tag}"
 
 
-def _run(cmd: list[str], what: str, **kw) -> str:
+def run_tool(cmd: list[str], what: str, **kw) -> str:
+    """The stdout of a command; a failure is one line naming `what` and the command's last words."""
     proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -50,16 +51,21 @@ def _run(cmd: list[str], what: str, **kw) -> str:
     return proc.stdout
 
 
+def require_arm64(what: str) -> None:
+    """Debian's arm64 packages are known to apt, or made so (as root), or `what` is refused with the fix."""
+    if "arm64" in run_tool(["dpkg", "--print-foreign-architectures"], "dpkg").split():
+        return
+    if os.geteuid() != 0:
+        raise MixerEdgeError(f"{what} needs arm64 packages: run as root, or first run "
+                             "'sudo dpkg --add-architecture arm64 && sudo apt-get update'")
+    run_tool(["dpkg", "--add-architecture", "arm64"], "dpkg --add-architecture arm64")
+    run_tool(["apt-get", "update"], "apt-get update")
+
+
 def _arm64_packages() -> list[str]:
     """Python 3.11 and libstdc++ for arm64 with every library they depend on."""
-    foreign = _run(["dpkg", "--print-foreign-architectures"], "dpkg").split()
-    if "arm64" not in foreign:
-        if os.geteuid() != 0:
-            raise MixerEdgeError("the board needs arm64 packages: run as root, or first run "
-                                 "'sudo dpkg --add-architecture arm64 && sudo apt-get update'")
-        _run(["dpkg", "--add-architecture", "arm64"], "dpkg --add-architecture arm64")
-        _run(["apt-get", "update"], "apt-get update")
-    out = _run(["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests", "--no-conflicts",
+    require_arm64("the board")
+    out = run_tool(["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests", "--no-conflicts",
                 "--no-breaks", "--no-replaces", "--no-enhances", "--no-pre-depends", *DEBIAN_ROOTS], "apt-cache depends")
     names = {line.strip() for line in out.splitlines() if line and not line[0].isspace()}
     return sorted(n for n in names if n.endswith(":arm64") and n.split(":")[0] not in SKIP_DEBS)
@@ -79,13 +85,13 @@ def setup(root: str | Path | None = None, progress=print) -> Path:
         debs = stage / "debs"
         debs.mkdir()
         progress(f"downloading {len(packages)} arm64 Debian packages (Python 3.11 and its libraries)")
-        _run(["apt-get", "download", *packages], "apt-get download", cwd=debs)
+        run_tool(["apt-get", "download", *packages], "apt-get download", cwd=debs)
         for deb in sorted(debs.glob("*.deb")):
-            _run(["dpkg", "-x", str(deb), str(stage / "sysroot")], f"dpkg -x {deb.name}")
+            run_tool(["dpkg", "-x", str(deb), str(stage / "sysroot")], f"dpkg -x {deb.name}")
         shutil.rmtree(debs)
         pins = [f"{w}=={metadata.version(w)}" for w in WHEELS]
         progress(f"installing aarch64 wheels: {' '.join(pins)}")
-        _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-compile", "--target", str(stage / "site"),
+        run_tool([sys.executable, "-m", "pip", "install", "--quiet", "--no-compile", "--target", str(stage / "site"),
               "--platform", "manylinux_2_28_aarch64", "--platform", "manylinux_2_17_aarch64",  # pydantic-core: 2_17
               "--python-version", "3.11", "--implementation", "cp",
               "--only-binary=:all:", *pins], "pip install of the aarch64 wheels")

@@ -126,6 +126,7 @@ def test_c_program_links_against_the_bundle_with_cmake(host_bundle, digits_test,
     assert proc.stdout.split() == [str(label) for label in expected]
 
 
+@pytest.mark.emulation
 def test_rpi5_bundle_runs_on_the_emulated_board_without_python(host_bundle, build_artifact, digits_test, tmp_path):
     if shutil.which("qemu-aarch64-static") is None or not (CROSS_ROOT / "lib" / "libstdc++.so.6").exists():
         pytest.skip("needs qemu-user-static and the aarch64 cross toolchain's libraries")
@@ -170,6 +171,40 @@ def test_bundle_manifest_lists_every_file_and_needs_nothing_else(host_bundle):
             needed = set(needed_libraries(elf))
             assert needed <= bundled | system, (elf.name, needed - bundled - system)
             assert not any(n.startswith(("libcudart", "libnvrtc", "libtvm_runtime_cuda", "libpython")) for n in needed)
+
+
+@pytest.mark.emulation
+def test_rpi5_vulkan_bundle_runs_on_emulated_lavapipe_without_python(build_artifact, digits_test, tmp_path):
+    """The aarch64 wgpu bundle on Debian's arm64 Mesa lavapipe under qemu-user, in a root with no Python:
+    the host lavapipe's logits."""
+    from mixer_edge import vulkan, vulkan_root
+
+    if shutil.which("qemu-aarch64-static") is None:
+        pytest.skip("needs qemu-user-static")
+    try:
+        vulkan.adapter()  # the reference runs on the host's lavapipe
+    except MixerEdgeError as exc:
+        pytest.skip(str(exc))
+    root = vulkan_root.setup(progress=quiet)
+    assert not any("python" in deb for deb in json.loads((root / "vulkan-root.json").read_text())["debs"])
+    assert not list((root / "sysroot").glob("usr/bin/python*")) and not list((root / "sysroot").glob("usr/lib/python3*"))
+    artifact = build_artifact("rpi5-vulkan")
+    packed = bundle.package(artifact, tmp_path / "bundle", progress=quiet, arch="aarch64")
+    x = digits_test[0][:32]
+    np.save(tmp_path / "x.npy", x)
+    proc = vulkan_root.run(packed, [packed / "artifact", "--input", tmp_path / "x.npy", "--show", 0,
+                                    "--save", tmp_path / "logits.npy"], "cortex-a76")
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), runtime.load(artifact)(x), rtol=0, atol=1e-5)
+    proc = vulkan_root.run(packed, [packed / "artifact"], "cortex-a76")  # opened, no inputs: the device it found
+    assert proc.returncode == 0 and "on Vulkan llvmpipe" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_vulkan_root_runs_only_aarch64_bundles(host_bundle, tmp_path):
+    from mixer_edge import vulkan_root
+
+    with pytest.raises(MixerEdgeError, match="is an x86_64 bundle: the emulated Vulkan root runs aarch64 bundles"):
+        vulkan_root.run(host_bundle("host"), [], "cortex-a76", tmp_path / "root")
 
 
 # ---- the C API itself, called from Python through ctypes ---------------------------------------------
@@ -263,3 +298,50 @@ def test_tampered_artifacts_are_refused_as_the_python_loader_refuses_them(make, 
     assert code == 2 and len(lines) == 1 and lines[0].startswith("mixer-edge-run: error: "), err
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+# ---- the native runner beside the Python runtime (measured for the README; no assert on time) -----------
+
+COSTS = ("open_ms", "first_inference_ms", "median_ms", "p90_ms", "peak_rss_mib", "start_to_first_result_ms")
+
+
+def test_compare_runtimes_reports_both_and_native_holds_less_memory(host_bundle):
+    rows = bundle.compare_runtimes(host_bundle("host"), runs=20, threads=None, repeats=1, progress=quiet)
+    assert [row.runtime for row in rows] == ["native", "python"]
+    for row in rows:
+        for field in COSTS:
+            value = getattr(row, field)
+            assert np.isfinite(value) and value > 0, (row.runtime, field, value)
+    native, python = rows
+    assert native.peak_rss_mib < python.peak_rss_mib  # the interpreter, numpy, pydantic and TVM's Python package
+
+
+def test_compare_runtimes_refuses_a_bundle_for_another_arch(host_bundle):
+    with pytest.raises(MixerEdgeError, match=r"built for aarch64, not this machine .*run bin/mixer-edge-run --bench N "
+                                             r"on the device"):
+        bundle.compare_runtimes(host_bundle("rpi5"), runs=5, threads=1, progress=quiet)
+
+
+def test_package_bench_prints_the_table_and_the_ratios(run_cli, build_artifact, tmp_path):
+    code, out, err = run_cli("package", build_artifact("host"), "-o", tmp_path / "bundle", "--bench", 5,
+                             "--threads", 1)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"wrote {tmp_path / 'bundle'}: x86_64, cpu backend")
+    assert [cell.strip() for cell in lines[1].split("|")] == [
+        "runtime", "open ms", "first inference ms", "median ms", "p90 ms", "peak RSS MiB", "spawn to first result ms"]
+    assert [line.split("|")[0].strip() for line in lines[3:5]] == ["native", "python"]
+    assert all(float(cell) > 0 for line in lines[3:5] for cell in line.split("|")[1:])
+    assert lines[5].startswith("native/python: median ")
+    assert "peak RSS" in lines[5] and "spawn to first result" in lines[5]
+    assert "round 3/3, python" in err
+
+
+def test_package_bench_options_are_checked_before_packaging(run_cli, build_artifact, tmp_path):
+    from conftest import assert_one_line_error
+
+    code, _, err = run_cli("package", build_artifact("host"), "-o", tmp_path / "b", "--threads", 1)
+    assert_one_line_error(code, err, "--threads sets the threads --bench times with: add --bench N")
+    code, _, err = run_cli("package", build_artifact("host"), "-o", tmp_path / "b", "--bench", 0)
+    assert code == 2 and "argument --bench: takes a whole number from 1" in err
+    assert not (tmp_path / "b").exists()

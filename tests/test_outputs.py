@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from mixer_edge import atomic, export, report, runtime, train
-from mixer_edge.atomic import ARTIFACT, BOARD, REPORT, TUNING_DB, Marker, atomic_dir, atomic_file, check_destination
+from mixer_edge.atomic import ARTIFACT, BOARD, REPORT, TUNING_DB, VULKAN_ROOT, Marker, atomic_dir, atomic_file, check_destination
 from mixer_edge.compiler import tuning
 from mixer_edge.errors import MixerEdgeError
 
@@ -179,6 +179,7 @@ def test_a_recompile_replaces_the_artifact_mixer_edge_wrote(host_artifact, tmp_p
     (REPORT, {"model": "m", "evaluation": {}, "score": "top1", "rows": []}),
     (TUNING_DB, KEY),
     (BOARD, {"python": "python3.11", "debs": [], "wheels": []}),
+    (VULKAN_ROOT, {"mesa": "22.3.6", "debs": []}),
     (ARTIFACT, {"format_version": 2, "manifest_sha256": "0" * 64}),
 ])
 def test_a_directory_with_a_proven_marker_is_replaced(tmp_path, marker, content):

@@ -1,12 +1,15 @@
 // mixer-edge-run: classify images or a .npy batch with a compiled artifact, through the C API alone.
 //
-//   mixer-edge-run ARTIFACT [--input x.npy|image ...] [--top 5] [--show 5] [--bench N] [--threads N] [--save out.npy]
+//   mixer-edge-run ARTIFACT [--input x.npy|image ...] [--top 5] [--show 5] [--bench N [--json]] [--threads N]
+//                  [--save out.npy]
 //
 // Without --input or --bench, checks the artifact and says what it is. Prints the top classes of each input; with
 // --bench N, the time to open the artifact and to run the first
-// inference, then the median and p90 of N more, and the peak resident memory. Bad input: one line on stderr,
-// exit code 2. This file is the example to copy: everything it does with a model is in mixer_edge.h.
+// inference, then the median and p90 of N more, and the peak resident memory; with --json as well, those as one
+// JSON object (and the wall-clock time of the first result, for a parent timing the spawn). Bad input: one line
+// on stderr, exit code 2. This file is the example to copy: everything it does with a model is in mixer_edge.h.
 #include <sys/resource.h>
+#include <time.h>
 
 #include <algorithm>
 #include <chrono>
@@ -41,6 +44,7 @@ struct Options {
   std::string artifact, save;
   std::vector<std::string> inputs;
   int top = 5, show = 5, bench = 0, threads = 0;
+  bool json = false;
 };
 
 int integer(const std::string& option, const char* value, int low, int high) {
@@ -62,13 +66,15 @@ Options parse(int argc, char** argv) {
     else if (arg == "--show") o.show = integer(arg, value, 0, 1 << 30), ++i;
     else if (arg == "--bench") o.bench = integer(arg, value, 1, 1 << 24), ++i;
     else if (arg == "--threads") o.threads = integer(arg, value, 0, 4096), ++i;
-    else if (arg.rfind("--", 0) == 0) throw Usage("unknown option " + arg + " (options: --input --top --show --bench --threads --save)");
+    else if (arg == "--json") o.json = true;
+    else if (arg.rfind("--", 0) == 0) throw Usage("unknown option " + arg + " (options: --input --top --show --bench --json --threads --save)");
     else if (o.artifact.empty()) o.artifact = arg;
     else throw Usage("one artifact only (got " + o.artifact + " and " + arg + ")");
   }
   if (o.artifact.empty())
-    throw Usage("usage: mixer-edge-run ARTIFACT [--input x.npy|image ...] [--top N] [--show N] [--bench N] "
+    throw Usage("usage: mixer-edge-run ARTIFACT [--input x.npy|image ...] [--top N] [--show N] [--bench N [--json]] "
                 "[--threads N] [--save logits.npy]");
+  if (o.json && !o.bench) throw Usage("--json prints what --bench measures: add --bench N");
   return o;
 }
 
@@ -126,8 +132,41 @@ void read_image(const std::string& path, const mixer_edge_preprocess& pre, std::
     }
 }
 
+// This process's peak resident memory in MiB: VmHWM, which (unlike getrusage's ru_maxrss) starts afresh at exec,
+// so a runner started by a large process does not report that process's peak.
+double peak_resident_mib() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::strtod(line.c_str() + 6, nullptr) / 1024.0;
+  struct rusage usage;
+  getrusage(RUSAGE_SELF, &usage);
+  return peak_resident_mib();
+}
+
 double ms_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+}
+
+// The wall-clock time (CLOCK_REALTIME) in ms since the epoch: comparable across processes, unlike steady_clock.
+double unix_ms() {
+  timespec now{};
+  clock_gettime(CLOCK_REALTIME, &now);
+  return now.tv_sec * 1e3 + now.tv_nsec / 1e6;
+}
+
+// `text` as a JSON string literal.
+std::string json_string(const std::string& text) {
+  std::string out = "\"";
+  for (const unsigned char c : text) {
+    if (c == '"' || c == '\\') out += '\\', out += static_cast<char>(c);
+    else if (c < 0x20) {
+      char escaped[8];
+      std::snprintf(escaped, sizeof escaped, "\\u%04x", c);
+      out += escaped;
+    } else out += static_cast<char>(c);
+  }
+  return out + "\"";
 }
 
 double percentile(std::vector<double> v, double q) {
@@ -167,6 +206,7 @@ int run(const Options& o) {
   if (mixer_edge_run(model, inputs.data(), count, logits.data()) != MIXER_EDGE_OK)
     throw std::runtime_error(mixer_edge_last_error());
   const double first_ms = ms_since(first);
+  const double first_result_unix_ms = unix_ms();
   if (!o.inputs.empty()) {
     for (int64_t i = 0; i < std::min<int64_t>(count, o.show); ++i) {
       std::vector<int> order(classes);
@@ -189,12 +229,19 @@ int run(const Options& o) {
         throw std::runtime_error(mixer_edge_last_error());
       times.push_back(ms_since(start));
     }
-    struct rusage usage;
-    getrusage(RUSAGE_SELF, &usage);
+    if (o.json) {
+      std::printf("{\"backend\": %s, \"device\": %s, \"batch\": %lld, \"open_ms\": %.3f, \"first_inference_ms\": %.3f, "
+                  "\"runs\": %d, \"median_ms\": %.4f, \"p90_ms\": %.4f, \"peak_rss_mib\": %.2f, "
+                  "\"first_result_unix_ms\": %.3f}\n", json_string(mixer_edge_backend(model)).c_str(),
+                  json_string(mixer_edge_device(model)).c_str(), static_cast<long long>(shape[0]), open_ms, first_ms,
+                  o.bench, percentile(times, 0.5), percentile(times, 0.9), peak_resident_mib(),
+                  first_result_unix_ms);
+      return 0;
+    }
     std::printf("%s on %s, batch %lld: open %.1f ms, first inference %.2f ms, then %d runs: median %.3f ms, p90 %.3f "
                 "ms; peak resident memory %.1f MiB\n", mixer_edge_backend(model), mixer_edge_device(model),
                 static_cast<long long>(shape[0]), open_ms, first_ms, o.bench, percentile(times, 0.5),
-                percentile(times, 0.9), usage.ru_maxrss / 1024.0);
+                percentile(times, 0.9), peak_resident_mib());
   }
   return 0;
 }

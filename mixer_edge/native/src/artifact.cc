@@ -37,21 +37,6 @@ constexpr const char* kCudaKernels = "kernels.fatbin";
 
 [[noreturn]] void bad(const std::string& message) { fail(MIXER_EDGE_BAD_ARTIFACT, message); }
 
-// Text from an artifact, as it may be printed: control characters escaped, cut at `limit` characters.
-std::string safe_text(const std::string& text, size_t limit) {
-  std::string out;
-  for (unsigned char c : text) {
-    if (c < 0x20 || c == 0x7f) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", c);
-      out += buf;
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  return out.size() > limit ? out.substr(0, limit) + "..." : out;
-}
-
 std::string hex(const unsigned char* digest, size_t n) {
   static const char* digits = "0123456789abcdef";
   std::string out;
@@ -89,11 +74,6 @@ std::string file_sha256(const std::string& path) {
     digest.update(chunk.data(), static_cast<size_t>(f.gcount()));
   }
   return digest.hexdigest();
-}
-
-std::vector<uint8_t> read_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::vector<uint8_t>(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
 }
 
 // ---- the manifest's digest ------------------------------------------------------------------------
@@ -294,57 +274,99 @@ uint64_t le(const uint8_t* p, int bytes) {
   return v;
 }
 
-struct ZipEntry {
-  uint64_t offset, size;  // of the member's data in the file
-  bool stored;
+// A stored (uncompressed) zip, as numpy.savez writes it, read member by member: never held whole in memory.
+class Zip {
+ public:
+  explicit Zip(const std::string& path) : file_(path, std::ios::binary) {
+    file_.seekg(0, std::ios::end);
+    size_ = file_ ? static_cast<uint64_t>(file_.tellg()) : 0;
+    if (size_ < 22) throw std::runtime_error("not a zip file");
+    const uint64_t tail_size = std::min<uint64_t>(size_, 22 + 65535);  // the end record and its comment
+    const std::vector<uint8_t> tail = read(size_ - tail_size, tail_size);
+    uint64_t eocd = tail_size;
+    for (uint64_t i = tail_size - 22 + 1; i-- > 0;)
+      if (le(&tail[i], 4) == 0x06054b50) {
+        eocd = i;
+        break;
+      }
+    if (eocd == tail_size) throw std::runtime_error("not a zip file");
+    uint64_t count = le(&tail[eocd + 10], 2), cd_offset = le(&tail[eocd + 16], 4), cd_size = le(&tail[eocd + 12], 4);
+    if ((count == 0xffff || cd_offset == 0xffffffff) && eocd >= 20 && le(&tail[eocd - 20], 4) == 0x07064b50) {
+      const std::vector<uint8_t> z64 = read(le(&tail[eocd - 12], 8), 56);  // the zip64 end record
+      if (le(z64.data(), 4) != 0x06064b50) throw std::runtime_error("bad zip64 directory");
+      count = le(&z64[32], 8), cd_size = le(&z64[40], 8), cd_offset = le(&z64[48], 8);
+    }
+    const std::vector<uint8_t> cd = read(cd_offset, cd_size);
+    for (uint64_t i = 0, p = 0; i < count; ++i) {
+      if (p + 46 > cd.size() || le(&cd[p], 4) != 0x02014b50) throw std::runtime_error("bad zip directory");
+      const uint64_t method = le(&cd[p + 10], 2), name_len = le(&cd[p + 28], 2), extra_len = le(&cd[p + 30], 2);
+      uint64_t size = le(&cd[p + 24], 4), local = le(&cd[p + 42], 4);
+      if (p + 46 + name_len + extra_len > cd.size()) throw std::runtime_error("bad zip directory");
+      const std::string name(reinterpret_cast<const char*>(&cd[p + 46]), name_len);
+      for (uint64_t e = p + 46 + name_len; e + 4 <= p + 46 + name_len + extra_len;) {  // zip64 sizes and offset
+        const uint64_t id = le(&cd[e], 2), len = le(&cd[e + 2], 2);
+        uint64_t q = e + 4;
+        if (id == 1 && q + len <= cd.size()) {
+          if (size == 0xffffffff && q + 8 <= e + 4 + len) size = le(&cd[q], 8), q += 8;
+          if (le(&cd[p + 20], 4) == 0xffffffff) q += 8;  // the compressed size: the same, for a stored member
+          if (local == 0xffffffff && q + 8 <= e + 4 + len) local = le(&cd[q], 8);
+        }
+        e += 4 + len;
+      }
+      members_[name] = Member{local, size, method == 0};
+      p += 46 + name_len + extra_len + le(&cd[p + 32], 2);
+    }
+  }
+
+  // The bytes of member `name` (a stored one), or std::runtime_error.
+  std::vector<uint8_t> member(const std::string& name) {
+    const auto it = members_.find(name);
+    if (it == members_.end()) throw std::runtime_error("no array '" + safe_text(name, 80) + "'");
+    if (!it->second.stored) throw std::runtime_error("array '" + safe_text(name, 80) + "' is compressed");
+    const std::vector<uint8_t> header = read(it->second.local, 30);
+    if (le(header.data(), 4) != 0x04034b50) throw std::runtime_error("bad zip member " + safe_text(name, 80));
+    return read(it->second.local + 30 + le(&header[26], 2) + le(&header[28], 2), it->second.size);
+  }
+
+ private:
+  struct Member {
+    uint64_t local, size;  // where its local header starts, and its size
+    bool stored;
+  };
+
+  std::vector<uint8_t> read(uint64_t offset, uint64_t n) {
+    if (offset > size_ || n > size_ - offset) throw std::runtime_error("the zip file is cut short");
+    std::vector<uint8_t> bytes(n);
+    file_.seekg(static_cast<std::streamoff>(offset));
+    file_.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(n));
+    if (static_cast<uint64_t>(file_.gcount()) != n) throw std::runtime_error("the zip file could not be read");
+    return bytes;
+  }
+
+  std::ifstream file_;
+  uint64_t size_ = 0;
+  std::map<std::string, Member> members_;
 };
 
-// Member name -> where its bytes are. Throws std::runtime_error (a short reason) on anything malformed.
-std::map<std::string, ZipEntry> zip_members(const std::vector<uint8_t>& zip) {
-  const size_t n = zip.size();
-  if (n < 22) throw std::runtime_error("not a zip file");
-  size_t eocd = std::string::npos;
-  for (size_t i = n - 22 + 1; i-- > 0 && n - i <= 22 + 65535;) {
-    if (le(&zip[i], 4) == 0x06054b50) {
-      eocd = i;
-      break;
-    }
-  }
-  if (eocd == std::string::npos) throw std::runtime_error("not a zip file");
-  uint64_t count = le(&zip[eocd + 10], 2), cd_offset = le(&zip[eocd + 16], 4);
-  if ((count == 0xffff || cd_offset == 0xffffffff) && eocd >= 20 && le(&zip[eocd - 20], 4) == 0x07064b50) {
-    uint64_t z64 = le(&zip[eocd - 12], 8);  // zip64 end of central directory record
-    if (z64 + 56 > n || le(&zip[z64], 4) != 0x06064b50) throw std::runtime_error("bad zip64 directory");
-    count = le(&zip[z64 + 32], 8);
-    cd_offset = le(&zip[z64 + 48], 8);
-  }
-  std::map<std::string, ZipEntry> members;
-  uint64_t p = cd_offset;
-  for (uint64_t i = 0; i < count; ++i) {
-    if (p + 46 > n || le(&zip[p], 4) != 0x02014b50) throw std::runtime_error("bad zip directory");
-    uint64_t method = le(&zip[p + 10], 2), size = le(&zip[p + 24], 4), local = le(&zip[p + 42], 4);
-    uint64_t name_len = le(&zip[p + 28], 2), extra_len = le(&zip[p + 30], 2), comment_len = le(&zip[p + 32], 2);
-    if (p + 46 + name_len + extra_len > n) throw std::runtime_error("bad zip directory");
-    std::string name(reinterpret_cast<const char*>(&zip[p + 46]), name_len);
-    for (uint64_t e = p + 46 + name_len; e + 4 <= p + 46 + name_len + extra_len;) {  // zip64 sizes and offset
-      uint64_t id = le(&zip[e], 2), len = le(&zip[e + 2], 2), q = e + 4;
-      if (id == 1) {
-        if (le(&zip[p + 20], 4) == 0xffffffff) q += 8;  // compressed size: same as size for stored members
-        if (size == 0xffffffff && q + 8 <= e + 4 + len) size = le(&zip[q], 8), q += 8;
-        if (local == 0xffffffff && q + 8 <= e + 4 + len) local = le(&zip[q], 8);
-      }
-      e += 4 + len;
-    }
-    if (local + 30 > n || le(&zip[local], 4) != 0x04034b50) throw std::runtime_error("bad zip member " + name);
-    uint64_t data = local + 30 + le(&zip[local + 26], 2) + le(&zip[local + 28], 2);
-    if (data + size > n) throw std::runtime_error("zip member " + name + " is cut short");
-    members[name] = ZipEntry{data, size, method == 0};
-    p += 46 + name_len + extra_len + comment_len;
-  }
-  return members;
-}
-
 }  // namespace
+
+// `text` fit for one terminal line (formats.safe_text): control characters escaped, at most `limit` characters.
+std::string safe_text(const std::string& text, size_t limit) {
+  std::string out;
+  for (unsigned char ch : text) {
+    if (ch == '\t') out += "\\t";
+    else if (ch == '\r') out += "\\r";
+    else if (ch == '\n') out += "\\n";
+    else if (ch < 0x20 || ch == 0x7f) {
+      char code[8];
+      std::snprintf(code, sizeof code, "\\x%02x", ch);
+      out += code;
+    } else {
+      out += static_cast<char>(ch);
+    }
+  }
+  return out.size() <= limit ? out : out.substr(0, limit - 3) + "...";
+}
 
 int64_t Array::size() const {
   int64_t n = 1;
@@ -451,15 +473,14 @@ Artifact open_artifact(const std::string& given) {
 std::vector<Array> read_params(const Artifact& a) {
   const std::string path = a.path(kParams);
   try {
-    const std::vector<uint8_t> zip = read_file(path);
-    const auto members = zip_members(zip);
+    Zip zip(path);
     std::vector<Array> weights;
     for (const std::string& name : a.params) {
-      auto it = members.find(name + ".npy");
-      if (it == members.end()) throw std::runtime_error("no array '" + safe_text(name, 80) + "'");
-      if (!it->second.stored) throw std::runtime_error("array '" + safe_text(name, 80) + "' is compressed");
-      const npy::View view = npy::parse(name, &zip[it->second.offset], it->second.size);
-      weights.push_back(Array{name, view.dtype, view.shape, std::vector<uint8_t>(view.data, view.data + view.nbytes)});
+      std::vector<uint8_t> bytes = zip.member(name + ".npy");
+      const npy::View view = npy::parse(name, bytes.data(), bytes.size());
+      const size_t start = view.data - bytes.data();
+      bytes.erase(bytes.begin(), bytes.begin() + start);  // the .npy header: what is left is the array
+      weights.push_back(Array{name, view.dtype, view.shape, std::move(bytes)});
     }
     return weights;
   } catch (const std::runtime_error& exc) {

@@ -20,6 +20,9 @@ struct Error : std::runtime_error {
   mixer_edge_status status;
 };
 
+// `text` from an artifact fit for one terminal line: control characters escaped, at most `limit` characters.
+std::string safe_text(const std::string& text, size_t limit = 200);
+
 [[noreturn]] inline void fail(mixer_edge_status status, const std::string& message) { throw Error(status, message); }
 
 // One array of params.npz: its numpy dtype name ("float32", "int8", ...), shape and little-endian bytes.

@@ -48,7 +48,10 @@ class TvmEngine : public Engine {
       vm_ = library->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
       vm_.value()->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, kPooledAllocator);
       main_ = vm_.value()->GetFunction("main").value();
-      for (const Array& w : weights) args_.push_back(on_cpu(w.shape, w.dtype, w.data.data(), w.data.size()));
+      for (Array& w : weights) {  // each freed once copied: the weights are never held twice over
+        args_.push_back(on_cpu(w.shape, w.dtype, w.data.data(), w.data.size()));
+        std::vector<uint8_t>().swap(w.data);
+      }
     } catch (const std::exception& exc) {
       fail(MIXER_EDGE_BAD_ARTIFACT, artifact.path("model.so") + " could not be loaded by TVM's runtime (" +
                                         first_line(exc.what()) + "): rebuild the artifact");

@@ -80,24 +80,6 @@ std::string list_text(const std::vector<int64_t>& values) {  // as Python prints
   return out + "]";
 }
 
-// `text` fit for one terminal line (formats.safe_text): control characters escaped, at most `limit` characters.
-std::string safe_text(const std::string& text, size_t limit = 200) {
-  std::string out;
-  for (unsigned char ch : text) {
-    if (ch == '\t') out += "\\t";
-    else if (ch == '\r') out += "\\r";
-    else if (ch == '\n') out += "\\n";
-    else if (ch < 0x20 || ch == 0x7f) {
-      char code[8];
-      std::snprintf(code, sizeof code, "\\x%02x", ch);
-      out += code;
-    } else {
-      out += static_cast<char>(ch);
-    }
-  }
-  return out.size() <= limit ? out : out.substr(0, limit - 3) + "...";
-}
-
 // The last non-empty line of a multi-line message, without terminal colours (errors.reason(last=True)).
 std::string last_line(const std::string& message, const std::string& otherwise) {
   std::string plain;
