@@ -197,11 +197,12 @@ def _constraints(field) -> str:
 
 
 def reference(formats: list[tuple[str, type[Schema]]]) -> str:
-    """Markdown tables of every field of each (file, schema), nested records after their parent."""
+    """Markdown tables of every field of each (file, schema), nested records after their parent; a record two
+    formats share is documented once, where it first appears (the later one links to it)."""
     out = []
+    seen: list[type[BaseModel]] = []
     for title, schema in formats:
         out.append(f"### {title}\n")
-        seen: list[type[BaseModel]] = []
         queue = [schema]
         while queue:
             record = queue.pop(0)
@@ -234,6 +235,7 @@ def documented() -> list[tuple[str, type[Schema]]]:
     manifests, needs none of the build-side modules)."""
     from .bundle import Bundle
     from .checkpoints import CheckpointMetadata
+    from .cuda_driver import CudaPlan
     from .compiler.targets import PresetFile
     from .compiler.tuning import RecordRow, TuningKeyFile, WorkloadRow
     from .quant.calibration import RecipeFile
@@ -244,6 +246,7 @@ def documented() -> list[tuple[str, type[Schema]]]:
             ("Calibration recipes: `calibration/NAME.toml`, `--calibration FILE.toml`", RecipeFile),
             ("Artifact manifest: `manifest.json`", Manifest),
             ("WGSL program: `program.json` (Vulkan artifacts)", Program),
+            ("CUDA launch plan: `cuda_plan.json` (cuda-driver artifacts: the Jetsons)", CudaPlan),
             ("Native bundle: `bundle.json` (`mixer-edge package`)", Bundle),
             ("Tuning database key: `key.json`", TuningKeyFile),
             ("Tuning database rows: `database_workload.json`", WorkloadRow),

@@ -26,7 +26,7 @@ from pydantic import AfterValidator, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import MixerEdgeError, reason
-from .formats import Schema, parse, refuse, safe_text
+from .formats import S, Schema, parse, refuse, safe_text
 
 _STORAGE_KIND = {"": "read-only-storage", "read": "read-only-storage", "read_write": "storage"}
 PROGRAM_FORMAT = 1  # compiler/webgpu.py writes it
@@ -181,15 +181,16 @@ class Program(Schema):
         return self
 
 
-def read_program(path: Path) -> Program:
-    """program.json at `path`, validated (its structure; the ids and sizes are checked at load)."""
+def read_program(path: Path, schema: type[S] = Program) -> S:
+    """program.json at `path`, validated (its structure; the ids and sizes are checked at load); another launch
+    plan given its `schema` (cuda_driver.read_plan: cuda_plan.json)."""
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise MixerEdgeError(f"{path} is not valid JSON ({safe_text(str(exc), 120)}): rebuild the artifact") from None
     except OSError as exc:
         raise MixerEdgeError(f"{path} could not be read ({reason(exc)}): copy the artifact again") from exc
-    return parse(Program, data, str(path), "rebuild the artifact")
+    return parse(schema, data, str(path), "rebuild the artifact")
 
 
 def _aligned(nbytes: int) -> int:

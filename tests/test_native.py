@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mixer_edge import bundle, runtime
 from mixer_edge.errors import MixerEdgeError
 
-from conftest import quiet
+from conftest import examples, quiet
 from test_bad_inputs import CASES, Corpus
 
 CROSS_ROOT = Path("/usr/aarch64-linux-gnu")  # the cross toolchain's libc and libstdc++: a root with no Python
@@ -266,6 +268,34 @@ def test_c_api_runs_any_count_and_one_model_per_thread(c_api, host_bundle, digit
     for status, mine in results.values():
         assert status == 0
         np.testing.assert_allclose(mine, reference, rtol=0, atol=1e-6)
+
+
+# Any JSON value Python writes into a manifest: unicode and control characters in keys and strings, floats of every
+# magnitude (repr's shortest digits, exponents), integers past 64 bits, nesting.
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70) | st.floats(allow_nan=False,
+    allow_infinity=False) | st.text(st.characters(exclude_categories=["Cs"]), max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(st.characters(exclude_categories=["Cs"]),
+                                                                        max_size=6), inner, max_size=4),
+    max_leaves=12)
+
+
+@pytest.mark.fuzz
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=JSON_VALUES, ascii=st.booleans())
+def test_the_c_api_computes_the_manifest_digest_as_python_does(c_api, host_bundle, tmp_path, value, ascii):
+    """A manifest resealed by Python's manifest_digest around any JSON value opens in C: the digest, recomputed from
+    the text Python wrote (numbers as written, keys sorted, strings escaped as ensure_ascii), always matches."""
+    root = tmp_path / "art"
+    if not root.exists():
+        shutil.copytree(host_bundle("host") / "artifact", root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["versions"]["anything"] = value  # a field the C API does not read: only the digest can refuse it
+    manifest["manifest_sha256"] = runtime.manifest_digest(manifest)
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=ascii), encoding="utf-8")
+    status, model = open_model(c_api, root)
+    assert status == 0, c_api.mixer_edge_last_error()
+    c_api.mixer_edge_close(model)
 
 
 # ---- tampered artifacts: the corpus's artifact cases, refused in the Python loader's words -------------

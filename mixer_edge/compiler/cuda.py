@@ -197,3 +197,57 @@ class Nvrtc:
             self.lib.nvrtcGetErrorString.restype = ctypes.c_char_p
             raise MixerEdgeError(f"{self.version} failed: {self.lib.nvrtcGetErrorString(result).decode()}: "
                                  f"reinstall the xavier extra ({NVRTC_EXTRA})")
+
+
+# ---- the launch plan of the cuda-driver backend -----------------------------------------------------------
+
+PLAN_FORMAT = 1  # cuda_plan.json (mixer_edge.cuda_driver.CudaPlan)
+_KERNEL = re.compile(r'extern "C" __global__ void(?: __launch_bounds__\(\d+\))? (\w+)\(([^)]*)\)')
+_PARAM_TYPES = {"i32": ("int",), "i64": ("int64_t", "long long"), "f32": ("float",)}
+
+
+def plan(mod, preset: TargetPreset) -> tuple[dict, CudaKernels]:
+    """The model's host side as a launch plan (cuda_plan.json) and its kernels compiled into one fat binary: what
+    the CUDA driver API alone runs. Each launch is checked against its kernel's signature in the CUDA source."""
+    import base64
+
+    import numpy as np
+    import tvm
+
+    from . import launch_plan
+
+    lowered, host, device_mod, device_target = launch_plan.lower(mod, preset.tvm_target(), "CUDA")
+    source = str(tvm.get_global_func("target.build.cuda")(device_mod, device_target).inspect_source())
+
+    def constant(const, out: int) -> dict:
+        array = const.value.numpy()
+        data = np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
+        return {"op": "constant", "out": out, "dtype": str(array.dtype), "shape": list(array.shape),
+                "data": base64.b64encode(data).decode("ascii")}
+
+    steps, output = launch_plan.steps(lowered, host, lambda launch: launch, constant, "CUDA")
+    check_launches(steps, source)
+    kernels = compile_kernels(source, preset)
+    major = int(re.search(r"(\d+)\.", kernels.compiler).group(1))
+    return {"format": PLAN_FORMAT, "driver_version_min": major * 1000, "steps": steps, "output": output}, kernels
+
+
+def check_launches(steps: list[dict], source: str) -> None:
+    """Every kernel a plan launches is defined in the CUDA source and takes the plan's parameters: as many, each a
+    pointer where the plan passes a buffer and a scalar of the plan's type elsewhere."""
+    signatures = {name: [p.strip() for p in params.split(",") if p.strip()] for name, params in _KERNEL.findall(source)}
+    for step in steps:
+        for launch in step.get("launches", ()):
+            name, params = launch["kernel"], launch["params"]
+            declared = signatures.get(name)
+            if declared is None:
+                raise MixerEdgeError(f"the CUDA plan launches {name}, which TVM's CUDA source does not define: report "
+                                     "this model")
+            if len(declared) != len(params):
+                raise MixerEdgeError(f"the CUDA plan passes {len(params)} parameters to {name}, which takes "
+                                     f"{len(declared)}: report this model")
+            for (kind, _), decl in zip(params, declared):
+                pointer = "*" in decl
+                if pointer != (kind == "buffer") or (not pointer and not decl.startswith(_PARAM_TYPES[kind])):
+                    raise MixerEdgeError(f"the CUDA plan passes a {kind} to {name}'s parameter `{decl}`: report this "
+                                         "model")
