@@ -68,7 +68,7 @@ WHEEL_FILES = {"libtvm_runtime.so": "tvm/lib/libtvm_runtime.so", "libtvm_ffi.so"
 # what every Linux device has: glibc's libraries and loader, and GCC's C++ runtime
 SYSTEM_LIBRARY = re.compile(r"(libc|libm|libdl|libpthread|librt|libstdc\+\+|libgcc_s)\.so\.\d+"
                             r"|ld-linux-[\w-]+\.so\.\d+")
-NOT_YET = {"cuda": "CUDA artifacts need issue 21's driver-API runner: use the Python runtime (mixer-edge run)",
+NOT_YET = {"cuda": "CUDA artifacts for TVM's CUDA runtime need the Python runtime (mixer-edge run); a preset with [build] cuda_runtime = \"driver\" (the Jetsons) builds ones that bundles run",
            "tvm-vulkan": "tvm-vulkan artifacts need TVM's Vulkan runtime, which bundles do not ship: use the Python "
                          "runtime, or compile for a wgpu target such as rpi5-vulkan"}
 
@@ -81,11 +81,13 @@ class Engine:
     define: str
     libraries: tuple[str, ...]  # names in lib/ (WHEEL_FILES)
     wheels: tuple[str, ...]  # the distributions whose headers and libraries it uses
+    host_code: bool = False  # the artifact holds CPU code (model.so): the bundle's arch is the one it was built for
 
 
 ENGINES = {"cpu": Engine("src/tvm_engine.cc", "MIXER_EDGE_WITH_TVM", ("libtvm_runtime.so", "libtvm_ffi.so"),
-                         ("apache-tvm", "apache-tvm-ffi")),
-           "wgpu": Engine("src/wgpu_engine.cc", "MIXER_EDGE_WITH_WGPU", ("libwgpu_native.so",), ("wgpu",))}
+                         ("apache-tvm", "apache-tvm-ffi"), host_code=True),
+           "wgpu": Engine("src/wgpu_engine.cc", "MIXER_EDGE_WITH_WGPU", ("libwgpu_native.so",), ("wgpu",)),
+           "cuda-driver": Engine("src/cuda_engine.cc", "MIXER_EDGE_WITH_CUDA", (), ())}  # libcuda.so.1: the board's
 
 
 # ---- bundle.json -------------------------------------------------------------------------------------
@@ -115,7 +117,7 @@ class Bundle(Schema):
     format: Literal[1] = Field(description="the bundle format")
     arch: Literal["x86_64", "aarch64"] = Field(description="the CPU architecture its binaries are built for, as "
                                                "`uname -m` names it")
-    backend: Literal["cpu", "wgpu"] = Field(description="the engine that runs the artifact: `cpu` (model.so through "
+    backend: Literal["cpu", "wgpu", "cuda-driver"] = Field(description="the engine that runs the artifact: `cpu` (model.so through "
                                             "TVM's runtime) or `wgpu` (program.json through wgpu-native, Vulkan)")
     artifact: BundleArtifact = Field(description="the artifact under artifact/")
     files: dict[str, Sha256] = Field(description="every file of the bundle but this one (its path inside the "
@@ -456,10 +458,10 @@ def _target(record: runtime.Manifest, root: Path, artifact: Path, arch: str | No
     device = record.target.device
     backend = device.runner.name
     if backend not in ENGINES:
-        raise MixerEdgeError(f"{artifact} is a {backend} artifact, but the native runtime runs cpu and wgpu "
-                             f"artifacts; {NOT_YET.get(backend, 'use the Python runtime (mixer-edge run)')}")
-    if backend == "wgpu":
-        arch = arch or host_arch()
+        raise MixerEdgeError(f"{artifact} is a {backend} artifact, but the native runtime runs "
+                             f"{', '.join(ENGINES)} artifacts; {NOT_YET.get(backend, 'use the Python runtime (mixer-edge run)')}")
+    if not ENGINES[backend].host_code:  # a program or a plan, no CPU code: the board's arch, or --arch, or this one
+        arch = arch or device.arch or host_arch()
         if arch not in ARCHES:
             raise MixerEdgeError(f"this machine is {arch}, for which there is no native runtime: pass --arch "
                                  f"{' or '.join(ARCHES)} (the device's)")

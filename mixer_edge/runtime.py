@@ -163,8 +163,10 @@ class DeviceRequirements(Schema):
     backend: str | None = Field(None, pattern=r"^[a-z0-9_-]+$", description="the backend that runs it, where the "
                                 "kind alone does not say: `wgpu` (WGSL kernels run through wgpu on any Vulkan GPU "
                                 "and any CPU: program.json, no native code); absent: TVM's runtime loads model.so")
-    arch: str | None = Field(None, pattern=r"^[A-Za-z0-9_]+$", description="the CPU architecture model.so is built "
-                             "for, as `uname -m` names it (`x86_64`, `aarch64`); absent with backend wgpu")
+    arch: str | None = Field(None, pattern=r"^[A-Za-z0-9_]+$", description="the CPU architecture of the device, as "
+                             "`uname -m` names it (`x86_64`, `aarch64`): model.so's; for backend cuda-driver the "
+                             "board's (its bundle is built for it; the plan has no host code); absent with backend "
+                             "wgpu")
     cpu_features: list[Annotated[str, Field(pattern=r"^[a-z0-9_]+$")]] | None = Field(
         None, description="ISA extensions the code uses, by their Linux names (x86 cpuinfo flags, arm64 HWCAP "
         "names); the device's CPU must have all; absent with backend wgpu")

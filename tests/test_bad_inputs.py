@@ -368,6 +368,11 @@ def target_preset_unknown_cpu(tmp, corpus):
                                    'mtriple = "aarch64-linux-gnu"\n')
 
 
+@case("board.toml: [build] cuda_runtime is for CUDA presets, and this one is kind cpu", "remove it")
+def target_preset_cpu_with_a_cuda_runtime(tmp, corpus):
+    return compile_for_preset(tmp, '[target]\nkind = "llvm"\n[build]\ncuda_runtime = "driver"\n')
+
+
 @case("missing [target]")
 def target_preset_without_target_table(tmp, corpus):
     return compile_for_preset(tmp, 'kind = "cpu"\n')

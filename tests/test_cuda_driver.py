@@ -16,10 +16,10 @@ from mixer_edge import bundle, runtime
 from mixer_edge.errors import MixerEdgeError
 
 from conftest import quiet
+from test_compile import cuobjdump
 
 CROSS_ROOT = Path("/usr/aarch64-linux-gnu")  # the cross toolchain's libc and libstdc++: no CUDA, no Python
-pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("cuobjdump") is None,
-                                reason="CUDA builds need nvcc and cuobjdump (the CUDA toolkit) on PATH")
+pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="CUDA builds need nvcc (the CUDA toolkit) on PATH")
 
 
 def launches(plan: dict) -> list[dict]:
@@ -29,7 +29,7 @@ def launches(plan: dict) -> list[dict]:
 def fat_binary_kernels(fatbin: Path) -> dict[str, dict[str, int]]:
     """Each architecture's cubin in a fat binary -> its kernels -> how many parameters each takes, as cuobjdump
     reads them from the cubin's EIATTR_KPARAM_INFO records."""
-    elf = subprocess.run(["cuobjdump", "--dump-elf", str(fatbin)], capture_output=True, text=True, check=True).stdout
+    elf = cuobjdump("--dump-elf", str(fatbin))
     found, arch, section = {}, None, None
     for line in elf.splitlines():
         if m := re.search(r"arch = (sm_\w+)", line):

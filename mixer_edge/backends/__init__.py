@@ -10,6 +10,8 @@ manifest, verification, bench, report) is shared and never asks which backend it
 | ------------ | ----------- | ------------------------- | ----------------------------------- | -------------- |
 | `cpu`        | cpu         | model.so                  | TVM's runtime (Relax VM), CPU       | native.py      |
 | `cuda`       | cuda        | model.so + kernels.fatbin | TVM's runtime, CUDA                 | cuda.py        |
+| `cuda-driver`| cuda        | cuda_plan.json +          | the CUDA driver API alone (Jetson:  | cuda_driver.py |
+|              |             | kernels.fatbin            | [build] cuda_runtime = "driver")    |                |
 | `tvm-vulkan` | vulkan      | model.so                  | TVM's runtime, Vulkan (needs a TVM  | tvm_vulkan.py  |
 |              |             |                           | built with its Vulkan codegen)      |                |
 | `wgpu`       | vulkan      | program.json              | wgpu (WGSL + launch plan), any GPU  | wgsl.py        |
@@ -83,6 +85,9 @@ class Backend:
 
     def validate(self, preset) -> None:
         """Refuse a preset this backend cannot build, naming the field (called when the preset is loaded)."""
+        if preset.cuda_runtime != "tvm" and self.kind != "cuda":
+            raise MixerEdgeError(f"{preset.source}: [build] cuda_runtime is for CUDA presets, and this one is kind "
+                                 f"{self.kind}: remove it")
 
     def check_toolchain(self, preset) -> None:
         """Refuse, before any work, a preset whose tools are missing here."""
@@ -126,11 +131,12 @@ class Backend:
 
 def _table() -> tuple[Backend, ...]:
     from .cuda import CudaLibrary
+    from .cuda_driver import CudaDriver
     from .native import CpuLibrary
     from .tvm_vulkan import TvmVulkan
     from .wgsl import Wgsl
 
-    return CpuLibrary(), CudaLibrary(), TvmVulkan(), Wgsl()
+    return CpuLibrary(), CudaLibrary(), CudaDriver(), TvmVulkan(), Wgsl()
 
 
 _BACKENDS: list[Backend] = []

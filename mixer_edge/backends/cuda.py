@@ -22,6 +22,9 @@ class CudaLibrary(TvmLibrary):
     int8_dot_product = "dp4a"
     baseline_device = "cuda"
 
+    def serves(self, preset) -> bool:
+        return preset.cuda_runtime == "tvm"
+
     def validate(self, preset) -> None:
         from ..runtime import CUDA_ARCH
 

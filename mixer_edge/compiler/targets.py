@@ -53,6 +53,7 @@ class TargetPreset:
     cross_compiler: str | None = None
     cuda_archs: tuple[str, ...] = ()
     cuda_ptx: bool = False
+    cuda_runtime: str = "tvm"  # CUDA: "tvm" (model.so, TVM's CUDA runtime) or "driver" (a launch plan, libcuda alone)
     emulator_cpu: str | None = None
     host_candidate: bool = False
     precision: str = "float32"  # the default
@@ -161,6 +162,11 @@ class BuildTable(Schema):
     cuda_archs: list[CudaArch] = Field([], max_length=32, description="CUDA: the GPU architectures the fat binary "
                                        "holds code for (`sm_NN`, `sm_NNa`, `sm_NNf`); empty: [target] arch")
     cuda_ptx: bool = Field(False, description="CUDA: also pack PTX of the newest arch, for GPUs newer than all of them")
+    cuda_runtime: Literal["tvm", "driver"] = Field("tvm", description="CUDA: what runs the kernels on the device: "
+                                                   "`tvm` (model.so through TVM's CUDA runtime, which needs the CUDA "
+                                                   "13 runtime) or `driver` (the host side as a launch plan, "
+                                                   "cuda_plan.json, run through the CUDA driver API alone: all a "
+                                                   "JetPack board has)")
     webgpu: TvmTarget | None = Field(None, description="Vulkan: the WebGPU target whose WGSL kernels run through "
                                      "wgpu when TVM has no Vulkan code generator")
 
@@ -215,6 +221,7 @@ def _preset_from_dict(name: str, data: dict, source: str) -> TargetPreset:
     preset = TargetPreset(
         name=name, kind=kind, target=data["target"], description=doc.description,
         cross_compiler=doc.build.cross_compiler, cuda_archs=tuple(doc.build.cuda_archs), cuda_ptx=doc.build.cuda_ptx,
+        cuda_runtime=doc.build.cuda_runtime,
         emulator_cpu=doc.device.emulator_cpu, host_candidate=doc.host_candidate, source=source,
         precision=doc.precision, precisions=tuple(doc.precisions),
         webgpu_target=data.get("build", {}).get("webgpu"),

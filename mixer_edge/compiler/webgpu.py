@@ -26,6 +26,7 @@ import numpy as np
 
 from ..errors import MixerEdgeError, reason
 from ..vulkan import PROGRAM_FORMAT, STORABLE, STORED_AS, stored
+from . import launch_plan
 
 # WGSL's keywords and reserved words (W3C WGSL, "Keyword and Reserved Word Summary"): never identifiers; and its
 # predeclared types, which a declaration of the same name would shadow (`array<f32>` needs both).
@@ -49,101 +50,20 @@ texture_depth_cube_array texture_depth_multisampled_2d
 """.split()) | {f"vec{n}{t}" for n in "234" for t in ("", "i", "u", "f", "h")} | \
     {f"mat{c}x{r}{t}" for c in "234" for r in "234" for t in ("", "f", "h")}
 _WIDE = ("int64", "uint64")  # narrowed to 32 bits: computed on as such (the other STORED_AS types are cast back)
-_SKIPPED_PACKED = {"vm.builtin.check_tensor_info", "vm.builtin.match_shape", "vm.builtin.null_value"}
 
 
-def _children(node) -> list:
-    """The sub-nodes of a TIR statement or expression (the fields the lowered host code uses)."""
-    out = []
-    for field in ("seq", "body", "value", "args", "condition", "then_case", "else_case", "a", "b",
-                  "true_value", "false_value", "message", "extent", "min"):
-        child = getattr(node, field, None)
-        if child is None or isinstance(child, (str, int, float)):
-            continue
-        if hasattr(child, "__len__") and not hasattr(child, "dtype"):  # an Array of nodes, not a PrimExpr
-            out.extend(child)
-        else:
-            out.append(child)
-    return out
-
-
-def _walk(node, visit) -> None:
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        visit(current)
-        stack.extend(_children(current))
-
-
-def kernel_launches(host_func) -> list[dict]:
-    """The kernels a lowered host PrimFunc launches: name, argument positions, scalars, grid."""
-    from tvm import ir, tirx
-
-    lets, calls = {}, []  # lets: variable or buffer -> the expression that defines it
-
-    def visit(node):
-        if isinstance(node, (tirx.LetStmt, tirx.stmt.Bind)):
-            lets[node.var] = node.value
-        elif isinstance(node, tirx.stmt.DeclBuffer) and node.data is not None:
-            lets[node.buffer] = node.data
-        elif isinstance(node, ir.Call) and getattr(node.op, "name", "") == "tirx.call_ffi_kernel":
-            calls.append(node)
-
-    _walk(host_func.body, visit)
-
-    def packed_index(expr) -> int:
-        """Which packed argument a kernel buffer comes from, following the let-bindings."""
-        found, seen, stack = set(), set(), [expr]
-        while stack:
-            expr = stack.pop()
-
-            def visit_expr(n):
-                if isinstance(n, ir.Call) and getattr(n.op, "name", "") == "tirx.tvm_struct_get" \
-                        and isinstance(n.args[0], tirx.Var) and n.args[0].name == "args":
-                    found.add(int(n.args[1]))
-                elif isinstance(n, (tirx.Var, tirx.stmt.Buffer)) and n in lets and n not in seen:
-                    seen.add(n)
-                    stack.append(lets[n])
-
-            _walk(expr, visit_expr)
-        if len(found) != 1:
-            raise MixerEdgeError(f"cannot tell which argument kernel buffer {expr} binds ({sorted(found)}): report this model")
-        return found.pop()
-
-    launches = []
-    for call in calls:
-        name = str(call.args[0].value)
-        tags = [str(t) for t in call.attrs.launch_params]
-        rest = list(call.args[1:])
-        extents, values = rest[len(rest) - len(tags):] if tags else [], rest[: len(rest) - len(tags)]
-        buffers, scalars = [], []
-        for value in values:
-            if isinstance(getattr(value, "ty", None), ir.PointerType):
-                buffers.append(packed_index(value))
-            elif isinstance(value, tirx.IntImm):
-                scalars.append(("i32", int(value.value)))
-            elif isinstance(value, tirx.FloatImm):
-                scalars.append(("f32", float(value.value)))
-            else:
-                raise MixerEdgeError(f"kernel {name} takes a run-time scalar ({value}): only static shapes are supported")
-        grid = [1, 1, 1]
-        for tag, extent in zip(tags, extents):
-            if not isinstance(extent, tirx.IntImm):
-                raise MixerEdgeError(f"kernel {name} has a run-time launch size: only static shapes are supported")
-            if tag.startswith("blockIdx."):
-                grid["xyz".index(tag[-1])] = int(extent.value)
-        launches.append({"kernel": name, "buffers": buffers, "scalars": scalars, "grid": grid})
-    return launches
+def wgsl_launch(record: dict) -> dict:
+    """A launch_plan.kernel_launches record as program.json has it: the buffers it binds, its scalars (int32 and
+    float32: WGSL has no 64-bit integers, and for_wgsl narrowed them) and its grid (WGSL fixes the workgroup size)."""
+    return {"kernel": record["kernel"], "buffers": [k for kind, k in record["params"] if kind == "buffer"],
+            "scalars": [("f32" if kind == "f32" else "i32", v) for kind, v in record["params"] if kind != "buffer"],
+            "grid": record["grid"]}
 
 
 def split_wgsl(source: str) -> dict[str, str]:
     """TVM emits every kernel into one text, each after a `// Function: NAME` header."""
     parts = re.split(r"^// Function: (\w+)\n//-+\n", source, flags=re.M)
     return {name: body for name, body in zip(parts[1::2], parts[2::2]) if body.strip()}
-
-
-def _shape(expr) -> list[int]:
-    return [int(v) for v in expr.values]
 
 
 def wgsl_identifier(name: str, taken: set[str]) -> str:
@@ -268,73 +188,20 @@ def _constant_step(const, out: int) -> dict:
 def program(mod, target) -> dict:
     """Lower a static-shape Relax module for WebGPU into a replayable program (kernels + plan)."""
     import tvm
-    from tvm import relax, tirx
-    from tvm.tirx.build import split_host_device_mods
 
-    mod = for_wgsl(mod)
+    lowered, host, device_mod, device_target = launch_plan.lower(for_wgsl(mod), target, "WGSL")
     try:
-        with target:
-            lowered = relax.get_default_pipeline(target)(mod)
-        prims = tvm.IRModule({gv: f for gv, f in lowered.functions.items() if isinstance(f, tirx.PrimFunc)})
-        prims = tirx.transform.BindTarget(target.with_host(target.host))(prims)
-        pipeline, _, finalize_device = tirx.get_default_tir_pipeline(target)
-        host, devices = split_host_device_mods(pipeline(prims))
-        ((device_target, device_mod),) = devices.items()
-        wgsl = tvm.get_global_func("target.build.webgpu")(finalize_device()(device_mod), device_target)
+        wgsl = tvm.get_global_func("target.build.webgpu")(device_mod, device_target)
     except Exception as exc:
-        raise MixerEdgeError(f"TVM could not lower the model to WGSL ({reason(exc, last=True)}): build it for a CPU "
-                             "or CUDA target, or report it with the model") from exc
-    launches = {gv.name_hint: kernel_launches(f) for gv, f in host.functions.items()}
+        raise MixerEdgeError(f"TVM could not generate WGSL for the model ({reason(exc, last=True)}): build it for a "
+                             "CPU or CUDA target, or report it with the model") from exc
     kernels = split_wgsl(str(wgsl.inspect_source()))
-
-    main = lowered["main"]
-    ids = {var: i for i, var in enumerate(main.params)}  # 0 = the input, then the weights
-    steps = []
-
-    def ref(expr) -> int:
-        if isinstance(expr, tvm.ir.GenericConst) and expr not in ids:  # a tensor the graph holds as a constant
-            ids[expr] = len(ids)
-            steps.append(_constant_step(expr, ids[expr]))
-        if expr not in ids:
-            raise MixerEdgeError(f"the WebGPU plan refers to an unknown value {expr}")
-        return ids[expr]
-
-    for block in main.body.blocks:
-        for binding in block.bindings:
-            value, out = binding.value, len(ids)
-            op = getattr(value, "op", None)
-            op_name = getattr(op, "name", None) or getattr(op, "name_hint", None)
-            if isinstance(value, relax.Call) and isinstance(op, tvm.ir.GlobalVar):
-                steps.append({"op": "call", "func": op_name, "args": [ref(a) for a in value.args],
-                              "launches": launches[op_name]})
-            elif op_name == "relax.call_packed" or (isinstance(value, relax.Call) and isinstance(op, relax.ExternFunc)):
-                packed = str(op.global_symbol) if isinstance(op, relax.ExternFunc) else str(value.attrs.func_name)
-                if packed in _SKIPPED_PACKED:
-                    continue
-                if packed != "vm.builtin.reshape":
-                    raise MixerEdgeError(f"the WebGPU plan does not support {packed}")
-                steps.append({"op": "view", "out": out, "src": ref(value.args[0]), "offset": 0,
-                              "shape": _shape(value.args[1])})
-                ids[binding.var] = out
-            elif op_name == "relax.vm.alloc_storage":
-                steps.append({"op": "storage", "out": out, "bytes": _shape(value.args[0])[0]})
-                ids[binding.var] = out
-            elif op_name == "relax.vm.alloc_tensor":
-                dtype = str(value.args[3].value)
-                steps.append({"op": "view", "out": out, "src": ref(value.args[0]), "offset": int(value.args[1].value),
-                              "shape": _shape(value.args[2]), "dtype": dtype})
-                ids[binding.var] = out
-            elif isinstance(value, tvm.ir.GenericConst):
-                ids[binding.var] = ref(value)
-            elif op_name in ("relax.vm.kill_object", "relax.null_value"):
-                ids[binding.var] = out
-            else:
-                raise MixerEdgeError(f"the WebGPU plan does not support {op_name or type(value).__name__}")
-    used = {launch["kernel"] for step in steps if step["op"] == "call" for launch in step["launches"]}
+    steps, output = launch_plan.steps(lowered, host, wgsl_launch, _constant_step, "WebGPU")
+    used = launch_plan.kernels_used(steps)
     missing = used - set(kernels)
     if missing:
         raise MixerEdgeError(f"TVM emitted no WGSL for {', '.join(sorted(missing))}")
-    return {"format": PROGRAM_FORMAT, "steps": steps, "output": ref(main.body.body),
+    return {"format": PROGRAM_FORMAT, "steps": steps, "output": output,
             "kernels": {name: kernels[name] for name in sorted(used)}}
 
 

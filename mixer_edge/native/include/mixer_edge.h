@@ -2,8 +2,8 @@
  *
  * An artifact directory (written by `mixer-edge compile`) is checked exactly as the Python loader checks it,
  * before any of its code is loaded: the format version, the manifest's own digest, the sha256 of every file,
- * the architecture of model.so and the CPU features it needs, or (WGSL artifacts) the Vulkan device's
- * features. Every function returns a status; on failure mixer_edge_last_error() holds one line that names the
+ * the architecture of model.so and the CPU features it needs, (WGSL artifacts) the Vulkan device's features,
+ * or (cuda-driver artifacts) the CUDA driver's version and the GPU's architecture. Every function returns a status; on failure mixer_edge_last_error() holds one line that names the
  * file or field and the fix, in the same words as the Python loader. Nothing aborts.
  *
  * Threads: a model may be used by one thread at a time; open one model per thread to run in parallel. The
@@ -56,7 +56,7 @@ typedef struct {
 /* One line: what failed for the last call on this thread that did not return MIXER_EDGE_OK ("" if none). */
 MIXER_EDGE_API const char* mixer_edge_last_error(void);
 
-/* The version of this runtime ("0.x.y"), and the backends it was built with ("cpu wgpu"). */
+/* The version of this runtime ("0.x.y"), and the backends it was built with ("cpu wgpu cuda-driver"). */
 MIXER_EDGE_API const char* mixer_edge_version(void);
 MIXER_EDGE_API const char* mixer_edge_backends(void);
 
@@ -71,7 +71,7 @@ MIXER_EDGE_API int mixer_edge_num_classes(const mixer_edge_model* model);
 /* Class `index`'s label (NULL when out of range); valid until the model is closed. */
 MIXER_EDGE_API const char* mixer_edge_label(const mixer_edge_model* model, int index);
 MIXER_EDGE_API const mixer_edge_preprocess* mixer_edge_preprocessing(const mixer_edge_model* model);
-/* The backend that runs it ("cpu", "wgpu") and the device, in words. */
+/* The backend that runs it ("cpu", "wgpu", "cuda-driver") and the device, in words. */
 MIXER_EDGE_API const char* mixer_edge_backend(const mixer_edge_model* model);
 MIXER_EDGE_API const char* mixer_edge_device(const mixer_edge_model* model);
 

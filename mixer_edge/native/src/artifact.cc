@@ -34,6 +34,7 @@ constexpr const char* kParams = "params.npz";
 constexpr const char* kLibrary = "model.so";
 constexpr const char* kProgram = "program.json";
 constexpr const char* kCudaKernels = "kernels.fatbin";
+constexpr const char* kCudaPlan = "cuda_plan.json";
 
 [[noreturn]] void bad(const std::string& message) { fail(MIXER_EDGE_BAD_ARTIFACT, message); }
 
@@ -438,14 +439,16 @@ Artifact open_artifact(const std::string& given) {
   if (!files.is_object()) fields.wrong("files", "Input should be a valid dictionary");
   static const std::map<std::string, std::set<std::string>> model_files = {
       {"cpu", {kParams, kLibrary}}, {"cuda", {kParams, kLibrary, kCudaKernels}},
-      {"tvm-vulkan", {kParams, kLibrary}}, {"wgpu", {kParams, kProgram}}};
+      {"tvm-vulkan", {kParams, kLibrary}}, {"wgpu", {kParams, kProgram}},
+      {"cuda-driver", {kParams, kCudaPlan, kCudaKernels}}};
   auto expected = model_files.find(a.backend);
   if (expected == model_files.end())
     fields.wrong("target.device.backend", "names no backend this runtime knows: rebuild with this mixer-edge");
   std::set<std::string> listed;
   for (const auto& [name, sha] : files.items()) {
     if (!sha.is_string()) fields.wrong("files." + name, "String should match pattern '^[0-9a-f]{64}$'");
-    if (name == kParams || name == kLibrary || name == kProgram || name == kCudaKernels) listed.insert(name);
+    if (name == kParams || name == kLibrary || name == kProgram || name == kCudaKernels || name == kCudaPlan)
+      listed.insert(name);
   }
   if (listed != expected->second) fields.wrong("files", "does not list this build's model files");
 
@@ -463,9 +466,10 @@ Artifact open_artifact(const std::string& given) {
 
   if (a.backend == "cpu") {
     check_cpu(a, device, preset);
-  } else if (a.backend != "wgpu") {
-    fail(MIXER_EDGE_UNSUPPORTED, a.root + " is a " + a.backend + " artifact; the native runtime runs cpu and wgpu "
-                                 "artifacts (CUDA needs the driver-API runner): use the Python runtime");
+  } else if (a.backend != "wgpu" && a.backend != "cuda-driver") {  // those engines check their GPU themselves
+    fail(MIXER_EDGE_UNSUPPORTED, a.root + " is a " + a.backend + " artifact; the native runtime runs cpu, wgpu and "
+                                 "cuda-driver artifacts (build with [build] cuda_runtime = \"driver\"): use the "
+                                 "Python runtime");
   }
   return a;
 }

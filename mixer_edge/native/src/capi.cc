@@ -63,16 +63,23 @@ int physical_cores() {
   return std::max<int>(1, static_cast<int>(cores.size()));
 }
 
-constexpr const char* kBackends =
-#if defined(MIXER_EDGE_WITH_TVM) && defined(MIXER_EDGE_WITH_WGPU)
-    "cpu wgpu";
-#elif defined(MIXER_EDGE_WITH_TVM)
-    "cpu";
-#elif defined(MIXER_EDGE_WITH_WGPU)
-    "wgpu";
-#else
-    "";
+// The engines this library was built with, by backend name.
+const std::string& backends() {
+  static const std::string names = [] {
+    std::string out;
+#ifdef MIXER_EDGE_WITH_TVM
+    out += " cpu";
 #endif
+#ifdef MIXER_EDGE_WITH_WGPU
+    out += " wgpu";
+#endif
+#ifdef MIXER_EDGE_WITH_CUDA
+    out += " cuda-driver";
+#endif
+    return out.empty() ? out : out.substr(1);
+  }();
+  return names;
+}
 
 std::unique_ptr<mixer_edge::Engine> open_engine(const mixer_edge::Artifact& artifact, int num_threads) {
 #ifdef MIXER_EDGE_WITH_TVM
@@ -82,9 +89,13 @@ std::unique_ptr<mixer_edge::Engine> open_engine(const mixer_edge::Artifact& arti
 #ifdef MIXER_EDGE_WITH_WGPU
   if (artifact.backend == "wgpu") return mixer_edge::open_wgpu_engine(artifact, mixer_edge::read_params(artifact));
 #endif
+#ifdef MIXER_EDGE_WITH_CUDA
+  if (artifact.backend == "cuda-driver")
+    return mixer_edge::open_cuda_engine(artifact, mixer_edge::read_params(artifact));
+#endif
   (void)num_threads;
   mixer_edge::fail(MIXER_EDGE_UNSUPPORTED, artifact.root + " is a " + artifact.backend + " artifact, but this "
-                   "libmixer_edge was built with backends: " + std::string(*kBackends ? kBackends : "none") +
+                   "libmixer_edge was built with backends: " + (backends().empty() ? std::string("none") : backends()) +
                    ": package this artifact with mixer-edge package");
 }
 
@@ -94,7 +105,7 @@ extern "C" {
 
 const char* mixer_edge_last_error(void) { return last_error.c_str(); }
 const char* mixer_edge_version(void) { return MIXER_EDGE_VERSION; }
-const char* mixer_edge_backends(void) { return kBackends; }
+const char* mixer_edge_backends(void) { return backends().c_str(); }
 
 mixer_edge_status mixer_edge_open(const char* path, const mixer_edge_options* options, mixer_edge_model** model) {
   return guarded([&]() {

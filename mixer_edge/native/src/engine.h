@@ -39,7 +39,7 @@ struct Artifact {
   std::string root;                   // the directory, as given
   nlohmann::json manifest;            // manifest.json as written
   std::string kind;                   // target.device.kind: "cpu", "cuda", "vulkan"
-  std::string backend;                // the runner: "cpu", "cuda", "tvm-vulkan", "wgpu"
+  std::string backend;                // the runner: "cpu", "cuda", "cuda-driver", "tvm-vulkan", "wgpu"
   std::vector<int64_t> input_shape;   // [batch, channels, height, width]
   std::vector<int64_t> output_shape;  // [batch, classes]
   std::vector<std::string> labels;
@@ -65,6 +65,7 @@ class Engine {
 
 std::unique_ptr<Engine> open_tvm_engine(const Artifact& artifact, std::vector<Array> weights, int num_threads);
 std::unique_ptr<Engine> open_wgpu_engine(const Artifact& artifact, std::vector<Array> weights);
+std::unique_ptr<Engine> open_cuda_engine(const Artifact& artifact, std::vector<Array> weights);
 
 }  // namespace mixer_edge
 
