@@ -495,10 +495,11 @@ def _inspect_parser(sub) -> None:
 def _package_parser(sub) -> None:
     p = sub.add_parser("package", help="bundle an artifact with the native C/C++ runtime that runs it without "
                        "Python: bin/mixer-edge-run, lib/, include/mixer_edge.h, a C example")
-    p.add_argument("artifact", help="a cpu or wgpu artifact directory or .tar")
+    p.add_argument("artifact", help="a cpu, wgpu or cuda-driver (Jetson) artifact directory or .tar")
     p.add_argument("-o", "--output", required=True, help="the bundle directory to write (a .tar with --tar)")
     p.add_argument("--arch", choices=["x86_64", "aarch64"], help="the device's CPU, for a wgpu artifact (default: "
-                   "this machine's); a cpu artifact is packaged for the arch it was compiled for")
+                   "this machine's) or a Jetson one (default: its board's); a cpu artifact is packaged for the arch "
+                   "it was compiled for")
     p.add_argument("--tar", action="store_true", help="write BUNDLE.tar instead of a directory")
     p.add_argument("--bench", type=options.positive, metavar="N", help="then time the bundle's runner beside the "
                    "Python runtime on this machine: 3 rounds of a fresh process each, N runs of one batch")
