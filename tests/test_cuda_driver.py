@@ -69,6 +69,7 @@ def test_the_python_runtime_refuses_a_jetson_artifact_without_a_driver(build_art
         runtime.load(build_artifact("jetson-orin"))
 
 
+@pytest.mark.slow  # cross-compiles the aarch64 runtime: CI's pytest -m slow
 @pytest.mark.emulation
 def test_the_jetson_bundle_needs_only_the_boards_driver(build_artifact, tmp_path):
     """Every ELF file of a Jetson bundle loads nothing of CUDA (libcuda.so.1 is opened at run time), and its runner,

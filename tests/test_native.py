@@ -73,7 +73,7 @@ def native_logits(bundle_dir: Path, x: np.ndarray, tmp: Path, **kw) -> np.ndarra
     return np.load(tmp / "logits.npy")
 
 
-@pytest.mark.parametrize("precision", ["float32", "int8"])
+@pytest.mark.parametrize("precision", ["float32", pytest.param("int8", marks=pytest.mark.slow)])  # int8: calibrates
 def test_host_bundle_matches_the_python_runtime(host_bundle, digits_test, precision, tmp_path):
     """float32 within 1e-6 of the Python runtime; int8 bit-identical (the same integer kernels)."""
     root = host_bundle("host", precision)
@@ -129,6 +129,7 @@ def test_c_program_links_against_the_bundle_with_cmake(host_bundle, digits_test,
 
 
 @pytest.mark.emulation
+@pytest.mark.slow  # cross-compiles the aarch64 runtime: CI's pytest -m slow
 def test_rpi5_bundle_runs_on_the_emulated_board_without_python(host_bundle, build_artifact, digits_test, tmp_path):
     if shutil.which("qemu-aarch64-static") is None or not (CROSS_ROOT / "lib" / "libstdc++.so.6").exists():
         pytest.skip("needs qemu-user-static and the aarch64 cross toolchain's libraries")
@@ -157,6 +158,7 @@ def test_vulkan_bundle_runs_through_wgpu_native(host_bundle, build_artifact, dig
     np.testing.assert_allclose(native_logits(root, x, tmp_path), reference, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # cross-compiles the aarch64 runtime: CI's pytest -m slow
 def test_bundle_manifest_lists_every_file_and_needs_nothing_else(host_bundle):
     for target in ("host", "rpi5", "android-vulkan"):
         root = host_bundle(target)
@@ -176,6 +178,7 @@ def test_bundle_manifest_lists_every_file_and_needs_nothing_else(host_bundle):
 
 
 @pytest.mark.emulation
+@pytest.mark.slow  # cross-compiles the aarch64 runtime: CI's pytest -m slow
 def test_rpi5_vulkan_bundle_runs_on_emulated_lavapipe_without_python(build_artifact, digits_test, tmp_path):
     """The aarch64 wgpu bundle on Debian's arm64 Mesa lavapipe under qemu-user, in a root with no Python:
     the host lavapipe's logits."""
