@@ -1,7 +1,9 @@
-"""Latency of artifacts beside PyTorch eager and onnxruntime, measured in one process, interleaved.
+"""Latency of artifacts beside PyTorch eager, onnxruntime and the optional peers (peers.py: OpenVINO,
+onnxruntime's own int8, ExecuTorch/XNNPACK), measured in one process, interleaved.
 
 Each round runs every candidate a few times in turn, so a noisy machine slows all of them alike;
-the report gives medians over rounds and ratios to PyTorch eager float32 on the same device.
+the report gives medians over rounds, ratios to PyTorch eager float32 on the same device, each
+candidate's agreement with PyTorch, and mixer-edge against the fastest peer of its precision.
 Measurements are typed (`Latency`, `Timing`, `Agreement`, one `BenchRow` per artifact, whose `to_json`
 is a row of `bench --json`). Importable with numpy and the TVM runtime alone: the emulated board times
 artifacts with `artifact_candidate` and `interleaved`.
@@ -27,8 +29,9 @@ class Candidate:
 
     name: str  # its label in tables
     run: Callable[[], object]
-    engine: str = "mixer-edge"  # mixer-edge, pytorch eager, torch.compile or onnxruntime
+    engine: str = "mixer-edge"  # mixer-edge, pytorch eager, torch.compile, onnxruntime or a peer (peers.py)
     precision: str | None = None
+    output: Callable[[], np.ndarray] | None = None  # its logits on the timed input (None: not checked)
 
 
 @dataclass(frozen=True)
@@ -83,11 +86,12 @@ def torch_candidate(engine: str, model, x: np.ndarray, device: str, precision: s
 
     def run():
         with torch.no_grad():
-            model(data)
+            out = model(data)
         if device == "cuda":
             torch.cuda.synchronize()
+        return out
 
-    return Candidate(f"{engine} {precision}", run, engine, precision)
+    return Candidate(f"{engine} {precision}", run, engine, precision, output=lambda: run().float().cpu().numpy())
 
 
 def torch_candidates(torch_model, x: np.ndarray, device: str, compiled=None) -> list[Candidate]:
@@ -138,13 +142,21 @@ def onnxruntime_candidate(proto, x: np.ndarray, device: str, threads: int, preci
     provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
     if provider not in ort.get_available_providers():
         return None
+    sess = onnxruntime_session(proto, threads, provider)
+    feed = {sess.get_inputs()[0].name: x}
+    name = f"onnxruntime {provider.removesuffix('ExecutionProvider')}" + (" int8 (QDQ)" if precision == "int8" else "")
+    return Candidate(name, lambda: sess.run(None, feed), "onnxruntime", precision,
+                     output=lambda: sess.run(None, feed)[0])
+
+
+def onnxruntime_session(proto, threads: int, provider: str = "CPUExecutionProvider"):
+    """An onnxruntime session for `proto` on `threads` intra-op threads that sleep when idle."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads would slow the next candidate
-    sess = ort.InferenceSession(proto.SerializeToString(), options, providers=[provider])
-    feed = {sess.get_inputs()[0].name: x}
-    name = f"onnxruntime {provider.removesuffix('ExecutionProvider')}" + (" int8 (QDQ)" if precision == "int8" else "")
-    return Candidate(name, lambda: sess.run(None, feed), "onnxruntime", precision)
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=[provider])
 
 
 @dataclass(frozen=True)
@@ -168,8 +180,8 @@ def cosines(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Timing:
-    """One candidate's latency in a bench row, its inferences per second, and its speed-up over PyTorch eager
-    float32 timed beside it (None where that did not run)."""
+    """One candidate's latency in a bench row, its inferences per second, its speed-up over PyTorch eager
+    float32 timed beside it (None where that did not run) and its logits against PyTorch's (None: not checked)."""
 
     candidate: str  # the candidate's label
     engine: str
@@ -177,18 +189,29 @@ class Timing:
     latency: Latency
     throughput_per_s: float
     speedup_vs_pytorch_fp32: float | None = None
+    vs_torch_fp32: Agreement | None = None
+
+    @property
+    def peer(self) -> bool:
+        """Whether this is another engine's (not mixer-edge's)."""
+        return self.engine != "mixer-edge"
 
     def to_json(self) -> dict:
-        speedup = self.speedup_vs_pytorch_fp32
+        speedup, agreement = self.speedup_vs_pytorch_fp32, self.vs_torch_fp32
         return {**self.latency.to_json(), "throughput_per_s": self.throughput_per_s,
-                **({"speedup_vs_pytorch_fp32": speedup} if speedup is not None else {})}
+                **({"speedup_vs_pytorch_fp32": speedup} if speedup is not None else {}),
+                **({"vs_torch_fp32": asdict(agreement)} if agreement is not None else {})}
 
 
-def timings(candidates: list[Candidate], latencies: list[Latency], batch: int) -> tuple[Timing, ...]:
-    """Each candidate's Timing, from latencies measured side by side at `batch` inputs per call."""
+def timings(candidates: list[Candidate], latencies: list[Latency], batch: int,
+            agreements: list[Agreement | None] | None = None) -> tuple[Timing, ...]:
+    """Each candidate's Timing, from latencies measured side by side at `batch` inputs per call (and each one's
+    agreement with PyTorch, in the same order)."""
     base = next((lat.median_ms for c, lat in zip(candidates, latencies) if (c.engine, c.precision) == REFERENCE), None)
+    agreements = agreements or [None] * len(candidates)
     return tuple(Timing(c.name, c.engine, c.precision, lat, batch * 1e3 / lat.median_ms,
-                        None if base is None else base / lat.median_ms) for c, lat in zip(candidates, latencies))
+                        None if base is None else base / lat.median_ms, agreement)
+                 for c, lat, agreement in zip(candidates, latencies, agreements))
 
 
 @dataclass(frozen=True)
@@ -202,20 +225,34 @@ class BenchRow:
     threads: int | None  # CPU threads of every candidate; None: the board's
     vs_torch_fp32: Agreement
     timings: tuple[Timing, ...]
+    left_out: tuple[str, ...] = ()  # the peers left out of this row, and why
 
     def timing(self, engine: str) -> Timing | None:
         """The first timing of `engine`."""
         return next((t for t in self.timings if t.engine == engine), None)
 
+    def fastest_peer(self) -> Timing | None:
+        """The fastest other engine of this artifact's precision timed beside it (None: there was none)."""
+        return min((t for t in self.timings if t.peer and t.precision == self.precision),
+                   key=lambda t: t.latency.median_ms, default=None)
+
+    def vs_fastest_peer(self) -> float | None:
+        """mixer-edge's speed as a multiple of the fastest peer's (above 1: mixer-edge is faster)."""
+        mine, peer = self.timing("mixer-edge"), self.fastest_peer()
+        return None if mine is None or peer is None else peer.latency.median_ms / mine.latency.median_ms
+
     def to_json(self) -> dict:
         """The row in `bench --json`: latency keyed by candidate label."""
+        peer = self.fastest_peer()
         return {"artifact": self.artifact, "batch": self.batch, "precision": self.precision, "device": self.device,
                 "threads": self.threads, "vs_torch_fp32": asdict(self.vs_torch_fp32),
-                "latency": {t.candidate: t.to_json() for t in self.timings}}
+                "latency": {t.candidate: t.to_json() for t in self.timings},
+                "fastest_peer": peer and {"candidate": peer.candidate, "mixer_edge_speedup": self.vs_fastest_peer()},
+                "left_out": list(self.left_out)}
 
 
 def build_and_compare(request, model, rounds: int = 20, threads: int | None = None, torch_compile: bool = True,
-                      board=None, progress=print) -> list[BenchRow]:
+                      board=None, peers: bool | tuple[str, ...] = True, progress=print) -> list[BenchRow]:
     """`bench`: build every artifact of `request` (a plan.BuildRequest) for `model` (a plan.ModelRequest) in a
     temporary directory, then compare() them (on `board`, a compiler.tuning.RpcBoard, when given)."""
     import tempfile
@@ -228,31 +265,43 @@ def build_and_compare(request, model, rounds: int = 20, threads: int | None = No
     use_threads(threads or physical_cores())  # before the build starts TVM's thread pool
     with tempfile.TemporaryDirectory() as tmp:  # compare() checks every artifact against PyTorch itself
         source, artifacts = build_all(request, model, parent=tmp, verify=False, progress=progress)
-        qdq = next((a.quantization.qdq for a in artifacts if a.quantization), None)
-        return compare(source, [a.path for a in artifacts], rounds=rounds, threads=threads, qdq=qdq,
-                       torch_compile=torch_compile, rpc=board, progress=progress)
+        quantization = next((a.quantization for a in artifacts if a.quantization), None)
+        return compare(source, [a.path for a in artifacts], rounds=rounds, threads=threads,
+                       qdq=quantization and quantization.qdq, torch_compile=torch_compile, rpc=board,
+                       calibration=quantization, peers=peers, progress=progress)
 
 
 def compare(source, artifacts: list[Path], rounds: int = 20, threads: int | None = None, qdq=None,
-            torch_compile: bool = False, rpc=None, progress=print) -> list[BenchRow]:
+            torch_compile: bool = False, rpc=None, calibration=None, peers: bool | tuple[str, ...] = True,
+            progress=print) -> list[BenchRow]:
     """Time each artifact (they share one model) beside the baselines at its batch size, every candidate on
     `threads` CPU threads (default: the physical cores); check its outputs. int8 artifacts are timed
     beside onnxruntime running `qdq`, the QDQ ONNX they were compiled from; `torch_compile` adds
-    torch.compile to the PyTorch baselines. With `rpc` (a compiler.tuning.RpcBoard) the artifacts run
-    and are timed on a board from that tracker instead, without baselines (they do not run there)."""
+    torch.compile to the PyTorch baselines; `peers` adds the installed peers (peers.py; a tuple: those engines
+    only) beside CPU artifacts, their int8 calibrated on the inputs `calibration` (the quant.Quantization of
+    `qdq`) was. With `rpc` (a
+    compiler.tuning.RpcBoard) the artifacts run and are timed on a board from that tracker instead, without
+    baselines (they do not run there)."""
     from . import runtime
+    from .peers import Peers, calibration_inputs
 
     if rpc is not None:
         return [remote_row(source, path, rpc, rounds, progress) for path in artifacts]
     threads = threads or runtime.physical_cores()
     use_threads(threads)
     compiled = {} if torch_compile else None  # torch.compile by (input shape, device), compiled once
-    return [local_row(source, path, rounds, threads, qdq, compiled, progress) for path in artifacts]
+    others = None
+    if peers:
+        others = Peers(threads, calibration_inputs(source, calibration), progress,
+                       **({"engines": peers} if isinstance(peers, tuple) else {}))
+    return [local_row(source, path, rounds, threads, qdq, compiled, progress, others) for path in artifacts]
 
 
-def local_row(source, path: Path, rounds: int, threads: int, qdq, compiled: dict | None, progress) -> BenchRow:
+def local_row(source, path: Path, rounds: int, threads: int, qdq, compiled: dict | None, progress,
+              peers=None) -> BenchRow:
     """compare()'s row for an artifact run here, interleaved with PyTorch (and torch.compile, cached in
-    `compiled`; None: left out) and onnxruntime on the device PyTorch uses beside it."""
+    `compiled`; None: left out), onnxruntime on the device PyTorch uses beside it and, beside a CPU artifact,
+    the `peers` (a peers.Peers) of its precision; every candidate's logits checked against PyTorch's."""
     from . import runtime
     from .artifact import reference_logits
 
@@ -265,14 +314,23 @@ def local_row(source, path: Path, rounds: int, threads: int, qdq, compiled: dict
     cands = [artifact_candidate(f"mixer-edge {precision}", model, x),
              *torch_candidates(source.torch_model, x, device, torch_compiled)]
     proto, onnx_batch = qdq if precision == "int8" else source.onnx_model, source.input.shape[0]
-    ort = onnxruntime_candidate(proto, x, device, threads, precision) \
-        if proto is not None and (isinstance(onnx_batch, str) or onnx_batch == model.batch) else None
+    onnx_fits = isinstance(onnx_batch, str) or onnx_batch == model.batch
+    ort = onnxruntime_candidate(proto, x, device, threads, precision) if proto is not None and onnx_fits else None
     cands += [ort] if ort else []
+    left_out = ()
+    if peers is not None and device == "cpu" and precision in ("float32", "int8"):
+        found = peers.float32(source, x.shape, onnx_fits) if precision == "float32" else \
+            peers.int8(source, qdq, x.shape, onnx_fits)
+        cands += [peer.candidate(x) for peer in found]
+        left_out = tuple(peers.last_left_out)
     progress(f"timing {path.name}: {', '.join(c.name for c in cands)} ({rounds} interleaved rounds)")
     latencies = interleaved(cands, rounds=rounds)
-    agreement = Agreement.of(model(x), reference_logits(source.torch_model, source.onnx_model, x))
+    ref = reference_logits(source.torch_model, source.onnx_model, x)
+    agreement = Agreement.of(model(x), ref)
+    agreements = [agreement if c.engine == "mixer-edge" else Agreement.of(np.asarray(c.output()), ref)
+                  if c.output else None for c in cands]
     return BenchRow(str(path), model.batch, precision, device, threads, agreement,
-                    timings(cands, latencies, model.batch))
+                    timings(cands, latencies, model.batch, agreements), left_out)
 
 
 def timing_input(source, shape) -> np.ndarray:
@@ -327,16 +385,40 @@ def format_rows(rows: list[BenchRow]) -> str:
             lines.append(f"| {Path(row.artifact).name} | {row.batch} | {row.threads or 'board'} | {t.candidate} | "
                          f"{lat.median_ms:.3f} | {lat.p90_ms:.3f} | {lat.p99_ms:.3f} | {lat.min_ms:.3f} | "
                          f"{t.throughput_per_s:.1f} | {speedup} |")
-    lines += ["", "| artifact | top-1 agreement vs PyTorch fp32 | max abs diff | min cosine |", "| --- | --- | --- | --- |"]
+    lines += ["", "| artifact | candidate | top-1 agreement vs PyTorch fp32 | max abs diff | min cosine |",
+              "| --- | --- | --- | --- | --- |"]
     for row in rows:
-        a = row.vs_torch_fp32
-        lines.append(f"| {Path(row.artifact).name} | {a.top1_agreement:.2%} | {a.max_abs_diff:.2e} | "
-                     f"{a.min_cosine:.6f} |")
-    return "\n".join(lines + int8_ratios(rows))
+        checked = [(t.candidate, t.vs_torch_fp32) for t in row.timings if t.vs_torch_fp32 is not None] or \
+            [(row.timings[0].candidate if row.timings else "mixer-edge", row.vs_torch_fp32)]
+        for name, a in checked:
+            lines.append(f"| {Path(row.artifact).name} | {name} | {a.top1_agreement:.2%} | {a.max_abs_diff:.2e} | "
+                         f"{a.min_cosine:.6f} |")
+    return "\n".join(lines + peer_ratios(rows) + int8_ratios(rows) + left_out_notes(rows))
+
+
+def peer_ratios(rows: list[BenchRow]) -> list[str]:
+    """mixer-edge against the fastest other engine of the same precision timed beside it, per artifact."""
+    lines = []
+    for row in rows:
+        mine, peer = row.timing("mixer-edge"), row.fastest_peer()
+        if mine is None or peer is None:
+            continue
+        ratio = row.vs_fastest_peer()
+        verdict = f"{ratio:.2f}x its speed" + (" (mixer-edge is slower)" if ratio < 1 else "")
+        lines.append(f"{Path(row.artifact).name} (batch {row.batch}, {row.precision}): mixer-edge "
+                     f"{mine.latency.median_ms:.3f} ms against the fastest {row.precision} peer, {peer.candidate}, "
+                     f"{peer.latency.median_ms:.3f} ms: {verdict}")
+    return ["", *lines] if lines else []
+
+
+def left_out_notes(rows: list[BenchRow]) -> list[str]:
+    """The peers left out of any row, each named once."""
+    notes = list(dict.fromkeys(note for row in rows for note in row.left_out))
+    return ["", *(f"not timed: {note}" for note in notes)] if notes else []
 
 
 def int8_ratios(rows: list[BenchRow]) -> list[str]:
-    """Speed-up of int8 over float32 at each batch that has both: mixer-edge's, and onnxruntime's (QDQ)."""
+    """Speed-up of int8 over float32 at each batch that has both, in mixer-edge and in each engine timed in both."""
     by_batch = {(row.batch, row.precision): row for row in rows}
     lines = []
     for (batch, precision), int8 in by_batch.items():
@@ -345,10 +427,10 @@ def int8_ratios(rows: list[BenchRow]) -> list[str]:
             continue
         mine_fp32, mine_int8 = (row.timing("mixer-edge").latency.median_ms for row in (fp32, int8))
         line = f"batch {batch}: mixer-edge int8 is {mine_fp32 / mine_int8:.2f}x the speed of mixer-edge float32"
-        ort_fp32, ort_int8 = fp32.timing("onnxruntime"), int8.timing("onnxruntime")
-        if ort_fp32 and ort_int8:
-            ort = ort_fp32.latency.median_ms, ort_int8.latency.median_ms
-            line += (f"; onnxruntime QDQ int8 {ort[0] / ort[1]:.2f}x onnxruntime float32; "
-                     f"mixer-edge int8 {ort[1] / mine_int8:.2f}x onnxruntime int8")
+        for engine in dict.fromkeys(t.engine for t in int8.timings if t.peer and t.precision == "int8"):
+            same = [t for t in fp32.timings if t.engine == engine and t.precision == "float32"]
+            if same:
+                best = min(t.latency.median_ms for t in int8.timings if t.engine == engine and t.precision == "int8")
+                line += f"; {engine} int8 {same[0].latency.median_ms / best:.2f}x {engine} float32"
         lines.append(line)
     return ["", *lines] if lines else []

@@ -120,7 +120,8 @@ class CheckpointMetadata(Schema):
     config: ModelConfig | None = Field(None, description="its architecture (used instead of the preset's when "
                                        "--model is absent or names the same preset)")
     preprocess: Preprocessing | None = Field(None, description="how its training images became inputs; absent: "
-                                             "resize to img_size, mean 0.5, std 0.5")
+                                             "the preset's official one, else assumed (mean 0.5, std 0.5, "
+                                             "bilinear, no crop) and said so")
     labels: list[str] | None = Field(None, description="class names, one per class; absent: 0, 1, 2, ...")
     dataset: str | None = Field(None, description="what it was trained on, in words (`sklearn digits ...` also "
                                 "makes the digits test split its verification data)")

@@ -27,6 +27,24 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="classifier size, when the checkpoint's differs from the preset's")
     g.add_argument("--batch", type=options.batches, default=[1],
                    help="static batch size; compile takes several (1,8,64), one artifact each")
+    g = p.add_argument_group("preprocessing (default: the checkpoint's or the preset's; else mean 0.5, std 0.5, "
+                             "bilinear, no crop, assumed and said so)")
+    g.add_argument("--preprocessing", metavar="FILE", help="a .toml or .json with the fields below (size, mean, std, "
+                   "interpolation, crop_pct); the options override it")
+    g.add_argument("--size", type=options.preprocessing("size", "HEIGHT,WIDTH or one side in pixels"), metavar="H,W",
+                   help="the model input's size (a check: it must be the model's)")
+    g.add_argument("--mean", type=options.preprocessing("mean", "comma-separated numbers, one per channel"),
+                   metavar="M,...",
+                   help="per-channel mean of [0, 1] pixels, e.g. 0.485,0.456,0.406")
+    g.add_argument("--std", type=options.preprocessing("std", "comma-separated numbers > 0, one per channel"),
+                   metavar="S,...",
+                   help="per-channel std of [0, 1] pixels, e.g. 0.229,0.224,0.225")
+    filters = "nearest, box, bilinear, hamming, bicubic, lanczos"  # data.RESAMPLE
+    g.add_argument("--interpolation", type=options.preprocessing("interpolation", filters), metavar="NAME",
+                   help="resize filter: " + filters)
+    g.add_argument("--crop-pct", type=options.preprocessing("crop_pct", "a fraction in (0, 1]"), metavar="FRACTION",
+                   help="resize the shorter side to size / CROP_PCT, then cut size from the center (timm's "
+                   "crop_pct, e.g. 0.875); 1: no crop")
 
 
 def _build_args(p: argparse.ArgumentParser) -> None:
@@ -85,7 +103,18 @@ def _tuning(args, tune: bool, rpc=None):
 def _model(args):
     from .plan import ModelRequest
 
-    return ModelRequest(args.model, args.checkpoint, args.num_classes)
+    return ModelRequest(args.model, args.checkpoint, args.num_classes, _preprocessing(args))
+
+
+def _preprocessing(args):
+    """What --preprocessing FILE and the options over it state, or None."""
+    from .data import STATED, StatedPreprocessing
+
+    given = {key: getattr(args, key) for key, _, _ in STATED if getattr(args, key) is not None}
+    named = ", ".join(option for key, option, _ in STATED if key in given)
+    flags = StatedPreprocessing(**given, source=named)
+    return flags.over(StatedPreprocessing.read(args.preprocessing)) if args.preprocessing else \
+        flags if given else None
 
 
 def _targets(args, default: list[str]) -> tuple[str, ...]:
@@ -102,8 +131,8 @@ def _builds(args, tuning):
                         _calibration(args), tuning)
 
 
-INPUT_OPTIONS = ("model", "checkpoint", "calibration", "calib_data", "val_data", "eval_data", "input", "tuning_db",
-                 "target", "artifact", "databases")
+INPUT_OPTIONS = ("model", "checkpoint", "preprocessing", "calibration", "calib_data", "val_data", "eval_data", "input",
+                 "tuning_db", "target", "artifact", "databases")
 
 
 def _inputs(args, *leave_out: str) -> list:
@@ -232,7 +261,8 @@ def cmd_bench(args) -> None:
     if args.json:
         check_destination(args.json, inputs=_inputs(args))  # before the builds and the timing
     rows = build_and_compare(request, _model(args), rounds=args.rounds, threads=args.threads,
-                             torch_compile=not args.no_torch_compile, board=board, progress=say)
+                             torch_compile=not args.no_torch_compile, peers=not args.no_peers, board=board,
+                             progress=say)
     print(format_rows(rows))
     if args.json:
         from .artifact import versions
@@ -248,7 +278,7 @@ def cmd_report(args) -> None:
     variants = tuple(Variant.parse(v) for v in args.variants) if args.variants else None
     request = ReportRequest(_targets(args, ["host", "rpi5"]), variants, tuple(args.batch), _calibration(args),
                             _tuning(args, args.tune, _rpc(args)), args.eval_data, args.max_accuracy_drop, args.rounds,
-                            args.threads, not args.no_torch_compile)
+                            args.threads, not args.no_torch_compile, not args.no_peers)
     check_destination(args.output, REPORT, inputs=_inputs(args))
     report = make_report(_model(args).open(request.batches, progress=say), request, args.output, progress=say)
     print("\n".join(table(report)))
@@ -346,6 +376,48 @@ def cmd_train(args) -> None:
     print(f"wrote {args.output}: mixer_digits, {args.epochs} epochs, test accuracy {result.test_accuracy:.2%}")
 
 
+def _inside(args):
+    """profile/compare: the artifact's manifest, the reference model (opened at the artifact's batch) and inputs."""
+    import numpy as np
+
+    from . import runtime
+    from .data import load_inputs
+    from .layers import check_reference
+
+    with runtime.artifact_dir(args.artifact) as root:
+        record = runtime.verified_manifest(root)[1]
+    batch = record.input.shape[0]
+    source = _model(args).open((batch,), progress=say)
+    check_reference(record, source)
+    data = getattr(args, "data", None) or source.eval_data
+    samples = max(getattr(args, "samples", None) or batch, batch)
+    if data:
+        x = load_inputs(data, record.preprocess.to_preprocess())[0]
+        if len(x) < batch:
+            raise MixerEdgeError(f"{data} has {len(x)} inputs, fewer than the artifact's batch {batch}")
+        x = x[:samples]
+    else:
+        data = f"{samples} random inputs (seed 0)"
+        x = np.random.default_rng(0).standard_normal((samples, *record.input.shape[1:])).astype(np.float32)
+    return source, x, data
+
+
+def cmd_profile(args) -> None:
+    from .layers import format_profile, profile
+
+    source, x, _ = _inside(args)
+    result = profile(args.artifact, source, x, board=args.board, repeat=args.repeat)
+    print(result.model_dump_json(indent=1) if args.json else "\n".join(format_profile(result)))
+
+
+def cmd_compare(args) -> None:
+    from .layers import compare, format_comparison
+
+    source, x, data = _inside(args)
+    result = compare(args.artifact, source, x, board=args.board, data=data)
+    print(result.model_dump_json(indent=1) if args.json else "\n".join(format_comparison(result)))
+
+
 def cmd_emulator(args) -> None:
     from . import emulator
 
@@ -399,7 +471,8 @@ def _compile_parser(sub) -> None:
 
 
 def _bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="build, then time against PyTorch eager and onnxruntime on this machine")
+    p = sub.add_parser("bench", help="build, then time against PyTorch eager, onnxruntime and the installed "
+                       "peers (OpenVINO, ExecuTorch/XNNPACK) on this machine")
     _model_args(p)
     _build_args(p)
     p.add_argument("--rounds", type=options.positive, default=20,
@@ -407,6 +480,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--json", help="also write the measurements to this file")
     p.add_argument("--threads", type=options.threads, help="CPU threads for every candidate (default: the physical cores)")
     p.add_argument("--no-torch-compile", action="store_true", help="leave out the torch.compile baseline")
+    p.add_argument("--no-peers", action="store_true", help="leave out the peers (OpenVINO, onnxruntime's own int8, "
+                   "ExecuTorch/XNNPACK: pip install 'mixer-edge[peers]')")
     _calibration_args(p, int8_only=True)
     _tuning_args(p, compile_=True)
     p.set_defaults(func=cmd_bench)
@@ -429,6 +504,8 @@ def _report_parser(sub) -> None:
                    help="interleaved timing rounds (each runs every candidate 5 times)")
     p.add_argument("--threads", type=options.threads, help="CPU threads for every candidate (default: the physical cores)")
     p.add_argument("--no-torch-compile", action="store_true", help="leave out the torch.compile baseline")
+    p.add_argument("--no-peers", action="store_true", help="leave out the peers (OpenVINO, onnxruntime's own int8, "
+                   "ExecuTorch/XNNPACK: pip install 'mixer-edge[peers]')")
     p.add_argument("-o", "--output", default="report", help="report directory (default report/); an earlier "
                    "report there is replaced whole")
     g = p.add_argument_group("int8 calibration data (recipes come from --variants)")
@@ -516,6 +593,32 @@ def _train_parser(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _profile_parser(sub) -> None:
+    p = sub.add_parser("profile", help="per-kernel latency of an artifact, each kernel named after the model's "
+                       "layers, with its share, FLOPs, bytes and GFLOP/s (GOP/s for int8)")
+    p.add_argument("artifact", help="artifact directory or .tar")
+    _model_args(p)
+    p.add_argument("--board", help="run on the emulated ARM board of this preset (rpi4, rpi5); its times are "
+                   "marked emulated. Boards over RPC are not supported: the VM's per-kernel hook cannot call back "
+                   "over RPC")
+    p.add_argument("--repeat", type=options.positive, default=20, help="inferences timed; each kernel's median")
+    p.add_argument("--json", action="store_true", help="print the record (layers.Profile) as JSON")
+    p.set_defaults(func=cmd_profile)
+
+
+def _compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="every layer's output of an artifact beside the float ONNX reference: "
+                       "cosine, SQNR, max error, the first jump, and for int8 the suggested float_layers")
+    p.add_argument("artifact", help="artifact directory or .tar")
+    _model_args(p)
+    p.add_argument("--data", help="inputs: image folder, .npy/.npz, digits-test (default: the model's evaluation "
+                   "data, else random inputs)")
+    p.add_argument("--samples", type=options.positive, default=32, help="inputs compared (default 32)")
+    p.add_argument("--board", help="run on the emulated ARM board of this preset (rpi4, rpi5); not over RPC")
+    p.add_argument("--json", action="store_true", help="print the record (layers.Comparison) as JSON")
+    p.set_defaults(func=cmd_compare)
+
+
 def _emulator_parser(sub) -> None:
     p = sub.add_parser("emulator", help="prepare the emulated aarch64 board (qemu-user + Python + TVM runtime)")
     p.add_argument("action", choices=["setup", "serve"], help="setup: build the board; serve: run a TVM RPC "
@@ -536,8 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error (for a bug report)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=lambda **kw: Parser(parents=[debug], **kw))
     for add in (_targets_parser, _export_parser, _compile_parser, _bench_parser, _report_parser, _calibrate_parser,
-                _tune_parser, _tuning_db_parser, _run_parser, _inspect_parser, _package_parser, _train_parser,
-                _emulator_parser):
+                _tune_parser, _tuning_db_parser, _run_parser, _inspect_parser, _profile_parser, _compare_parser,
+                _package_parser, _train_parser, _emulator_parser):
         add(sub)  # each command's options, in the order --help lists them
     return parser
 

@@ -12,8 +12,9 @@ Every image goes through `decode_image` and every array through `array_inputs`. 
   BitsPerSample, else 16), wider or out-of-range integers refused; float (F) pixels are taken as
   [0, 1], values outside it or NaN/Inf refused. Alpha and transparency keys are composited over
   black (value x alpha). Colour -> grey is Pillow's ITU-R 601 luma; grey -> colour repeats the grey.
-  Resized with the model's filter at the image's precision: 8-bit images in 8 bits (as PIL-based
-  training pipelines do), the others as float32 clipped to [0, 1]. Colour profiles are ignored.
+  Resized (and center-cropped, with crop_pct < 1: Preprocess.crop_box) with the model's filter at the
+  image's precision: 8-bit images in 8 bits (as PIL-based training pipelines do), the others as float32
+  clipped to [0, 1]. Colour profiles are ignored.
 - Arrays: uint8 is 0..255 pixels and uint16 0..65535 pixels (both get preprocessed); float16/32/64
   are model inputs, NaN/Inf refused; any other dtype is refused. 3-D is one sample; NHWC
   (last dim == channels, dim 1 != channels) is transposed to NCHW. .npz labels (`y` or `labels`)
@@ -24,9 +25,10 @@ Every image goes through `decode_image` and every array through `array_inputs`. 
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -45,13 +47,39 @@ DIGITS = "digits"  # names the bundled data set wherever a data path is accepted
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Image -> model input: resize to `size`, scale pixels to [0, 1], then (x - mean) / std."""
+    """Image -> model input: resize (and center-crop, with crop_pct < 1) to `size`, scale pixels to [0, 1],
+    then (x - mean) / std. `assumed`: nobody stated it; mixer-edge assumed it."""
 
     size: tuple[int, int] = (224, 224)
     channels: int = 3
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     resample: str = "bilinear"
+    crop_pct: float = 1.0
+    assumed: bool = False
+
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """An image of width x height -> (resized width, resized height, left, top) of the crop (timm's eval
+        transform: shorter side to floor(size / crop_pct), then a center crop of `size`); crop_pct 1: the whole
+        image resized to `size`, no crop."""
+        out_h, out_w = self.size
+        if self.crop_pct >= 1.0:
+            return out_w, out_h, 0, 0
+        scale_h, scale_w = math.floor(out_h / self.crop_pct), math.floor(out_w / self.crop_pct)
+        if height * scale_w <= width * scale_h:  # the height reaches its scale first
+            rh, rw = scale_h, int(scale_h * width / height)
+        else:
+            rw, rh = scale_w, int(scale_w * height / width)
+        rw, rh = max(rw, out_w), max(rh, out_h)
+        return rw, rh, int(round((rw - out_w) / 2.0)), int(round((rh - out_h) / 2.0))  # torchvision's CenterCrop
+
+    def describe(self) -> str:
+        """In words, as `inspect` and the 'assumed' line print it."""
+        def values(v):
+            return ", ".join(f"{x:g}" for x in v) if len(set(v)) > 1 else f"{v[0]:g}"
+
+        crop = f"crop {self.crop_pct:g}" if self.crop_pct < 1 else "no crop"
+        return f"mean {values(self.mean)}, std {values(self.std)}, {self.resample}, {crop}"
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -69,17 +97,25 @@ class Preprocess:
 
 
 class Preprocessing(Schema):
-    """Image -> model input, repeated on the device with numpy alone: resize to `size`, scale pixels to [0, 1],
-    then (x - mean) / std per channel."""
+    """Image -> model input, repeated on the device with numpy alone: resize (with `crop_pct` < 1: the shorter
+    side to size / crop_pct, then a center crop of `size`), scale pixels to [0, 1], then (x - mean) / std per
+    channel."""
 
     size: list[Annotated[int, Field(ge=1, le=MAX_SIDE)]] = Field(
-        min_length=2, max_length=2, description="[height, width] the images are resized to; equal to input.shape[2:]")
+        min_length=2, max_length=2, description="[height, width] of the model input the images become; equal to "
+        "input.shape[2:]")
     channels: Annotated[int, Field(ge=1, le=4096)] = Field(description="1 (grey) or 3 (RGB); equal to input.shape[1]")
     mean: list[float] = Field(min_length=1, description="per-channel mean subtracted, one per channel")
     std: list[Annotated[float, Field(gt=0)]] = Field(min_length=1, description="per-channel divisor, one per "
                                                      "channel, each > 0")
     resample: Literal[RESAMPLE] = Field(description="the PIL filter that resizes images: "
                                         + ", ".join(f"`{r}`" for r in RESAMPLE))
+    crop_pct: Annotated[float, Field(gt=0, le=1)] = Field(1.0, description="the fraction of the resized image kept: "
+                                                          "the shorter side is resized to floor(size / crop_pct), "
+                                                          "then `size` is cut from the center (timm's eval "
+                                                          "transform); 1: the whole image resized to `size`, no crop")
+    assumed: bool = Field(False, description="true: mixer-edge assumed (some of) it, as the build said: neither the "
+                          "user (--mean, --std, ...) nor a checkpoint or the preset's official weights stated it")
 
     @model_validator(mode="after")
     def _per_channel(self) -> "Preprocessing":
@@ -97,7 +133,88 @@ class Preprocessing(Schema):
     def to_preprocess(self) -> Preprocess:
         """The `data.Preprocess` that repeats this preprocessing."""
         return Preprocess(size=tuple(self.size), channels=self.channels, mean=tuple(self.mean), std=tuple(self.std),
-                          resample=self.resample)
+                          resample=self.resample, crop_pct=self.crop_pct, assumed=self.assumed)
+
+
+# The options that state a preprocessing field (the file's key, the manifest's field), in the order they are named.
+STATED = (("size", "--size", "size"), ("mean", "--mean", "mean"), ("std", "--std", "std"),
+          ("interpolation", "--interpolation", "resample"), ("crop_pct", "--crop-pct", "crop_pct"))
+
+
+class PreprocessingFile(Schema):
+    """How the model's training images became its inputs, as the --size, --mean, --std, --interpolation and
+    --crop-pct options state it; each field optional, an option given beside the file overrides it. The
+    manifest records the result (Preprocessing)."""
+
+    size: Annotated[list[Annotated[int, Field(ge=1, le=MAX_SIDE)]], Field(min_length=2, max_length=2)] | None = \
+        Field(None, description="[height, width] of the model input; must equal the model's")
+    mean: Annotated[list[float], Field(min_length=1)] | None = Field(None, description="per-channel mean of [0, 1] "
+                                                                     "pixels, one per channel")
+    std: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] | None = Field(
+        None, description="per-channel divisor, one per channel, each > 0")
+    interpolation: Literal[RESAMPLE] | None = Field(None, description="the resize filter: "
+                                                    + ", ".join(f"`{r}`" for r in RESAMPLE))
+    crop_pct: Annotated[float, Field(gt=0, le=1)] | None = Field(None, description="the fraction kept by the "
+                                                                 "center crop (timm's crop_pct; 1: no crop)")
+
+
+@dataclass(frozen=True)
+class StatedPreprocessing:
+    """What the user stated about the preprocessing (None: not stated), and where (named in refusals)."""
+
+    size: tuple[int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: str | None = None
+    crop_pct: float | None = None
+    source: str = field(default="", compare=False)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "StatedPreprocessing":
+        """A --preprocessing file: .toml or .json holding PreprocessingFile's fields."""
+        import json
+        import tomllib
+
+        path = Path(path)
+        kind = {".toml": "TOML", ".json": "JSON"}.get(path.suffix.lower())
+        if kind is None:
+            raise MixerEdgeError(f"--preprocessing {path}: takes a .toml or .json file (fields: "
+                                 f"{', '.join(key for key, _, _ in STATED)})")
+        try:
+            text = path.read_text(encoding="utf-8")
+            data = tomllib.loads(text) if kind == "TOML" else json.loads(text)
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, ValueError, RecursionError) as exc:
+            raise MixerEdgeError(f"preprocessing file {path} could not be read ({reason(exc)}): "
+                                 f"pass a readable {kind} file") from None
+        doc = parse(PreprocessingFile, data, f"preprocessing file {path}", "fix the file")
+        return cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in doc.model_dump().items()},
+                   source=f"--preprocessing {path}")
+
+    def over(self, base: "StatedPreprocessing") -> "StatedPreprocessing":
+        """These statements, with `base`'s where these say nothing (options over a file)."""
+        keys = [key for key, _, _ in STATED]
+        merged = {key: getattr(self, key) if getattr(self, key) is not None else getattr(base, key) for key in keys}
+        return StatedPreprocessing(**merged, source=", ".join(s for s in (base.source, self.source) if s))
+
+    def settle(self, base: Preprocess, progress=print) -> Preprocess:
+        """`base` (the model's own or assumed preprocessing) with these statements over it, checked as the manifest
+        record; where `base` was assumed and a field stays unstated, says so in one line and records `assumed`."""
+        if self.size is not None and tuple(self.size) != tuple(base.size):
+            raise MixerEdgeError(f"{self.source or '--size'}: size {list(self.size)} is not the model's input size "
+                                 f"{list(base.size)}: state [{base.size[0]}, {base.size[1]}] or leave it out")
+        record = base.to_dict()
+        record.update({name: list(v) if isinstance(v, tuple) else v for key, _, name in STATED
+                       if (v := getattr(self, key)) is not None})
+        pre = parse(Preprocessing, record, f"the preprocessing stated by {self.source or 'the caller'}",
+                    f"state one mean and one std per channel of the model's input ({base.channels})").to_preprocess()
+        left = [option for key, option, _ in STATED[1:] if getattr(self, key) is None] if base.assumed else []
+        if left:
+            how = "pass --mean/--std/--interpolation/--crop-pct or --preprocessing FILE" if len(left) == 4 else \
+                "pass " + "/".join(left)
+            progress(f"preprocessing assumed{'' if len(left) == 4 else ' in part'}: {pre.describe()}"
+                     + ("" if len(left) == 4 else f" ({', '.join(left)} not stated)")
+                     + f"; {how} if the model was trained otherwise")
+        return replace(pre, assumed=bool(left))
 
 
 DIGITS_PREPROCESS = Preprocess(size=(8, 8), channels=1, mean=(0.5,), std=(0.5,))
@@ -160,7 +277,9 @@ def decode_image(path: Path, pre: Preprocess) -> np.ndarray:
     target = "L" if pre.channels == 1 else "RGB"
     if plane.mode not in ("F", target):
         plane = plane.convert(target)  # Pillow's ITU-R 601 luma, or the grey repeated
-    small = np.asarray(plane.resize((width, height), Image.Resampling[pre.resample.upper()]), np.float32)
+    rw, rh, left, top = pre.crop_box(*plane.size)
+    resized = np.asarray(plane.resize((rw, rh), Image.Resampling[pre.resample.upper()]), np.float32)
+    small = resized[top:top + height, left:left + width]
     small = small[None] if small.ndim == 2 else small.transpose(2, 0, 1)
     unit = np.repeat(small, pre.channels // len(small), 0) / (1.0 if plane.mode == "F" else 255.0)
     return np.clip(unit, 0.0, 1.0).astype(np.float32)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_file
-from .data import Preprocess
+from .data import Preprocess, StatedPreprocessing
 from .errors import MixerEdgeError, reason
 from .formats import safe_text
 
@@ -196,13 +196,35 @@ def input_spec(proto) -> InputSpec:
     return InputSpec(graph_input.name, shape, onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name)
 
 
+def assumed_preprocess(size: tuple[int, int], channels: int) -> Preprocess:
+    """What mixer-edge assumes where nothing states the preprocessing: mean 0.5, std 0.5, bilinear, no crop."""
+    return Preprocess(size=tuple(size), channels=channels, mean=(0.5,) * channels, std=(0.5,) * channels,
+                      assumed=True)
+
+
+def preset_preprocess(name: str, cfg) -> Preprocess:
+    """The preprocessing of preset `name`'s official weights (model.PREPROCESSING) for a model of config `cfg`, else
+    the assumed one."""
+    from .model import PREPROCESSING
+
+    own = PREPROCESSING.get(name)
+    size = (cfg.img_size, cfg.img_size)
+    if own and len(own["mean"]) == cfg.in_chans:
+        return Preprocess(size=size, channels=cfg.in_chans, **own)
+    return assumed_preprocess(size, cfg.in_chans)
+
+
 def open_model(model: str | None = None, checkpoint: str | None = None, batch: int = 1,
-               dynamic_batch: bool = False, num_classes: int | None = None, progress=print) -> ModelSource:
-    """Resolve the user's model arguments into a ModelSource (see the module docstring)."""
+               dynamic_batch: bool = False, num_classes: int | None = None, progress=print,
+               preprocess: StatedPreprocessing | None = None) -> ModelSource:
+    """Resolve the user's model arguments into a ModelSource (see the module docstring); `preprocess`: what the
+    user stated about the preprocessing, over the model's own (a checkpoint's, a preset's) or the assumed one."""
     import torch
 
     from . import checkpoints
     from .model import MixerConfig, create_model, preset
+
+    stated = preprocess or StatedPreprocessing()
 
     if model and model.lower().endswith(".onnx"):
         if checkpoint:
@@ -216,7 +238,7 @@ def open_model(model: str | None = None, checkpoint: str | None = None, batch: i
                                  f"{safe_text(str(proto.graph.output[0].type.tensor_type.shape.dim), 80)}): export it "
                                  "with a fixed classifier size")
         check_onnxruntime_runs(proto, model)
-        pre = Preprocess(size=size, channels=channels, mean=(0.5,) * channels, std=(0.5,) * channels)
+        pre = stated.settle(assumed_preprocess(size, channels), progress)
         return ModelSource(proto, Path(model).stem, pre, [str(i) for i in range(out_dim)])
 
     checkpoint = checkpoint or (None if model else str(BUNDLED_CHECKPOINT))
@@ -237,11 +259,11 @@ def open_model(model: str | None = None, checkpoint: str | None = None, batch: i
         torch.manual_seed(0)  # the same weights in every build, so builds can be compared with each other
         torch_model = create_model(cfg).eval()
     # The checkpoint's preprocessing and labels, where they fit the model being built (another --model or
-    # --num-classes than the checkpoint's makes a model they may not fit: then the defaults).
+    # --num-classes than the checkpoint's makes a model they may not fit), else the preset's (its official
+    # weights'), else the assumed one; what the user stated goes over it.
     fits = meta and meta.preprocess and (meta.preprocess.channels, meta.preprocess.size) == (cfg.in_chans,
                                                                                           [cfg.img_size] * 2)
-    pre = meta.preprocess.to_preprocess() if fits else Preprocess(
-        size=(cfg.img_size, cfg.img_size), channels=cfg.in_chans, mean=(0.5,) * cfg.in_chans, std=(0.5,) * cfg.in_chans)
+    pre = stated.settle(meta.preprocess.to_preprocess() if fits else preset_preprocess(name, cfg), progress)
     labels = list(meta.labels) if meta and meta.labels and len(meta.labels) == cfg.num_classes else \
         [str(i) for i in range(cfg.num_classes)]
     progress(f"exporting {name} to ONNX (opset {OPSET}) and simplifying with onnxsim")

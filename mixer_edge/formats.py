@@ -236,6 +236,7 @@ def documented() -> list[tuple[str, type[Schema]]]:
     from .bundle import Bundle
     from .checkpoints import CheckpointMetadata
     from .cuda_driver import CudaPlan
+    from .data import PreprocessingFile
     from .compiler.targets import PresetFile
     from .compiler.tuning import RecordRow, TuningKeyFile, WorkloadRow
     from .quant.calibration import RecipeFile
@@ -244,6 +245,7 @@ def documented() -> list[tuple[str, type[Schema]]]:
 
     return [("Target presets: `targets/NAME.toml`, `--target FILE.toml`", PresetFile),
             ("Calibration recipes: `calibration/NAME.toml`, `--calibration FILE.toml`", RecipeFile),
+            ("Preprocessing: `--preprocessing FILE.toml` or `FILE.json`", PreprocessingFile),
             ("Artifact manifest: `manifest.json`", Manifest),
             ("WGSL program: `program.json` (Vulkan artifacts)", Program),
             ("CUDA launch plan: `cuda_plan.json` (cuda-driver artifacts: the Jetsons)", CudaPlan),

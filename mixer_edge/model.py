@@ -56,6 +56,16 @@ PRESETS: dict[str, MixerConfig] = {
 }
 
 
+# The preprocessing of each preset's official weights, as timm's per-model pretrained config gives it (the paper's
+# Mixers: Inception mean/std 0.5, bicubic, crop 0.875); the digits demo's is data.DIGITS_PREPROCESS. A preset not
+# listed has none: a build of it says the preprocessing it assumed.
+INCEPTION = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resample": "bicubic", "crop_pct": 0.875}
+PREPROCESSING: dict[str, dict] = {
+    **{name: INCEPTION for name in ("mixer_s32", "mixer_s16", "mixer_b32", "mixer_b16", "mixer_l32", "mixer_l16")},
+    "mixer_digits": {"mean": (0.5,), "std": (0.5,), "resample": "bilinear", "crop_pct": 1.0},
+}
+
+
 def preset(name: str, **overrides) -> MixerConfig:
     """The config registered as `name`, with fields replaced by `overrides` (e.g. num_classes)."""
     if name not in PRESETS:

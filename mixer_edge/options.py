@@ -114,3 +114,36 @@ def targets(text: str) -> list[str]:
 batches = comma_list(integer(1, MAX_BATCH, "a batch size"), "batch sizes")
 precisions = comma_list(choice(*PRECISIONS), "precisions")
 positive = integer(1, MAX_COUNT)
+
+
+def preprocessing(key: str, what: str) -> Callable[[str], object]:
+    """A --size/--mean/--std/--interpolation/--crop-pct value, checked as the same field of a --preprocessing file
+    (data.PreprocessingFile): `what` says what the option takes."""
+    def parse(text: str):
+        from pydantic import ValidationError
+
+        from .data import PreprocessingFile
+        from .formats import describe
+
+        value: object = text.strip()
+        if key in ("size", "mean", "std"):
+            parts = [part.strip() for part in text.split(",")]
+            try:
+                value = [int(p, 10) if key == "size" else float(p) for p in parts]
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"takes {what}, not '{text}'") from None
+            value = value * 2 if key == "size" and len(value) == 1 else value
+        elif key == "crop_pct":
+            try:
+                value = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"takes {what}, not '{text}'") from None
+        try:
+            PreprocessingFile.model_validate({key: value})
+        except ValidationError as exc:
+            problem = describe(PreprocessingFile, {**exc.errors()[0], "loc": ()})
+            raise argparse.ArgumentTypeError(f"takes {what}: {problem}") from None
+        return tuple(value) if isinstance(value, list) else value
+
+    parse.__name__ = key
+    return parse

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import compiler, quant
 from .compiler import Budget, TargetPreset, Tuning, resolve_target
+from .data import StatedPreprocessing
 from .errors import MixerEdgeError
 from .quant import Calibration, Quantization, resolve_recipe
 
@@ -27,6 +28,7 @@ class ModelRequest:
     model: str | None = None  # a preset name or an .onnx path
     checkpoint: str | None = None  # timm .pth/.safetensors or official Flax .npz
     num_classes: int | None = None  # the checkpoint's classifier size, where it differs from the preset's
+    preprocess: StatedPreprocessing | None = None  # what the user stated (--mean, --preprocessing FILE, ...)
 
     @property
     def is_onnx(self) -> bool:
@@ -39,7 +41,7 @@ class ModelRequest:
 
         return export.open_model(self.model, self.checkpoint, batch=batches[0],
                                  dynamic_batch=dynamic_batch or len(batches) > 1, num_classes=self.num_classes,
-                                 progress=progress)
+                                 progress=progress, preprocess=self.preprocess)
 
 
 @dataclass(frozen=True)
@@ -269,6 +271,7 @@ class ReportRequest:
     rounds: int = 20  # interleaved timing rounds
     threads: int | None = None  # CPU threads for every candidate; None: the physical cores
     torch_compile: bool = True  # time torch.compile beside PyTorch eager
+    peers: bool | tuple[str, ...] = True  # the installed peers (peers.py) beside them; a tuple: those engines
 
     def __post_init__(self):
         resolve_targets(self.targets)

@@ -4,7 +4,7 @@
 int8 with each calibration recipe, int8 mixed precision) for each target, runs it on the evaluation data
 (on this machine, or on the emulated board for ARM presets), times it in one interleaved session per
 device beside the baselines (PyTorch eager, torch.compile, onnxruntime float and the same int8 QDQ
-models), and marks the Pareto-optimal rows of each device. Each line is a `Row`; `write_report` writes
+models, and the installed peers of peers.py), and marks the Pareto-optimal rows of each device. Each line is a `Row`; `write_report` writes
 report.json (each row's `to_json`), report.md, report.png and a self-contained report.html.
 """
 
@@ -216,10 +216,33 @@ def make_report(source, request: ReportRequest, out: str | Path, progress=print)
                   "score": score, "batch": request.batch, "threads": threads, "rounds": request.rounds,
                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "machine": machine(), "versions": versions(),
-                  "rows": [row.to_json(i, front) for i, (row, front) in enumerate(zip(rows, pareto), 1)]}
+                  "rows": [row.to_json(i, front) for i, (row, front) in enumerate(zip(rows, pareto), 1)],
+                  "inside": _look_inside(source, built, rows, stage, data.x, progress)}
         write_report(stage, report)
     progress(f"wrote {out}: report.json, report.md, report.png, report.html and {len(plan.builds)} artifacts")
     return report
+
+
+INSIDE_SAMPLES, INSIDE_REPEAT = 16, 5  # inputs each variant's layers are compared on; inferences profiled
+
+
+def _look_inside(source, built: list[tuple[Build, BuildFacts]], rows: list[Row], stage: Path, x: np.ndarray,
+                 progress) -> dict:
+    """Each mixer-edge variant that ran (here or on its emulated board) seen inside: its layers' times
+    (layers.profile) and errors against the float model (layers.compare), as report.inside's sections."""
+    from . import layers
+
+    sections = {}
+    for (build, facts), row in zip(built, rows):
+        if row.latency is None:  # not run here nor on an emulated board
+            continue
+        name, board = f"{build.preset.name} {build.variant.name}", build.preset.name if row.emulated else None
+        progress(f"looking inside {name}: each layer's time and error")
+        artifact = stage / facts.artifact
+        inputs = x[:max(INSIDE_SAMPLES, build.batch)]
+        sections[name] = inside(layers.profile(artifact, source, inputs, board=board, repeat=INSIDE_REPEAT),
+                                layers.compare(artifact, source, inputs, board=board))
+    return sections
 
 
 def _quantize(source, plan: BuildRequest, data: EvalData, progress) -> dict[Variant, Quantized]:
@@ -266,7 +289,8 @@ def _measure(source, built: list[tuple[Build, BuildFacts]], stage: Path, data: E
 
     here, boards, runs = _place(built, stage, progress)
     logits = [model(data.x) for _, model in here]
-    baselines = _baselines(source, data.x, request.batch, threads, quantized, request.torch_compile, progress)
+    baselines = _baselines(source, data.x, request.batch, threads, quantized, request.torch_compile, progress,
+                           request.peers)
     candidates = [artifact_candidate(f"{built[i][0].preset.name} {built[i][0].variant.name}", model, data.x)
                   for i, model in here] + [baseline.candidate for baseline in baselines]
     progress(f"timing on {HERE}: {len(candidates)} candidates, {request.rounds} interleaved rounds")
@@ -303,9 +327,9 @@ def _place(built: list[tuple[Build, BuildFacts]], stage: Path, progress):
 
 
 def _baselines(source, x: np.ndarray, batch: int, threads: int, quantized: dict[Variant, Quantized],
-               torch_compile: bool, progress) -> list[Baseline]:
+               torch_compile: bool, progress, peers: bool | tuple[str, ...] = True) -> list[Baseline]:
     """PyTorch eager and torch.compile in float32, onnxruntime on the float model and on each int8 variant's QDQ
-    model: on this machine's CPU, timed on one batch."""
+    model, and the installed `peers` (a tuple: those engines): on this machine's CPU, timed on one batch."""
     from .artifact import reference_logits
     from .bench import compile_torch, onnxruntime_candidate, torch_candidate
     from .data import in_batches
@@ -327,7 +351,30 @@ def _baselines(source, x: np.ndarray, batch: int, threads: int, quantized: dict[
     for variant, precision, proto in protos:
         candidate = onnxruntime_candidate(proto, first, "cpu", threads, precision)
         baselines.append(Baseline("onnxruntime", variant, precision, reference_logits(None, proto, x), candidate))
-    return baselines
+    return baselines + (_peer_baselines(source, x, first, threads, quantized, progress, peers) if peers else [])
+
+
+def _peer_baselines(source, x: np.ndarray, first: np.ndarray, threads: int, quantized: dict[Variant, Quantized],
+                    progress, engines: bool | tuple[str, ...] = True) -> list[Baseline]:
+    """The installed peers (peers.py): OpenVINO on the float model and on each int8 variant's QDQ model,
+    onnxruntime's own quantize_static int8 and ExecuTorch/XNNPACK float32 and int8 (both calibrated on the first
+    int8 variant's calibration inputs); the rest named once through `progress`."""
+    from .data import in_batches
+    from .peers import OPENVINO, Peers, calibration_inputs
+
+    calibrated = next(iter(quantized.values()), None)
+    peers = Peers(threads, calibration_inputs(source, calibrated and calibrated.quantization), progress,
+                  **({"engines": engines} if isinstance(engines, tuple) else {}))
+    found = [("float32", peer) for peer in peers.float32(source, first.shape)]
+    for v, q in quantized.items():
+        found += [(f"{v.name} (QDQ)" if peer.engine == OPENVINO else peer.variant, peer)
+                  for peer in peers.int8(source, q.quantization.qdq, first.shape)]
+    baselines = {}
+    for variant, peer in found:  # onnxruntime's and ExecuTorch's int8 once, whatever the variants
+        if (peer.engine, variant) not in baselines:
+            baselines[peer.engine, variant] = Baseline(peer.engine, variant, peer.precision,
+                                                       in_batches(peer.infer, x, len(first)), peer.candidate(first))
+    return list(baselines.values())
 
 
 def _run_on_boards(built: list[tuple[Build, BuildFacts]], boards: dict[str, list[int]], stage: Path, x: np.ndarray,
@@ -370,6 +417,24 @@ def table(report: dict) -> list[str]:
             *("| " + " | ".join(_cells(row)) + " |" for row in report["rows"])]
 
 
+def peer_lines(report: dict) -> list[str]:
+    """Each timed mixer-edge row against the fastest other engine of its precision on its device (not the slowest)."""
+    timed = [r for r in report["rows"] if r["latency"]]
+    lines = []
+    for mine in (r for r in timed if r["engine"] == "mixer-edge"):
+        peers = [r for r in timed if r["engine"] != "mixer-edge" and r["device"] == mine["device"]
+                 and r["precision"] == mine["precision"]]
+        if not peers:
+            continue
+        peer = min(peers, key=lambda r: r["latency"]["median_ms"])
+        ratio = peer["latency"]["median_ms"] / mine["latency"]["median_ms"]
+        lines.append(f"- #{mine['id']} mixer-edge {mine['target']} {mine['variant']}: {ratio:.2f}x the speed of the "
+                     f"fastest {mine['precision']} peer, #{peer['id']} {peer['engine']} {peer['variant']}"
+                     + (" (mixer-edge is slower)" if ratio < 1 else ""))
+    return ["", "Against the fastest other engine of the same precision on the same device:", "", *lines] \
+        if lines else []
+
+
 def markdown(report: dict) -> str:
     m, ev = report["machine"], report["evaluation"]
     score = "top-1 accuracy" if report["score"] == "top1" else "top-1 agreement with the float model"
@@ -380,7 +445,13 @@ def markdown(report: dict) -> str:
              f"★ = Pareto-optimal on its device ({score} against median latency): nothing there is both as fast "
              "and as accurate. Agreement, cosine and SQNR compare the logits with the float model's. "
              "Emulated latency ranks builds for that board against each other; it is not the board's speed.", "",
-             "![accuracy against latency](report.png)", "", *table(report)]
+             "![accuracy against latency](report.png)", "", *table(report), *peer_lines(report)]
+    for name, section in report.get("inside", {}).items():
+        lines += ["", f"## Inside {name} ({section['where']})", "",
+                  "Five slowest layers: " + ", ".join(f"{r['layer']} ({r['ms']:.4f} ms, {r['share']:.1%})"
+                                                      for r in section["slowest"]) + ".",
+                  "Five layers with the worst SQNR: " + (", ".join(f"{r['layer']} ({r['sqnr_db']:.1f} dB)"
+                                                                   for r in section["worst_sqnr"]) or "none") + "."]
     v = report["versions"]
     lines += ["", "Versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)) + "."]
     return "\n".join(lines) + "\n"
@@ -446,9 +517,48 @@ tr.pareto{{background:#fff4d6}}img{{max-width:100%}}</style></head><body>
 {''.join(f'<p>{html.escape(p)}</p>' for p in intro)}
 <img alt="accuracy against latency" src="data:image/png;base64,{base64.b64encode(png).decode()}">
 <table><tr>{head}</tr>{body}</table>
+{''.join(inside_html(name, section) for name, section in report.get('inside', {}).items())}
 <p>Versions: {html.escape(versions)}. Machine: {html.escape(json.dumps(report['machine']))}.</p>
 </body></html>
 """
+
+
+def inside(profile, comparison) -> dict:
+    """One variant's look inside (layers.Profile, layers.Comparison): its five slowest layers, its five layers
+    with the worst SQNR, and each layer's time and SQNR for the chart."""
+    sqnr = {r.layer: r.sqnr_db for r in comparison.layers if r.compared in ("float", "dequantized")}
+    return {"where": profile.where, "emulated": profile.emulated,
+            "slowest": [{"layer": r.layer, "ms": r.ms, "share": r.share} for r in profile.slowest()],
+            "worst_sqnr": [{"layer": r.layer, "sqnr_db": r.sqnr_db} for r in comparison.worst()],
+            "layers": [{"layer": r.layer, "ms": r.ms, "sqnr_db": sqnr.get(r.layer)} for r in profile.layers]}
+
+
+def inside_html(name: str, section: dict) -> str:
+    """A variant's slowest and worst-SQNR layers, and an inline SVG chart: per layer, its time (left bar) beside
+    its SQNR in dB (right bar; none where the layer's output is not compared)."""
+    rows = section["layers"]
+    top_ms = max((r["ms"] for r in rows), default=0) or 1
+    top_db = max((r["sqnr_db"] for r in rows if r["sqnr_db"] is not None), default=0) or 1
+    height, bar = 14 * len(rows) + 30, 220
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" class="inside" width="{300 + 2 * bar + 120}" height="{height}">',
+           f'<text x="300" y="12" font-size="11">time, ms{" (emulated)" if section["emulated"] else ""}</text>',
+           f'<text x="{300 + bar + 60}" y="12" font-size="11">SQNR, dB</text>']
+    for i, r in enumerate(rows):
+        y = 20 + 14 * i
+        svg.append(f'<text x="295" y="{y + 10}" font-size="10" text-anchor="end">{html.escape(r["layer"])}</text>')
+        svg.append(f'<rect x="300" y="{y}" width="{bar * r["ms"] / top_ms:.1f}" height="11" fill="#1f77b4" '
+                   f'data-layer="{html.escape(r["layer"])}" data-ms="{r["ms"]:.6g}"/>')
+        if r["sqnr_db"] is not None:
+            svg.append(f'<rect x="{300 + bar + 60}" y="{y}" width="{bar * max(r["sqnr_db"], 0) / top_db:.1f}" '
+                       f'height="11" fill="#ff7f0e" data-layer="{html.escape(r["layer"])}" '
+                       f'data-sqnr-db="{r["sqnr_db"]:.6g}"/>')
+    svg.append("</svg>")
+    slow = "".join(f"<li>{html.escape(r['layer'])}: {r['ms']:.4f} ms ({r['share']:.1%})</li>"
+                   for r in section["slowest"])
+    worst = "".join(f"<li>{html.escape(r['layer'])}: {r['sqnr_db']:.1f} dB</li>" for r in section["worst_sqnr"])
+    return (f"<h2>Inside {html.escape(name)} ({html.escape(section['where'])})</h2>"
+            f"<p>Five slowest layers:</p><ol>{slow}</ol><p>Five layers with the worst SQNR:</p><ol>{worst}</ol>"
+            + "".join(svg))
 
 
 def write_report(root: Path, report: dict) -> None:

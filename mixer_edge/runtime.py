@@ -500,7 +500,9 @@ def describe(m: Manifest, artifact: str | Path) -> list[str]:
              f"target     {m.target.preset}: {m.target.description}",
              f"device     {device.runner.describe(m)}",
              f"precision  {m.precision.compute} compute, {m.precision.accumulation} accumulation, weights "
-             f"{'/'.join(m.precision.weights)}; batch {m.input.shape[0]}"]
+             f"{'/'.join(m.precision.weights)}; batch {m.input.shape[0]}",
+             f"preprocess {m.preprocess.to_preprocess().describe()}, to {m.preprocess.size[0]}x{m.preprocess.size[1]}"
+             + (" (assumed: nobody stated it)" if m.preprocess.assumed else "")]
     if m.quantization:
         q = m.quantization
         recipe = q.recipe if isinstance(q.recipe, str) else q.recipe.name

@@ -32,9 +32,12 @@ from conftest import assert_one_line_error, quiet
 CASES = []
 
 
-def case(*fragments: str):
-    """Register a corpus case: `make(tmp, corpus) -> argv`; `fragments` must all be in the error line."""
+def case(*fragments: str, native: bool = True):
+    """Register a corpus case: `make(tmp, corpus) -> argv`; `fragments` must all be in the error line. `native`:
+    an artifact case the native runtime meets too (False: it fakes this machine inside the Python process, or it
+    is a .tar, which only the Python runtime unpacks)."""
     def register(make):
+        make.native = native
         CASES.append(pytest.param(make, fragments, id=make.__name__.replace("_", "-")))
         return make
 
@@ -433,6 +436,73 @@ def option_without_its_value(tmp, corpus):
     return ["compile", "-o", tmp / "out", "--precision"]
 
 
+# ---- preprocessing options and files --------------------------------------------------------------
+
+@case("argument --std: takes comma-separated numbers > 0", "greater than 0, got -1.0")
+def preprocessing_std_negative(tmp, corpus):
+    return ["compile", "--model", corpus.digits_onnx, "--std", "-1", "-o", tmp / "out"]
+
+
+@case("argument --crop-pct: takes a fraction in (0, 1]", "greater than 0, got 0.0")
+def preprocessing_crop_zero(tmp, corpus):
+    return ["compile", "--model", corpus.digits_onnx, "--crop-pct", "0", "-o", tmp / "out"]
+
+
+@case("argument --crop-pct: takes a fraction in (0, 1]", "less than or equal to 1, got 1.5")
+def preprocessing_crop_above_one(tmp, corpus):
+    return ["compile", "--model", corpus.digits_onnx, "--crop-pct", "1.5", "-o", tmp / "out"]
+
+
+@case("argument --interpolation: takes nearest, box, bilinear", "got 'cubic'")
+def preprocessing_interpolation_unknown(tmp, corpus):
+    return ["compile", "--model", corpus.digits_onnx, "--interpolation", "cubic", "-o", tmp / "out"]
+
+
+@case("argument --mean: takes comma-separated numbers", "not '0.5,,0.5'")
+def preprocessing_mean_not_numbers(tmp, corpus):
+    return ["compile", "--model", corpus.digits_onnx, "--mean", "0.5,,0.5", "-o", tmp / "out"]
+
+
+@case("the preprocessing stated by --mean: field 'mean': has 3 values but channels is 1",
+      "state one mean and one std per channel")
+def preprocessing_mean_per_channel(tmp, corpus):
+    return ["compile", "--model", corpus.digits_onnx, "--mean", "0.485,0.456,0.406", "-o", tmp / "out"]
+
+
+@case("--size: size [224, 224] is not the model's input size [8, 8]", "state [8, 8] or leave it out")
+def preprocessing_size_not_the_model_s(tmp, corpus):
+    return ["compile", "--model", corpus.digits_onnx, "--size", "224", "-o", tmp / "out"]
+
+
+@case("preprocessing file", "missing.toml could not be read", "pass a readable TOML file")
+def preprocessing_file_unreadable(tmp, corpus):
+    return ["compile", "--model", corpus.digits_onnx, "--preprocessing", tmp / "missing.toml", "-o", tmp / "out"]
+
+
+@case("pre.toml could not be read", "pass a readable TOML file")
+def preprocessing_file_not_toml(tmp, corpus):
+    (tmp / "pre.toml").write_text("mean = [0.5,\n")
+    return ["compile", "--model", corpus.digits_onnx, "--preprocessing", tmp / "pre.toml", "-o", tmp / "out"]
+
+
+@case("pre.json: unknown field 'resize'", "(known: crop_pct, interpolation, mean, size, std)", "fix the file")
+def preprocessing_file_unknown_key(tmp, corpus):
+    (tmp / "pre.json").write_text('{"mean": [0.5], "resize": 256}')
+    return ["compile", "--model", corpus.digits_onnx, "--preprocessing", tmp / "pre.json", "-o", tmp / "out"]
+
+
+@case("pre.toml: field 'std.0': Input should be greater than 0", "fix the file")
+def preprocessing_file_std_zero(tmp, corpus):
+    (tmp / "pre.toml").write_text("std = [0.0]\n")
+    return ["compile", "--model", corpus.digits_onnx, "--preprocessing", tmp / "pre.toml", "-o", tmp / "out"]
+
+
+@case("--preprocessing", "pre.yaml: takes a .toml or .json file")
+def preprocessing_file_of_another_kind(tmp, corpus):
+    (tmp / "pre.yaml").write_text("mean: [0.5]\n")
+    return ["compile", "--model", corpus.digits_onnx, "--preprocessing", tmp / "pre.yaml", "-o", tmp / "out"]
+
+
 @case("out exists and is a file", "choose another path")
 def output_path_is_a_file(tmp, corpus):
     (tmp / "out").write_text("my notes\n")
@@ -503,6 +573,13 @@ def artifact_manifest_forged_without_a_field(tmp, corpus):
     return ["run", root]
 
 
+@case("field 'preprocess.crop_pct': Input should be less than or equal to 1", "rebuild the artifact")
+def artifact_manifest_forged_crop_above_one(tmp, corpus):
+    root = corpus.artifact(tmp)
+    edit(root, lambda m: m["preprocess"].update(crop_pct=1.5), reseal=True)
+    return ["run", root]
+
+
 @case("model.so does not match its sha256", "copy the artifact again")
 def artifact_swapped_library(tmp, corpus):
     root = corpus.artifact(tmp)
@@ -551,7 +628,7 @@ def artifact_lists_a_file_outside_itself(tmp, corpus):
     return ["inspect", root]
 
 
-@case("art.tar could not be unpacked", "outside the destination")
+@case("art.tar could not be unpacked", "outside the destination", native=False)
 def artifact_tar_escaping_its_directory(tmp, corpus):
     with tarfile.open(tmp / "art.tar", "w") as tar:
         member = tarfile.TarInfo(f"../{tmp.name}-escaped.txt")  # would land beside the unpack directory
@@ -567,14 +644,15 @@ def artifact_for_another_board(tmp, corpus):
     return ["run", corpus.artifact(tmp, "rpi5")]
 
 
-@case("needs CPU features this CPU lacks", "rebuild for this board's preset")
+@case("needs CPU features this CPU lacks", "rebuild for this board's preset", native=False)
 def artifact_for_a_newer_cpu(tmp, corpus):
     root = corpus.artifact(tmp)
     corpus.monkeypatch.setattr(runtime, "machine_cpu_features", lambda: {"sse2", "avx"})  # an older x86 board
     return ["run", root]
 
 
-@case("computes in float16, which the Vulkan device", "(no shader-f16)", "rebuild it with --precision float32")
+@case("computes in float16, which the Vulkan device", "(no shader-f16)", "rebuild it with --precision float32",
+      native=False)
 def artifact_float16_on_a_vulkan_device_without_f16(tmp, corpus):
     compile_model(corpus.request.getfixturevalue("digits_source"), "android-vulkan", tmp / "art", precision="float16",
                   progress=quiet)

@@ -55,8 +55,9 @@ def test_precisions_and_batches_make_one_artifact_each(run_cli, tmp_path):
 
 
 def test_bench_reports_ratios_beside_pytorch_and_onnxruntime(run_cli, tmp_path):
-    code, out, err = run_cli("bench", "--target", "host", "--rounds", "2", "--json", tmp_path / "b.json")
-    assert code == 0, err
+    code, out, err = run_cli("bench", "--target", "host", "--rounds", "2", "--json", tmp_path / "b.json", "--no-peers")
+    assert code == 0, err  # the peers: tests/test_peers.py
+    assert "openvino" not in out and "executorch" not in out
     assert "| mixer-edge float32 |" in out and "| pytorch eager float32 |" in out and "onnxruntime CPU" in out
     assert "| torch.compile float32 |" in out
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
@@ -75,10 +76,12 @@ def test_int8_compile_and_bench(run_cli, tmp_path):
     assert "layers on int8" in err and "against onnxruntime on the same QDQ model" in err
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["quantization"]["recipe"]["name"] == "minmax" and manifest["quantization"]["samples"] == 128
-    code, out, err = run_cli("bench", "--precision", "float32,int8", "--rounds", "2", "--no-torch-compile")
+    code, out, err = run_cli("bench", "--precision", "float32,int8", "--rounds", "2", "--no-torch-compile",
+                             "--no-peers")
     assert code == 0, err
     assert "| mixer-edge int8 |" in out and "| onnxruntime CPU int8 (QDQ) |" in out
-    assert "batch 1: mixer-edge int8 is" in out and "x onnxruntime int8" in out
+    assert "batch 1: mixer-edge int8 is" in out and "onnxruntime int8" in out
+    assert "against the fastest int8 peer, onnxruntime CPU int8 (QDQ)," in out  # the only int8 peer here
 
 
 @pytest.mark.parametrize("args, message", [

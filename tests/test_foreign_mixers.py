@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import warnings
 
 import numpy as np
@@ -16,13 +17,14 @@ from hypothesis import given, strategies as st
 from torch import nn
 from tvm import relax
 
-from mixer_edge import emulator, runtime
+from mixer_edge import bundle, emulator, runtime
 from mixer_edge.compiler import compile_model, webgpu
 from mixer_edge.errors import MixerEdgeError
 from mixer_edge.export import open_model, run_onnxruntime
 from mixer_edge.vulkan import Program, WgpuProgram, read_program
 
 from conftest import agreement, quiet
+from test_native import native_logits
 
 SIZE, CHANNELS = 16, 3
 WGSL_TARGET = {"kind": "webgpu", "host": {"kind": "llvm"}}
@@ -183,6 +185,15 @@ def test_foreign_mixer_matches_onnxruntime(built, inputs, reference, name, targe
     model = runtime.load(built(name, target))
     assert_matches(model(inputs), reference[name])
     assert model.manifest["verification"]["status"] == "verified"
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the native runtime needs a C++ compiler")
+@pytest.mark.parametrize("target", ["host", "android-vulkan"])
+@pytest.mark.parametrize("name", MODELS)
+def test_foreign_mixer_runs_in_the_native_runtime(built, inputs, reference, name, target, tmp_path):
+    """The bundle's C++ runtime (no Python) on the same artifacts: TVM's runtime on the host, wgpu-native on Vulkan."""
+    packed = bundle.package(built(name, target), tmp_path / "bundle", progress=quiet)
+    assert_matches(native_logits(packed, inputs, tmp_path), reference[name])
 
 
 def test_class_token_mixer_in_float16_on_vulkan(foreign, inputs, reference, tmp_path):

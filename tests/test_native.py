@@ -98,6 +98,30 @@ def test_runner_prints_predictions_and_benchmarks(host_bundle, digits_test, tmp_
     assert "median" in lines[3] and "p90" in lines[3] and "peak resident memory" in lines[3]
 
 
+RUNNER_INPUTS = {  # a bad input -> what the runner's one error line must say
+    "missing.png": "does not exist or cannot be opened",
+    "truncated.png": "could not be read",
+    "notes.txt": "could not be read",
+    "wrong-shape.npy": "the model expects float32 (N, 1, 8, 8)",
+    "text.npy": "could not be read",
+}
+
+
+@pytest.mark.parametrize("name", RUNNER_INPUTS)
+def test_runner_refuses_bad_inputs_in_one_line(host_bundle, tmp_path, name):
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(tmp_path / "whole.png")
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "whole.png").read_bytes()[:40])
+    (tmp_path / "notes.txt").write_text("not an image")
+    np.save(tmp_path / "wrong-shape.npy", np.zeros((2, 3, 8, 8), np.float32))
+    (tmp_path / "text.npy").write_text("not an array")
+    root = host_bundle("host")
+    code, out, err = run_native(root, root / "artifact", "--input", tmp_path / name)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith("mixer-edge-run: error: ") and name in err and RUNNER_INPUTS[name] in err, err
+
+
 def test_image_input_is_preprocessed(host_bundle, tmp_path):
     """A PNG goes through the artifact's preprocessing (decode, resize, normalise) to a prediction."""
     from PIL import Image
@@ -303,29 +327,15 @@ def test_the_c_api_computes_the_manifest_digest_as_python_does(c_api, host_bundl
 
 # ---- tampered artifacts: the corpus's artifact cases, refused in the Python loader's words -------------
 
-class NativeCorpus(Corpus):
-    """The bad-input corpus, without the cases that fake this machine inside the Python process (a native process
-    sees the real one; test_rpi5_bundle_runs_on_the_emulated_board_without_python has it refuse a Pi 4)."""
-
-    @property
-    def monkeypatch(self):
-        pytest.skip("the case fakes this machine inside the Python process")
-
-    @monkeypatch.setter
-    def monkeypatch(self, value):
-        self._monkeypatch = value
-
-
-ARTIFACT_CASES = [case for case in CASES if case.id.startswith("artifact-")]
+# The artifact cases a native process meets too (not those faking this machine inside Python, nor .tar files);
+# test_rpi5_bundle_runs_on_the_emulated_board_without_python has the native runtime refuse a Pi 4's CPU.
+ARTIFACT_CASES = [case for case in CASES if case.id.startswith("artifact-") and case.values[0].native]
 
 
 @pytest.mark.parametrize("make, fragments", ARTIFACT_CASES)
 def test_tampered_artifacts_are_refused_as_the_python_loader_refuses_them(make, fragments, tmp_path, request,
                                                                           monkeypatch, host_bundle):
-    corpus = NativeCorpus(request, monkeypatch)
-    argv = make(tmp_path, corpus)
-    if not Path(argv[-1]).is_dir():
-        pytest.skip("the native runtime opens artifact directories; a .tar is unpacked by the Python runtime")
+    argv = make(tmp_path, Corpus(request, monkeypatch))
     code, _, err = run_native(host_bundle("host"), argv[1])
     lines = err.splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("mixer-edge-run: error: "), err

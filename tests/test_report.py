@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, leftovers, quiet
-from mixer_edge import runtime
+from mixer_edge import layers, peers, runtime
 from mixer_edge.bench import Latency
 from mixer_edge.export import run_onnxruntime
 from mixer_edge.plan import ReportRequest, Variant
-from mixer_edge.report import Metrics, Row, make_report, pareto_front
+from mixer_edge.report import INSIDE_SAMPLES, Metrics, Row, make_report, pareto_front
 
 
 def dominated(row, rows, score):
@@ -64,8 +64,9 @@ def test_a_row_in_report_json_has_every_field_in_order():
 def host_report(digits_source, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "r"
     variants = tuple(Variant.parse(v) for v in ("float32", "int8", "int8:minmax"))
-    report = make_report(digits_source, ReportRequest(("host",), variants, rounds=3, torch_compile=False), out,
-                         progress=quiet)
+    request = ReportRequest(("host",), variants, rounds=3, torch_compile=False,
+                            peers=(peers.OPENVINO, peers.ORT_INT8))  # ExecuTorch's lowering: in test_peers' slow tests
+    report = make_report(digits_source, request, out, progress=quiet)
     return out, report
 
 
@@ -75,9 +76,16 @@ def test_report_rows_are_what_the_artifacts_and_baselines_measure(host_report, d
     assert report == json.loads((out / "report.json").read_text())
     x, y = digits_test
     rows = {(r["engine"], r["variant"]): r for r in report["rows"]}
+    peer_rows = {(peers.ORT_INT8, peers.ORT_INT8_VARIANT)} | ({(peers.OPENVINO, "float32"), (
+        peers.OPENVINO, "int8:default (QDQ)"), (peers.OPENVINO, "int8:minmax (QDQ)")} if not peers.unavailable("openvino")
+        else set())
     assert set(rows) == {("mixer-edge", "float32"), ("mixer-edge", "int8:default"), ("mixer-edge", "int8:minmax"),
                          ("pytorch eager", "float32"), ("onnxruntime", "float32"),
-                         ("onnxruntime", "int8:default (QDQ)"), ("onnxruntime", "int8:minmax (QDQ)")}
+                         ("onnxruntime", "int8:default (QDQ)"), ("onnxruntime", "int8:minmax (QDQ)")} | peer_rows
+    for key in peer_rows:  # each peer's logits on the whole evaluation data, checked like the others'
+        assert rows[key]["latency"]["calls"] == 15 and rows[key]["agreement"] >= 0.98 and rows[key]["top1"] >= 0.95
+    if (peers.OPENVINO, "float32") in rows:
+        assert rows[peers.OPENVINO, "float32"]["agreement"] == 1.0
     for variant, suffix in (("float32", ""), ("int8:default", "-int8"), ("int8:minmax", "-int8-minmax")):
         row = rows["mixer-edge", variant]
         assert row["artifact"] == f"artifacts/mixer_digits-{row['target']}{suffix}"  # named as compile names it
@@ -111,11 +119,45 @@ def test_report_marks_the_pareto_front_and_writes_it_everywhere(host_report):
     assert [line.endswith("| ★ |") for line in table] == [r["pareto"] for r in rows]
     for r, line in zip(rows, table):
         assert f"| {r['latency']['median_ms']:.3f} |" in line and f"| {r['top1']:.2%} |" in line
+    for r in (r for r in rows if r["engine"] == "mixer-edge"):  # against the fastest peer, not the slowest
+        fastest = min((o for o in rows if o["engine"] != "mixer-edge" and o["precision"] == r["precision"]),
+                      key=lambda o: o["latency"]["median_ms"])
+        assert (f"- #{r['id']} mixer-edge {r['target']} {r['variant']}: "
+                f"{fastest['latency']['median_ms'] / r['latency']['median_ms']:.2f}x the speed of the fastest "
+                f"{r['precision']} peer, #{fastest['id']} {fastest['engine']} {fastest['variant']}") in md
     page = (out / "report.html").read_text()
     assert page.count('<tr class="pareto">') == len(marked)
     assert "data:image/png;base64," in page and 'src="http' not in page  # self-contained
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not leftovers(out.parent)
+
+
+def test_report_looks_inside_every_variant_it_ran(host_report, digits_source, digits_test):
+    """Each mixer-edge variant's five slowest layers, five worst-SQNR layers and per-layer chart, in report.json,
+    report.md and report.html, are what profile and compare measure on the report's own artifact."""
+    out, report = host_report
+    page, md = (out / "report.html").read_text(), (out / "report.md").read_text()
+    built = [r for r in report["rows"] if r["engine"] == "mixer-edge"]
+    assert sorted(report["inside"]) == sorted(f"{r['target']} {r['variant']}" for r in built)
+    for row in built:
+        section = report["inside"][f"{row['target']} {row['variant']}"]
+        names = [r["layer"] for r in section["layers"]]
+        assert {"stem.proj", "blocks.0.mlp_tokens.fc1", "head"} <= set(names)
+        assert [r["ms"] for r in section["slowest"]] == sorted((r["ms"] for r in section["layers"]), reverse=True)[:5]
+        compared = [r["sqnr_db"] for r in section["layers"] if r["sqnr_db"] is not None]
+        assert len(section["worst_sqnr"]) == 5 and section["worst_sqnr"][0]["sqnr_db"] <= min(compared)
+        if row["precision"] == "int8":  # int8 noise is tens of dB, float rounding over a hundred
+            assert section["worst_sqnr"][0]["sqnr_db"] < 60
+        else:
+            assert section["worst_sqnr"][0]["sqnr_db"] > 100
+        again = layers.compare(out / row["artifact"], digits_source, digits_test[0][:INSIDE_SAMPLES])
+        assert section["worst_sqnr"] == [{"layer": r.layer, "sqnr_db": r.sqnr_db} for r in again.worst()]
+        own = page.split(f"Inside {row['target']} {row['variant']}")[1].split("<h2>")[0]  # this variant's chart
+        chart = dict(re.findall(r'data-layer="([^"]+)" data-ms="([^"]+)"', own))
+        for r in section["layers"]:
+            assert float(chart[r["layer"]]) == pytest.approx(r["ms"], rel=1e-5)
+        assert f"## Inside {row['target']} {row['variant']}" in md
+        assert f"{section['slowest'][0]['layer']} ({section['slowest'][0]['ms']:.4f} ms" in md
 
 
 @pytest.mark.emulation
@@ -138,7 +180,7 @@ def test_report_on_host_and_emulated_rpi5_with_torch_compile(digits_source, boar
 
 def test_report_cli_writes_four_files_and_prints_the_table(run_cli, tmp_path):
     code, out, err = run_cli("report", "--target", "host", "--variants", "float32,int8:entropy", "--rounds", "2",
-                             "--no-torch-compile", "-o", tmp_path / "rep")
+                             "--no-torch-compile", "--no-peers", "-o", tmp_path / "rep")
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == \
         ["artifacts", "report.html", "report.json", "report.md", "report.png"]

@@ -34,6 +34,12 @@ class Layer:
     axis: int  # the weight's output-channel axis
 
 
+def param_layer(node, inits) -> str | None:
+    """The layer a node belongs to by its parameters' names: X for an input initializer X.weight or X.bias."""
+    named = [n for n in node.input if n in inits and n.rsplit(".", 1)[-1] in ("weight", "bias")]
+    return named[0].rsplit(".", 1)[0] if named else None
+
+
 def layers(proto) -> list[Layer]:
     """The quantizable operators of `proto`, in graph order."""
     from onnx import helper
@@ -53,9 +59,7 @@ def layers(proto) -> list[Layer]:
             axis = 0 if attrs.get("transB", 0) else 1
         else:
             axis = -1
-        named = [n for n in node.input if n in inits and n.rsplit(".", 1)[-1] in ("weight", "bias")]
-        name = named[0].rsplit(".", 1)[0] if named else node.name
-        found.append(Layer(name, node.name, data, weight, axis))
+        found.append(Layer(param_layer(node, inits) or node.name, node.name, data, weight, axis))
     if not found:
         raise MixerEdgeError("the model has no MatMul/Gemm/Conv with constant weights to quantize: is it a Mixer?")
     return found

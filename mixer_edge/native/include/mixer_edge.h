@@ -42,8 +42,10 @@ typedef struct {
   int num_threads; /* CPU worker threads of the calling thread's pool; 0: one per physical core */
 } mixer_edge_options;
 
-/* How an image becomes the model's input: resize to height x width with `resample` (a PIL filter name:
- * nearest, bilinear, bicubic, lanczos, box, hamming), scale pixels to [0, 1], then (x - mean) / std. */
+/* How an image becomes the model's input: resize with `resample` (a PIL filter name: nearest, bilinear, bicubic,
+ * lanczos, box, hamming) to height x width, or with crop_pct < 1 the shorter side to floor(side / crop_pct)
+ * and then a center crop of height x width (timm's eval transform); scale pixels to [0, 1], then
+ * (x - mean) / std. */
 typedef struct {
   int channels;
   int height;
@@ -51,6 +53,7 @@ typedef struct {
   const float* mean; /* `channels` values */
   const float* std;  /* `channels` values */
   const char* resample;
+  double crop_pct; /* in (0, 1]; 1: no crop (an artifact that does not say) */
 } mixer_edge_preprocess;
 
 /* One line: what failed for the last call on this thread that did not return MIXER_EDGE_OK ("" if none). */

@@ -99,8 +99,30 @@ void read_array(const std::string& path, const int64_t shape[4], std::vector<flo
   batch.insert(batch.end(), values, values + view.nbytes / sizeof(float));
 }
 
-// One image: decoded (alpha over black), grey as PIL's ITU-R 601 luma, resized with the preprocessing's filter,
-// scaled to [0, 1], normalised. Close to the Python runtime's PIL path, not bit-identical: use .npy for that.
+// Where an image of width x height is resized to and where the crop starts (rw, rh, left, top), as the Python
+// runtime's Preprocess.crop_box: with crop_pct < 1 the shorter side to floor(side / crop_pct), then a center crop
+// (torchvision's rounding, half to even); crop_pct 1: the whole image to the model's size.
+void crop_box(const mixer_edge_preprocess& pre, int width, int height, int box[4]) {
+  if (!(pre.crop_pct < 1.0)) {
+    box[0] = pre.width, box[1] = pre.height, box[2] = box[3] = 0;
+    return;
+  }
+  const long scale_h = static_cast<long>(std::floor(pre.height / pre.crop_pct));
+  const long scale_w = static_cast<long>(std::floor(pre.width / pre.crop_pct));
+  long rw, rh;
+  if (static_cast<double>(height) * scale_w <= static_cast<double>(width) * scale_h)
+    rh = scale_h, rw = static_cast<long>(static_cast<double>(scale_h * width) / height);
+  else
+    rw = scale_w, rh = static_cast<long>(static_cast<double>(scale_w * height) / width);
+  rw = std::max<long>(rw, pre.width), rh = std::max<long>(rh, pre.height);
+  box[0] = static_cast<int>(rw), box[1] = static_cast<int>(rh);
+  box[2] = static_cast<int>(std::nearbyint((rw - pre.width) / 2.0));
+  box[3] = static_cast<int>(std::nearbyint((rh - pre.height) / 2.0));
+}
+
+// One image: decoded (alpha over black), grey as PIL's ITU-R 601 luma, resized (and center-cropped) with the
+// preprocessing's filter, scaled to [0, 1], normalised. Close to the Python runtime's PIL path, not bit-identical:
+// use .npy for that.
 void read_image(const std::string& path, const mixer_edge_preprocess& pre, std::vector<float>& batch) {
   if (pre.channels != 1 && pre.channels != 3)
     throw Usage("image " + path + " cannot feed a " + std::to_string(pre.channels) + "-channel model: pass a .npy array");
@@ -121,15 +143,18 @@ void read_image(const std::string& path, const mixer_edge_preprocess& pre, std::
   const stbir_filter filter = resample == "nearest" || resample == "box" ? STBIR_FILTER_BOX
                               : resample == "bilinear"                   ? STBIR_FILTER_TRIANGLE
                                                                          : STBIR_FILTER_CATMULLROM;
-  std::vector<float> small(static_cast<size_t>(pre.width) * pre.height * pre.channels);
-  stbir_resize_float_generic(plane.data(), width, height, 0, small.data(), pre.width, pre.height, 0, pre.channels,
+  int box[4];
+  crop_box(pre, width, height, box);
+  std::vector<float> resized(static_cast<size_t>(box[0]) * box[1] * pre.channels);
+  stbir_resize_float_generic(plane.data(), width, height, 0, resized.data(), box[0], box[1], 0, pre.channels,
                              STBIR_ALPHA_CHANNEL_NONE, 0, STBIR_EDGE_CLAMP, filter, STBIR_COLORSPACE_LINEAR, nullptr);
-  const size_t pixels = static_cast<size_t>(pre.width) * pre.height;
-  for (int c = 0; c < pre.channels; ++c)  // HWC -> CHW
-    for (size_t i = 0; i < pixels; ++i) {
-      const float unit = std::min(1.0f, std::max(0.0f, small[i * pre.channels + c] / 255.0f));
-      batch.push_back((unit - pre.mean[c]) / pre.std[c]);
-    }
+  for (int c = 0; c < pre.channels; ++c)  // HWC -> CHW, the crop only
+    for (int y = box[3]; y < box[3] + pre.height; ++y)
+      for (int x = box[2]; x < box[2] + pre.width; ++x) {
+        const float value = resized[(static_cast<size_t>(y) * box[0] + x) * pre.channels + c];
+        const float unit = std::min(1.0f, std::max(0.0f, value / 255.0f));
+        batch.push_back((unit - pre.mean[c]) / pre.std[c]);
+      }
 }
 
 // This process's peak resident memory in MiB: VmHWM, which (unlike getrusage's ru_maxrss) starts afresh at exec,
@@ -193,6 +218,8 @@ int run(const Options& o) {
   }
   std::vector<float> inputs;
   for (const std::string& path : o.inputs) {
+    if (!std::ifstream(path))
+      throw Usage("input " + path + " does not exist or cannot be opened: pass an image or a .npy array");
     const std::string ext = path.substr(path.find_last_of('.') + 1);
     if (ext == "npy") read_array(path, shape, inputs);
     else read_image(path, *mixer_edge_preprocessing(model), inputs);

@@ -419,6 +419,13 @@ Artifact open_artifact(const std::string& given) {
   a.mean = fields.numbers("preprocess.mean");
   a.std = fields.numbers("preprocess.std");
   a.resample = fields.text("preprocess.resample");
+  if (fields.at("preprocess").is_object() && fields.at("preprocess").contains("crop_pct")) {
+    const json& crop = fields.at("preprocess.crop_pct");
+    if (!crop.is_number() || crop.is_boolean()) fields.wrong("preprocess.crop_pct", "Input should be a valid number");
+    a.crop_pct = crop.get<double>();
+    if (!(a.crop_pct > 0)) fields.wrong("preprocess.crop_pct", "Input should be greater than 0");
+    if (!(a.crop_pct <= 1)) fields.wrong("preprocess.crop_pct", "Input should be less than or equal to 1");
+  }
   if (a.output_shape[0] != a.input_shape[0])
     fields.wrong("output.shape", "has batch " + std::to_string(a.output_shape[0]) + " but input.shape has " +
                                      std::to_string(a.input_shape[0]));

@@ -123,7 +123,7 @@ mixer_edge_status mixer_edge_open(const char* path, const mixer_edge_options* op
     const auto& a = loaded->artifact;
     loaded->preprocess = mixer_edge_preprocess{static_cast<int>(a.input_shape[1]), static_cast<int>(a.input_shape[2]),
                                                static_cast<int>(a.input_shape[3]), a.mean.data(), a.std.data(),
-                                               a.resample.c_str()};
+                                               a.resample.c_str(), a.crop_pct};
     *model = loaded.release();
   });
 }

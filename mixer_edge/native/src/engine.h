@@ -46,6 +46,7 @@ struct Artifact {
   std::vector<std::string> params;    // weight names, in the order the model takes them
   std::vector<float> mean, std;
   std::string resample;
+  double crop_pct = 1.0;              // preprocess.crop_pct; absent (older artifacts): 1, no crop
   std::string path(const std::string& file) const { return root + "/" + file; }
 };
 

@@ -1,0 +1,285 @@
+"""The strongest peers a deployment tool is chosen against, timed beside mixer-edge in `bench` and `report`.
+
+Each is optional (`pip install 'mixer-edge[peers]'`, versions pinned in constraints.txt), runs on this machine's
+CPU with the bench's thread count, on the same input and in the same interleaved rounds as every other
+candidate, and is checked against PyTorch like them:
+
+- OpenVINO (CPU plugin): the float ONNX in float32 (`INFERENCE_PRECISION_HINT` f32: on CPUs with AMX or
+  AVX512-BF16 its default would run bfloat16), and mixer-edge's own QDQ ONNX in int8 (OpenVINO runs QDQ
+  models as int8 itself).
+- onnxruntime's own int8: `quantize_static` as its documentation recommends for x86 CPUs: the model
+  pre-processed (`quant_pre_process`), QOperator format, uint8 activations and int8 weights (U8S8), weights
+  per channel, `reduce_range` on CPUs without VNNI (7-bit weights avoid the U8S8 saturation there), MinMax
+  ranges from the same calibration inputs mixer-edge used. (onnxruntime running mixer-edge's S8S8 QDQ model,
+  the `onnxruntime` baseline, is its slowest int8 configuration.)
+- ExecuTorch with its XNNPACK delegate (the ARM deployment path from PyTorch; XNNPACK runs on x86 too):
+  float32, and int8 from its PT2E `XNNPACKQuantizer` (symmetric, per-channel weights) calibrated on the same
+  inputs.
+
+A peer that is not installed is named once and left out; one that fails on a model says why in one line and
+is left out. Nothing here stops a bench.
+"""
+
+from __future__ import annotations
+
+import importlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import reason
+
+INSTALL = "pip install 'mixer-edge[peers]'"
+OPENVINO, ORT_INT8, EXECUTORCH = "openvino", "onnxruntime quantize_static", "executorch xnnpack"  # engine names
+ORT_INT8_VARIANT = "int8 (QOperator U8S8 per-channel)"
+MODULES = {OPENVINO: "openvino", EXECUTORCH: "executorch"}  # the module each optional peer needs
+
+
+def unavailable(module: str) -> str | None:
+    """Why `module` cannot be imported here (None: it can)."""
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a broken install failing on import
+        return f"{module} not installed: {INSTALL}" if isinstance(exc, ImportError) else \
+            f"{module} does not import ({reason(exc)})"
+    return None
+
+
+def has_vnni() -> bool:
+    """Whether this x86 CPU has VNNI (then U8S8 needs no reduce_range); False where it cannot be told."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One peer engine ready to run: `infer` gives the logits of one batch of the shape it was built for."""
+
+    engine: str  # openvino, onnxruntime quantize_static or executorch xnnpack
+    variant: str  # float32, int8 (QDQ), ...
+    precision: str
+    infer: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def name(self) -> str:
+        return f"{self.engine} {self.variant}"
+
+    def candidate(self, x: np.ndarray):
+        from .bench import Candidate
+
+        return Candidate(self.name, lambda: self.infer(x), self.engine, self.precision, output=lambda: self.infer(x))
+
+
+class Peers:
+    """The peers of one bench or report run on `threads` CPU threads: each built once per model, precision and
+    input shape. Every "left out" message is said once through `progress` and kept in `left_out`; `last_left_out`
+    holds those of the latest float32() or int8() call."""
+
+    def __init__(self, threads: int, calib: np.ndarray | None = None, progress=print,
+                 engines: tuple[str, ...] = (OPENVINO, ORT_INT8, EXECUTORCH)):
+        self.threads, self.calib, self.progress, self.engines = threads, calib, progress, engines
+        self.left_out: list[str] = []
+        self.last_left_out: list[str] = []
+        self._cache: dict = {}
+
+    def _leave_out(self, message: str) -> None:
+        if message not in self.last_left_out:
+            self.last_left_out.append(message)
+        if message not in self.left_out:
+            self.left_out.append(message)
+            self.progress(message)
+
+    def _built(self, key, build: Callable[[], Peer], name: str) -> Peer | None:
+        """build() once per `key`; a failure is said once, cached, and None."""
+        if key not in self._cache:
+            try:
+                self._cache[key] = build()
+            except Exception as exc:  # a peer that cannot run this model is left out, never the bench
+                self._cache[key] = f"{name} left out: fails on this model ({reason(exc)})"
+        built = self._cache[key]
+        if isinstance(built, str):
+            self._leave_out(built)
+            return None
+        return built
+
+    def _installed(self, engine: str) -> bool:
+        if engine not in self.engines:
+            return False
+        why = unavailable(MODULES[engine])
+        if why:
+            self._leave_out(f"{engine} left out: {why}")
+        return why is None
+
+    def float32(self, source, shape: tuple[int, ...], onnx_ok: bool = True) -> list[Peer]:
+        """OpenVINO on the float ONNX (where its batch fits `shape`: `onnx_ok`), ExecuTorch XNNPACK float32."""
+        self.last_left_out, peers = [], []
+        if onnx_ok and self._installed(OPENVINO):
+            peers.append(self._built((OPENVINO, id(source.onnx_model), shape),
+                                     lambda: openvino_peer(source.onnx_model, shape, self.threads, "float32"),
+                                     f"{OPENVINO} float32"))
+        if source.torch_model is not None and self._installed(EXECUTORCH):
+            peers.append(self._built((EXECUTORCH, "float32", id(source.torch_model), shape),
+                                     lambda: executorch_peer(source.torch_model, shape, self.threads, None,
+                                                             self.progress), f"{EXECUTORCH} float32"))
+        return [p for p in peers if p is not None]
+
+    def int8(self, source, qdq, shape: tuple[int, ...], onnx_ok: bool = True) -> list[Peer]:
+        """OpenVINO on mixer-edge's QDQ ONNX `qdq`, onnxruntime's own quantize_static model, ExecuTorch XNNPACK int8
+        (the last two need the calibration inputs)."""
+        self.last_left_out, peers = [], []
+        if onnx_ok and qdq is not None and self._installed(OPENVINO):
+            peers.append(self._built((OPENVINO, id(qdq), shape),
+                                     lambda: openvino_peer(qdq, shape, self.threads, "int8"), f"{OPENVINO} int8"))
+        if self.calib is None and (ORT_INT8 in self.engines or EXECUTORCH in self.engines):
+            self._leave_out(f"{ORT_INT8} and {EXECUTORCH} int8 left out: no calibration inputs "
+                            "(a QDQ ONNX given as it is)")
+        if self.calib is None:
+            return [p for p in peers if p is not None]
+        if onnx_ok and ORT_INT8 in self.engines:
+            proto = self._built((ORT_INT8, "model", id(source.onnx_model)), lambda: ort_quantize(
+                source.onnx_model, self.calib, self.progress), ORT_INT8)
+            if proto is not None:
+                peers.append(self._built((ORT_INT8, id(source.onnx_model), shape),
+                                         lambda: ort_int8_peer(proto, self.threads), ORT_INT8))
+        if source.torch_model is not None and self._installed(EXECUTORCH):
+            peers.append(self._built((EXECUTORCH, "int8", id(source.torch_model), shape),
+                                     lambda: executorch_peer(source.torch_model, shape, self.threads, self.calib,
+                                                             self.progress), f"{EXECUTORCH} int8"))
+        return [p for p in peers if p is not None]
+
+
+def calibration_inputs(source, quantization, progress=print) -> np.ndarray | None:
+    """The inputs mixer-edge calibrated `quantization` on (a quant.Quantization), drawn again the same way; None
+    where it was not calibrated here (a QDQ ONNX compiled as it is)."""
+    from .quant import calibration_data
+
+    summary = quantization.summary if quantization is not None else {}
+    recipe = summary.get("recipe")
+    if "calibration_data" not in summary or not isinstance(recipe, dict):
+        return None
+    return calibration_data(summary["calibration_data"], source.preprocess, summary["samples"],
+                            recipe.get("seed", 0), progress=lambda *_: None)
+
+
+# ---- OpenVINO -------------------------------------------------------------------------------------------------
+
+def openvino_peer(proto, shape: tuple[int, ...], threads: int, precision: str) -> Peer:
+    """OpenVINO's CPU plugin compiling `proto` (float32 ONNX, or a QDQ ONNX it runs in int8) for `shape`."""
+    import openvino as ov
+
+    core = ov.Core()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        path.write_bytes(proto.SerializeToString())
+        model = core.read_model(str(path))
+    model.reshape(list(shape))  # static, like every other candidate
+    compiled = core.compile_model(model, "CPU", {
+        "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+        "INFERENCE_PRECISION_HINT": "f32"})  # non-int8 parts in f32, as in mixer-edge (not bf16)
+    request = compiled.create_infer_request()
+
+    def infer(x: np.ndarray) -> np.ndarray:
+        request.infer({0: x})
+        return request.get_output_tensor(0).data.copy()
+
+    return Peer(OPENVINO, "CPU float32" if precision == "float32" else "CPU int8 (QDQ)", precision, infer)
+
+
+# ---- onnxruntime's own static quantization --------------------------------------------------------------------
+
+def ort_quantize(proto, calib: np.ndarray, progress=print):
+    """`proto` quantized by onnxruntime's `quantize_static` as its documentation recommends for x86 CPUs (see the
+    module's docstring), MinMax ranges from `calib`."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quant_pre_process, quantize_static)
+
+    from .export import input_spec
+
+    spec = input_spec(proto)
+    step = spec.shape[0] if isinstance(spec.shape[0], int) else 1
+    chunks = [calib[i:i + step] for i in range(0, len(calib) - step + 1, step)] or [calib[:step]]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(chunks)
+
+        def get_next(self):
+            chunk = next(self.it, None)
+            return None if chunk is None else {spec.name: np.ascontiguousarray(chunk)}
+
+    progress(f"onnxruntime quantize_static: QOperator U8S8 per-channel on {len(calib)} calibration inputs")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre, out = (Path(tmp) / name for name in ("float.onnx", "pre.onnx", "int8.onnx"))
+        src.write_bytes(proto.SerializeToString())
+        try:
+            quant_pre_process(str(src), str(pre))
+        except Exception as exc:  # the recommended step; quantizing without it still works
+            progress(f"onnxruntime quant_pre_process failed ({reason(exc)}); quantizing the model as exported")
+            pre = src
+        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QOperator,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        reduce_range=not has_vnni(), calibrate_method=CalibrationMethod.MinMax)
+        return onnx.load(str(out))
+
+
+def ort_int8_peer(proto, threads: int) -> Peer:
+    from .bench import onnxruntime_session
+
+    sess = onnxruntime_session(proto, threads)
+    name = sess.get_inputs()[0].name
+    return Peer(ORT_INT8, ORT_INT8_VARIANT, "int8", lambda x: sess.run(None, {name: x})[0])
+
+
+# ---- ExecuTorch / XNNPACK ------------------------------------------------------------------------------------
+
+def executorch_peer(torch_model, shape: tuple[int, ...], threads: int, calib: np.ndarray | None,
+                    progress=print) -> Peer:
+    """`torch_model` exported for `shape` and lowered to ExecuTorch's XNNPACK delegate: float32, or int8 with the
+    PT2E XNNPACKQuantizer (symmetric, per-channel) calibrated on `calib` when given."""
+    import copy
+
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+    from executorch.runtime import Runtime
+
+    precision = "float32" if calib is None else "int8"
+    progress(f"executorch: lowering the {precision} model to XNNPACK for input {shape}")
+    model = copy.deepcopy(torch_model).float().eval()
+    example = (torch.zeros(shape),)
+    if calib is not None:
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                              get_symmetric_quantization_config)
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        try:  # calibrated 64 inputs a call (its histogram observers are slow per call), exported once more below
+            dim = torch.export.Dim("batch", min=1, max=max(2, len(calib)))
+            graph = torch.export.export(model, (torch.zeros((2, *shape[1:])),), dynamic_shapes=({0: dim},))
+            chunks = [calib[i:i + 64] for i in range(0, len(calib), 64)]
+        except Exception:  # a model that exports for one batch size only: whole batches of it
+            graph, batch = torch.export.export(model, example), shape[0]
+            chunks = [calib[i:i + batch] for i in range(0, len(calib) - batch + 1, batch)] or \
+                [np.resize(calib, (batch, *calib.shape[1:]))]
+        prepared = prepare_pt2e(graph.module(), quantizer)
+        with torch.no_grad():
+            for chunk in chunks:
+                prepared(torch.from_numpy(np.ascontiguousarray(chunk)))
+        model = convert_pt2e(prepared)
+    program = to_edge_transform_and_lower(torch.export.export(model, example),
+                                          partitioner=[XnnpackPartitioner()]).to_executorch()
+    _unsafe_reset_threadpool(threads)  # ExecuTorch's one thread pool, shared by every method
+    method = Runtime.get().load_program(program.buffer).load_method("forward")
+
+    def infer(x: np.ndarray, _keep=program) -> np.ndarray:  # _keep: the program's buffer outlives the method
+        return method.execute([torch.from_numpy(x)])[0].numpy().copy()
+
+    return Peer(EXECUTORCH, "float32" if calib is None else "int8 (PT2E)", precision, infer)
