@@ -9,8 +9,9 @@ transpose or reshape does not change and an affine map (uint8 activations, int32
 flat order's correlation breaks ties. A kernel with no candidate above `SIMILARITY_FLOOR` stays unmatched and is
 named after the kernel before it.
 
-A node's layer is the prefix of its `X.weight`/`X.bias` initializer (qdq.param_layer), else the module path of a
-scoped node name (`/blocks/blocks.0/mlp_tokens/fc1/MatMul` -> `blocks.0.mlp_tokens.fc1`), else the last named
+A node's layer is the prefix of its own `X.weight`/`X.bias` initializer (qdq.param_layer; one that several
+nodes share, as onnxsim makes of an untrained model's equal LayerNorm weights, names none of them), else the
+module path of a scoped node name (`/blocks/blocks.0/mlp_tokens/fc1/MatMul` -> `blocks.0.mlp_tokens.fc1`), else the last named
 layer before it followed by ` · OP` (`blocks.0.mlp_tokens.fc1 · Erf`, `norm · ReduceMean`). A kernel covers the
 nodes after the previous matched kernel's node up to its own; it takes the layer of the parametrised node in that
 span (MatMul/Gemm/Conv/LayerNorm), else that of its principal op (activation > reduction > arithmetic > shape op).
@@ -24,6 +25,7 @@ kernel's own output at its dtype: an estimate of the traffic, not a measurement.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import tempfile
@@ -218,13 +220,15 @@ def _nodes(graph, inits: dict, input_name: str, values: dict[str, np.ndarray], p
 
     shapes = {name: tuple(v.shape) for name, v in values.items()}
     shapes.update({name: tuple(i.dims) for name, i in inits.items()})
+    uses = collections.Counter(i for node in graph.node for i in set(node.input))
+    own = {name for name in inits if uses[name] == 1}  # a shared parameter (onnxsim merges equal ones) names none
     nodes = [Node(input_name, "Input", input_name, values[input_name], "", False, 0)]
     last_named = ""
     for node in graph.node:
         if not node.output or node.output[0] not in values:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        from_params = param_layer(node, inits)
+        from_params = param_layer(node, own)
         scoped = scope_layer(node.name)
         param = node.op_type in PARAM_OPS and any(i in inits for i in node.input[1:]) or from_params is not None
         if from_params or scoped:
