@@ -1,5 +1,6 @@
 """Latency of artifacts beside PyTorch eager, onnxruntime and the optional peers (peers.py: OpenVINO,
-onnxruntime's own int8, ExecuTorch/XNNPACK), measured in one process, interleaved.
+onnxruntime's own int8, ExecuTorch/XNNPACK on the CPU; torch.compile max-autotune and TensorRT on a GPU),
+measured in one process, interleaved.
 
 Each round runs every candidate a few times in turn, so a noisy machine slows all of them alike;
 the report gives medians over rounds, ratios to PyTorch eager float32 on the same device, each
@@ -78,8 +79,9 @@ def artifact_candidate(name: str, model, x: np.ndarray) -> Candidate:
     return Candidate(name, model.timer(x), "mixer-edge", model.record.precision.compute)
 
 
-def torch_candidate(engine: str, model, x: np.ndarray, device: str, precision: str = "float32") -> Candidate:
-    """`model` (a torch module already on `device` in `precision`) on `x`."""
+def torch_runner(model, x: np.ndarray, device: str, precision: str = "float32") -> Callable[[], object]:
+    """One synchronised call of `model` (a torch module already on `device` in `precision`) on `x`, which is put
+    on the device once, here."""
     import torch
 
     data = torch.from_numpy(x).to(device=device, dtype=getattr(torch, precision))
@@ -91,6 +93,12 @@ def torch_candidate(engine: str, model, x: np.ndarray, device: str, precision: s
             torch.cuda.synchronize()
         return out
 
+    return run
+
+
+def torch_candidate(engine: str, model, x: np.ndarray, device: str, precision: str = "float32") -> Candidate:
+    """`model` (a torch module already on `device` in `precision`) on `x`."""
+    run = torch_runner(model, x, device, precision)
     return Candidate(f"{engine} {precision}", run, engine, precision, output=lambda: run().float().cpu().numpy())
 
 
@@ -110,18 +118,25 @@ def torch_candidates(torch_model, x: np.ndarray, device: str, compiled=None) -> 
 
 def compile_torch(torch_model, x: np.ndarray, device: str = "cpu", progress=print):
     """torch.compile of the float32 model, compiled for `x`'s shape; None where it does not work here."""
+    progress(f"torch.compile for input {tuple(x.shape)} (tens of seconds)")
+    try:
+        return torch_compiled(torch_model, x, device)
+    except Exception as exc:  # no C++ compiler, an op Inductor lacks, ...: the baseline is then left out
+        progress(f"torch.compile does not work here ({reason(exc)}); left out")
+        return None
+
+
+def torch_compiled(torch_model, x: np.ndarray, device: str, precision: str = "float32", mode: str | None = None):
+    """torch.compile (`mode`: e.g. max-autotune) of the model in `precision` on `device`, compiled by one call on
+    `x`'s shape; raises where it does not work here."""
     import copy
 
     import torch
 
-    progress(f"torch.compile for input {tuple(x.shape)} (tens of seconds)")
-    model = torch.compile(copy.deepcopy(torch_model).to(device).eval(), dynamic=False)
-    try:
-        with torch.no_grad():
-            model(torch.from_numpy(x).to(device))
-    except Exception as exc:  # no C++ compiler, an op Inductor lacks, ...: the baseline is then left out
-        progress(f"torch.compile does not work here ({reason(exc)}); left out")
-        return None
+    dtype = getattr(torch, precision)
+    model = torch.compile(copy.deepcopy(torch_model).to(device=device, dtype=dtype).eval(), dynamic=False, mode=mode)
+    with torch.no_grad():
+        model(torch.from_numpy(x).to(device=device, dtype=dtype))
     return model
 
 
@@ -278,10 +293,9 @@ def compare(source, artifacts: list[Path], rounds: int = 20, threads: int | None
     `threads` CPU threads (default: the physical cores); check its outputs. int8 artifacts are timed
     beside onnxruntime running `qdq`, the QDQ ONNX they were compiled from; `torch_compile` adds
     torch.compile to the PyTorch baselines; `peers` adds the installed peers (peers.py; a tuple: those engines
-    only) beside CPU artifacts, their int8 calibrated on the inputs `calibration` (the quant.Quantization of
-    `qdq`) was. With `rpc` (a
-    compiler.tuning.RpcBoard) the artifacts run and are timed on a board from that tracker instead, without
-    baselines (they do not run there)."""
+    only) beside CPU and CUDA artifacts, their CPU int8 calibrated on the inputs `calibration` (the
+    quant.Quantization of `qdq`) was. With `rpc` (a compiler.tuning.RpcBoard) the artifacts run and are timed on
+    a board from that tracker instead, without baselines (they do not run there)."""
     from . import runtime
     from .peers import Peers, calibration_inputs
 
@@ -300,8 +314,9 @@ def compare(source, artifacts: list[Path], rounds: int = 20, threads: int | None
 def local_row(source, path: Path, rounds: int, threads: int, qdq, compiled: dict | None, progress,
               peers=None) -> BenchRow:
     """compare()'s row for an artifact run here, interleaved with PyTorch (and torch.compile, cached in
-    `compiled`; None: left out), onnxruntime on the device PyTorch uses beside it and, beside a CPU artifact,
-    the `peers` (a peers.Peers) of its precision; every candidate's logits checked against PyTorch's."""
+    `compiled`; None: left out), onnxruntime on the device PyTorch uses beside it and the `peers` (a
+    peers.Peers) of its precision and device (Peers.beside); every candidate's logits checked against PyTorch's.
+    A CUDA artifact on a machine without a GPU is refused by runtime.load, before any baseline or peer is built."""
     from . import runtime
     from .artifact import reference_logits
 
@@ -318,10 +333,8 @@ def local_row(source, path: Path, rounds: int, threads: int, qdq, compiled: dict
     ort = onnxruntime_candidate(proto, x, device, threads, precision) if proto is not None and onnx_fits else None
     cands += [ort] if ort else []
     left_out = ()
-    if peers is not None and device == "cpu" and precision in ("float32", "int8"):
-        found = peers.float32(source, x.shape, onnx_fits) if precision == "float32" else \
-            peers.int8(source, qdq, x.shape, onnx_fits)
-        cands += [peer.candidate(x) for peer in found]
+    if peers is not None:
+        cands += [peer.candidate(x) for peer in peers.beside(source, qdq, x.shape, device, precision, onnx_fits)]
         left_out = tuple(peers.last_left_out)
     progress(f"timing {path.name}: {', '.join(c.name for c in cands)} ({rounds} interleaved rounds)")
     latencies = interleaved(cands, rounds=rounds)

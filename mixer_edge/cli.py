@@ -406,7 +406,7 @@ def cmd_profile(args) -> None:
     from .layers import format_profile, profile
 
     source, x, _ = _inside(args)
-    result = profile(args.artifact, source, x, board=args.board, repeat=args.repeat)
+    result = profile(args.artifact, source, x, board=args.board, repeat=args.repeat, rpc=_rpc(args))
     print(result.model_dump_json(indent=1) if args.json else "\n".join(format_profile(result)))
 
 
@@ -414,7 +414,7 @@ def cmd_compare(args) -> None:
     from .layers import compare, format_comparison
 
     source, x, data = _inside(args)
-    result = compare(args.artifact, source, x, board=args.board, data=data)
+    result = compare(args.artifact, source, x, board=args.board, data=data, rpc=_rpc(args))
     print(result.model_dump_json(indent=1) if args.json else "\n".join(format_comparison(result)))
 
 
@@ -593,14 +593,20 @@ def _train_parser(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _where_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where it runs (default: this machine)")
+    g.add_argument("--board", help="the emulated ARM board of this preset (rpi4, rpi5); its times are marked emulated")
+    g.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: on a board registered there, which runs "
+                   "python -m mixer_edge.rpc_server")
+    g.add_argument("--rpc-key", help="the key the board registered under (e.g. rpi5)")
+
+
 def _profile_parser(sub) -> None:
     p = sub.add_parser("profile", help="per-kernel latency of an artifact, each kernel named after the model's "
                        "layers, with its share, FLOPs, bytes and GFLOP/s (GOP/s for int8)")
     p.add_argument("artifact", help="artifact directory or .tar")
     _model_args(p)
-    p.add_argument("--board", help="run on the emulated ARM board of this preset (rpi4, rpi5); its times are "
-                   "marked emulated. Boards over RPC are not supported: the VM's per-kernel hook cannot call back "
-                   "over RPC")
+    _where_args(p)
     p.add_argument("--repeat", type=options.positive, default=20, help="inferences timed; each kernel's median")
     p.add_argument("--json", action="store_true", help="print the record (layers.Profile) as JSON")
     p.set_defaults(func=cmd_profile)
@@ -614,7 +620,7 @@ def _compare_parser(sub) -> None:
     p.add_argument("--data", help="inputs: image folder, .npy/.npz, digits-test (default: the model's evaluation "
                    "data, else random inputs)")
     p.add_argument("--samples", type=options.positive, default=32, help="inputs compared (default 32)")
-    p.add_argument("--board", help="run on the emulated ARM board of this preset (rpi4, rpi5); not over RPC")
+    _where_args(p)
     p.add_argument("--json", action="store_true", help="print the record (layers.Comparison) as JSON")
     p.set_defaults(func=cmd_compare)
 

@@ -402,34 +402,6 @@ def map_kernels(outputs: list[tuple[str, np.ndarray]], nodes: list[Node],
 
 # ---- running the artifact here or on the emulated board ----------------------------------------------------
 
-# The board-side script is constant: its data (paths, repeat) comes as one JSON argument, never as source text.
-_INSIDE = """
-import json, sys, numpy as np
-from pathlib import Path
-from mixer_edge import runtime
-from mixer_edge.errors import MixerEdgeError
-job = json.loads(sys.argv[1])
-try:
-    model = runtime.load(job["artifact"])
-except MixerEdgeError as exc:
-    print(exc, file=sys.stderr)
-    sys.exit(3)
-x = np.load(job["inputs"])
-out = Path(job["output"])
-result = {}
-if job["repeat"]:
-    result["times"] = model.kernel_times(x, job["repeat"])
-    result["inference"] = model.device_times(x, job["number"], job["repeat"])
-arrays = {}
-for b in range(job["batches"]):
-    for i, (symbol, value) in enumerate(model.kernel_outputs(x[b * model.batch:(b + 1) * model.batch])):
-        arrays[f"b{b}k{i}"] = value
-        result.setdefault("symbols", []).append(symbol) if b == 0 else None
-np.savez(out / "outputs.npz", **arrays)
-(out / "result.json").write_text(json.dumps(result))
-"""
-
-
 @dataclass
 class Run:
     """What one artifact did on the inputs: its kernels' outputs per batch, and with timing, their times."""
@@ -439,10 +411,9 @@ class Run:
     inference_ms: float | None = None
 
 
-def _run_here(artifact, x: np.ndarray, batches: int, repeat: int, number: int) -> Run:
-    from . import runtime
-
-    model = runtime.load(artifact)
+def measure(model, x: np.ndarray, batches: int, repeat: int, number: int) -> Run:
+    """What a loaded runtime.Model does on `x`: each batch's kernel outputs and, with `repeat`, the median time
+    of each kernel and of whole inferences on the first batch."""
     run = Run([model.kernel_outputs(x[b * model.batch:(b + 1) * model.batch]) for b in range(batches)])
     if repeat:
         run.times = model.kernel_times(x, repeat)
@@ -450,11 +421,52 @@ def _run_here(artifact, x: np.ndarray, batches: int, repeat: int, number: int) -
     return run
 
 
+def board_job(job: dict) -> None:
+    """On the device (the emulated board's script; a board's mixer_edge.rpc_server.inside over RPC): `measure`
+    artifact job["artifact"] on job["inputs"] (.npy), written into directory job["output"] for `_read_run`."""
+    from . import runtime
+
+    model = runtime.load(job["artifact"])
+    run = measure(model, np.load(job["inputs"]), job["batches"], job["repeat"], job["number"])
+    out = Path(job["output"])
+    np.savez(out / "outputs.npz", **{f"b{b}k{i}": value for b, calls in enumerate(run.outputs)
+                                     for i, (_, value) in enumerate(calls)})
+    (out / "result.json").write_text(json.dumps({"symbols": [s for s, _ in run.outputs[0]], "times": run.times,
+                                                 "inference_ms": run.inference_ms}))
+
+
+def _read_run(out: Path, batches: int) -> Run:
+    result = json.loads((out / "result.json").read_text())
+    with np.load(out / "outputs.npz") as npz:
+        outputs = [[(s, npz[f"b{b}k{i}"]) for i, s in enumerate(result["symbols"])] for b in range(batches)]
+    times = [(s, float(ms)) for s, ms in result["times"]] if result["times"] else None
+    return Run(outputs, times, result["inference_ms"])
+
+
+# The board-side script is constant: its data (paths, repeat) comes as one JSON argument, never as source text.
+_INSIDE = """
+import json, sys
+from mixer_edge.errors import MixerEdgeError
+from mixer_edge.layers import board_job
+try:
+    board_job(json.loads(sys.argv[1]))
+except MixerEdgeError as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+def _run_here(artifact, x: np.ndarray, batches: int, repeat: int, number: int) -> Run:
+    from . import runtime
+
+    return measure(runtime.load(artifact), x, batches, repeat, number)
+
+
 def _run_on_board(artifact, x: np.ndarray, batches: int, repeat: int, number: int, cpu: str) -> Run:
     from . import emulator
 
     with tempfile.TemporaryDirectory() as tmp:
-        np.save(Path(tmp) / "x.npy", np.ascontiguousarray(x, np.float32))
+        np.save(Path(tmp) / "x.npy", x)
         job = json.dumps({"artifact": str(Path(artifact).resolve()), "inputs": str(Path(tmp) / "x.npy"),
                           "output": tmp, "repeat": repeat, "number": number, "batches": batches})
         proc = emulator.python(_INSIDE, cpu, timeout=1800, args=(job,))
@@ -462,18 +474,48 @@ def _run_on_board(artifact, x: np.ndarray, batches: int, repeat: int, number: in
             last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
             raise MixerEdgeError(last if proc.returncode == 3 else
                                  f"the emulated {cpu} board failed running {Path(artifact).name} ({last})")
-        result = json.loads((Path(tmp) / "result.json").read_text())
-        with np.load(Path(tmp) / "outputs.npz") as npz:
-            symbols = result["symbols"]
-            outputs = [[(s, npz[f"b{b}k{i}"]) for i, s in enumerate(symbols)] for b in range(batches)]
-    run = Run(outputs)
-    if repeat:
-        run.times = [(s, float(ms)) for s, ms in result["times"]]
-        run.inference_ms = 1e3 * float(np.median(result["inference"]))
-    return run
+        return _read_run(Path(tmp), batches)
 
 
-def _where(board: str | None) -> tuple[str, str | None]:
+def _run_over_rpc(artifact, x: np.ndarray, batches: int, repeat: int, number: int, rpc) -> Run:
+    """On a board taken from a TVM RPC tracker that runs mixer_edge.rpc_server: the artifact and the inputs are
+    uploaded, rpc_server.inside measures there, the results come back."""
+    from . import runtime
+    from .bench import connect
+    from .errors import reason
+    from .rpc_server import INSIDE_FUNCTION
+
+    session = connect(rpc)
+    try:
+        inside = session.get_function(INSIDE_FUNCTION)
+    except Exception as exc:
+        raise MixerEdgeError(f"the board under key '{rpc.key}' does not serve {INSIDE_FUNCTION} "
+                             f"({reason(exc, last=True)}): run mixer-edge's own server on it, python -m "
+                             "mixer_edge.rpc_server") from exc
+    workpath = session.get_function("tvm.rpc.server.workpath")
+    with runtime.artifact_dir(artifact) as root, tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for path in sorted(p for p in root.iterdir() if p.is_file()):  # flat: the workspace has no folders
+            session.upload(str(path), f"inside-artifact-{path.name}")
+            files[path.name] = workpath(f"inside-artifact-{path.name}")
+        np.save(Path(tmp) / "x.npy", x)
+        session.upload(str(Path(tmp) / "x.npy"), "inside-x.npy")
+        job = {"files": files, "artifact": workpath("inside-artifact"), "inputs": workpath("inside-x.npy"),
+               "output": workpath("."), "repeat": repeat, "number": number, "batches": batches}
+        refusal = inside(json.dumps(job))
+        if refusal:
+            raise MixerEdgeError(refusal)
+        for name in ("result.json", "outputs.npz"):
+            (Path(tmp) / name).write_bytes(bytes(session.download(name)))
+        return _read_run(Path(tmp), batches)
+
+
+def _where(board: str | None, rpc) -> tuple[str, str | None]:
+    """(where the artifact runs, in words; the emulated CPU or None)."""
+    if board and rpc:
+        raise MixerEdgeError("--board (the emulated board) and --rpc-tracker (a real one) name two places: pass one")
+    if rpc:
+        return f"rpc:{rpc.key}", None
     if not board:
         return "this machine", None
     from .compiler.targets import resolve_target
@@ -517,8 +559,8 @@ class Execution:
     mapped: list[Mapped]  # the first batch's kernel calls
 
 
-def _execute(artifact, reference, x: np.ndarray, board: str | None, repeat: int, max_batches: int | None = None,
-             number: int = 10) -> Execution:
+def _execute(artifact, reference, x: np.ndarray, board: str | None, rpc, repeat: int,
+             max_batches: int | None = None, number: int = 10) -> Execution:
     record = _manifest(artifact)
     check_reference(record, reference)
     batch = record.input.shape[0]
@@ -526,8 +568,9 @@ def _execute(artifact, reference, x: np.ndarray, board: str | None, repeat: int,
         raise MixerEdgeError(f"the artifact's batch is {batch}: give at least {batch} inputs")
     batches = min(len(x) // batch, max_batches or len(x))
     x = np.ascontiguousarray(x[:batches * batch], np.float32)
-    where, cpu = _where(board)
-    run = _run_on_board(artifact, x, batches, repeat, number, cpu) if cpu else \
+    where, cpu = _where(board, rpc)
+    run = _run_over_rpc(artifact, x, batches, repeat, number, rpc) if rpc else \
+        _run_on_board(artifact, x, batches, repeat, number, cpu) if cpu else \
         _run_here(artifact, x, batches, repeat, number)
     per_batch = reference_nodes(reference.onnx_model, [x[b * batch:(b + 1) * batch] for b in range(batches)])
     nodes = per_batch[0]
@@ -551,10 +594,10 @@ def _bytes(m: Mapped, dtypes: dict[str, int], int8: bool) -> int:
     return int(sum(e * dtypes.get(t, 4) for t, e in read.items()) + sum(weights.values()) + m.output.nbytes)
 
 
-def profile(artifact, reference, x: np.ndarray, board: str | None = None, repeat: int = 20) -> Profile:
-    """Per-kernel latency of one inference of `artifact` on `x[:batch]` (here, or on the emulated `board`),
-    each kernel named after the layers of `reference` (an export.ModelSource of the float model)."""
-    done = _execute(artifact, reference, x, board, repeat, max_batches=1)
+def profile(artifact, reference, x: np.ndarray, board: str | None = None, repeat: int = 20, rpc=None) -> Profile:
+    """Per-kernel latency of one inference of `artifact` on `x[:batch]` (here, on the emulated `board`, or on a
+    board over `rpc`, a compiler.tuning.RpcBoard running mixer_edge.rpc_server), each kernel named after the layers of `reference` (an export.ModelSource of the float model)."""
+    done = _execute(artifact, reference, x, board, rpc, repeat, max_batches=1)
     record, run, mapped = done.record, done.run, done.mapped
     if [s for s, _ in run.times] != [m.kernel for m in mapped]:
         raise MixerEdgeError(f"{artifact}: the kernels timed are not the kernels whose outputs were read")
@@ -688,10 +731,11 @@ def _kernel_error(i: int, m: Mapped, per_batch: list[list[Node]], run: Run, reco
                       max_abs_error=float(np.abs(got - ref).max()))
 
 
-def compare(artifact, reference, x: np.ndarray, board: str | None = None, data: str = "inputs") -> Comparison:
-    """Every layer's output of `artifact` on `x` (here, or on the emulated `board`) beside the float reference
+def compare(artifact, reference, x: np.ndarray, board: str | None = None, data: str = "inputs",
+            rpc=None) -> Comparison:
+    """Every layer's output of `artifact` on `x` (here, on the emulated `board` or over `rpc`) beside the float reference
     (`reference`, an export.ModelSource) on the same inputs: cosine, SQNR and max |error| per layer."""
-    done = _execute(artifact, reference, x, board, repeat=0)
+    done = _execute(artifact, reference, x, board, rpc, repeat=0)
     record, run, mapped, per_batch = done.record, done.run, done.mapped, done.per_batch
     results = [_kernel_error(i, m, per_batch, run, record) for i, m in enumerate(mapped)]
     rows: dict[str, LayerError] = {}
@@ -759,7 +803,8 @@ def format_profile(p: Profile) -> list[str]:
     gap = p.kernel_sum_ms / p.inference_ms - 1 if p.inference_ms else 0.0
     lines += ["", f"kernels matched to the ONNX graph: {p.matched} of {len(p.kernels)}",
               f"sum of kernel times {p.kernel_sum_ms:.4f} ms; whole inference {p.inference_ms:.4f} ms "
-              f"({gap:+.1%}; the rest is the VM between kernels)",
+              f"({gap:+.1%}; " + ("the rest is the runtime between kernels: dispatch, allocations)" if gap <= 0 else
+                                  "each kernel timed alone pays its own launch and synchronisation)"),
               "slowest layers: " + ", ".join(f"{r.layer} ({r.ms:.3f} ms)" for r in p.slowest())]
     return lines
 

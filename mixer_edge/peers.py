@@ -16,6 +16,17 @@ candidate, and is checked against PyTorch like them:
   float32, and int8 from its PT2E `XNNPACKQuantizer` (symmetric, per-channel weights) calibrated on the same
   inputs.
 
+Beside a CUDA artifact (its baselines run on the GPU; PyTorch eager float16 is a baseline there already):
+
+- torch.compile with `mode="max-autotune"` in float16 (Inductor's Triton autotuning), beside float16 artifacts.
+- TensorRT (`pip install tensorrt` on the GPU machine; not needed anywhere else): an engine built with its
+  Builder and ONNX parser for the artifact's input shape, run with `execute_async_v3` on torch CUDA buffers
+  (input put on the GPU once, like every GPU candidate): from the float ONNX with the FP16 flag beside float16
+  artifacts, and from mixer-edge's QDQ ONNX with the INT8 and FP16 flags beside int8 artifacts (explicit
+  quantization: TensorRT takes the scales from the Q/DQ nodes, so it runs the same int8 model). TensorRT 11 has
+  no precision flags (strongly typed networks): there the int8 engine is built from the QDQ ONNX as it is and
+  the float16 one is left out, saying so.
+
 A peer that is not installed is named once and left out; one that fails on a model says why in one line and
 is left out. Nothing here stops a bench.
 """
@@ -34,8 +45,12 @@ from .errors import reason
 
 INSTALL = "pip install 'mixer-edge[peers]'"
 OPENVINO, ORT_INT8, EXECUTORCH = "openvino", "onnxruntime quantize_static", "executorch xnnpack"  # engine names
+TORCH_MAX_AUTOTUNE, TENSORRT = "torch.compile max-autotune", "tensorrt"  # the GPU peers' engine names
 ORT_INT8_VARIANT = "int8 (QOperator U8S8 per-channel)"
-MODULES = {OPENVINO: "openvino", EXECUTORCH: "executorch"}  # the module each optional peer needs
+MODULES = {OPENVINO: "openvino", EXECUTORCH: "executorch", TORCH_MAX_AUTOTUNE: "torch",
+           TENSORRT: "tensorrt"}  # the module each optional peer needs
+INSTALLS = {"tensorrt": "pip install tensorrt (on the GPU machine)"}  # modules outside the peers extra
+GPU_PEERS = {"float16": (TORCH_MAX_AUTOTUNE, TENSORRT), "int8": (TENSORRT,)}  # beside a CUDA artifact of each precision
 
 
 def unavailable(module: str) -> str | None:
@@ -43,7 +58,7 @@ def unavailable(module: str) -> str | None:
     try:
         importlib.import_module(module)
     except Exception as exc:  # ImportError, or a broken install failing on import
-        return f"{module} not installed: {INSTALL}" if isinstance(exc, ImportError) else \
+        return f"{module} not installed: {INSTALLS.get(module, INSTALL)}" if isinstance(exc, ImportError) else \
             f"{module} does not import ({reason(exc)})"
     return None
 
@@ -59,12 +74,14 @@ def has_vnni() -> bool:
 
 @dataclass(frozen=True)
 class Peer:
-    """One peer engine ready to run: `infer` gives the logits of one batch of the shape it was built for."""
+    """One peer engine ready to run: `infer` gives the logits of one batch of the shape it was built for; `timer`
+    (GPU peers) gives one synchronised call on a batch it has put on the device once."""
 
-    engine: str  # openvino, onnxruntime quantize_static or executorch xnnpack
+    engine: str  # openvino, onnxruntime quantize_static, executorch xnnpack, torch.compile max-autotune, tensorrt
     variant: str  # float32, int8 (QDQ), ...
     precision: str
     infer: Callable[[np.ndarray], np.ndarray]
+    timer: Callable[[np.ndarray], Callable[[], object]] | None = None
 
     @property
     def name(self) -> str:
@@ -73,7 +90,8 @@ class Peer:
     def candidate(self, x: np.ndarray):
         from .bench import Candidate
 
-        return Candidate(self.name, lambda: self.infer(x), self.engine, self.precision, output=lambda: self.infer(x))
+        run = self.timer(x) if self.timer is not None else lambda: self.infer(x)
+        return Candidate(self.name, run, self.engine, self.precision, output=lambda: self.infer(x))
 
 
 class Peers:
@@ -82,7 +100,7 @@ class Peers:
     holds those of the latest float32() or int8() call."""
 
     def __init__(self, threads: int, calib: np.ndarray | None = None, progress=print,
-                 engines: tuple[str, ...] = (OPENVINO, ORT_INT8, EXECUTORCH)):
+                 engines: tuple[str, ...] = (OPENVINO, ORT_INT8, EXECUTORCH, TORCH_MAX_AUTOTUNE, TENSORRT)):
         self.threads, self.calib, self.progress, self.engines = threads, calib, progress, engines
         self.left_out: list[str] = []
         self.last_left_out: list[str] = []
@@ -115,6 +133,31 @@ class Peers:
         if why:
             self._leave_out(f"{engine} left out: {why}")
         return why is None
+
+    def beside(self, source, qdq, shape: tuple[int, ...], device: str, precision: str,
+               onnx_ok: bool = True) -> list[Peer]:
+        """The peers of an artifact of `precision` whose baselines run on `device` (cpu or cuda)."""
+        if device == "cuda":
+            return self.cuda(source, qdq, shape, precision, onnx_ok)
+        if precision in ("float32", "int8"):
+            return self.float32(source, shape, onnx_ok) if precision == "float32" else \
+                self.int8(source, qdq, shape, onnx_ok)
+        self.last_left_out = []
+        return []
+
+    def cuda(self, source, qdq, shape: tuple[int, ...], precision: str, onnx_ok: bool = True) -> list[Peer]:
+        """Beside a CUDA artifact (GPU_PEERS): torch.compile max-autotune float16; TensorRT on the float ONNX
+        (float16) or on the QDQ ONNX `qdq` (int8), where its batch fits `shape` (`onnx_ok`)."""
+        self.last_left_out, peers = [], []
+        proto = qdq if precision == "int8" else source.onnx_model
+        builds = {TORCH_MAX_AUTOTUNE: (source.torch_model is not None, lambda: torch_compile_peer(
+                      source.torch_model, shape), id(source.torch_model)),
+                  TENSORRT: (onnx_ok and proto is not None, lambda: tensorrt_peer(proto, shape, precision), id(proto))}
+        for engine in GPU_PEERS.get(precision, ()):
+            ok, build, of = builds[engine]
+            if ok and self._installed(engine):
+                peers.append(self._built((engine, precision, of, shape), build, f"{engine} {precision}"))
+        return [p for p in peers if p is not None]
 
     def float32(self, source, shape: tuple[int, ...], onnx_ok: bool = True) -> list[Peer]:
         """OpenVINO on the float ONNX (where its batch fits `shape`: `onnx_ok`), ExecuTorch XNNPACK float32."""
@@ -283,3 +326,70 @@ def executorch_peer(torch_model, shape: tuple[int, ...], threads: int, calib: np
         return method.execute([torch.from_numpy(x)])[0].numpy().copy()
 
     return Peer(EXECUTORCH, "float32" if calib is None else "int8 (PT2E)", precision, infer)
+
+
+# ---- GPU: torch.compile max-autotune, TensorRT ---------------------------------------------------------------
+
+def torch_compile_peer(torch_model, shape: tuple[int, ...]) -> Peer:
+    """torch.compile(mode="max-autotune") of `torch_model` in float16 on the GPU, compiled for `shape`."""
+    from .bench import torch_compiled, torch_runner
+
+    model = torch_compiled(torch_model, np.zeros(shape, np.float32), "cuda", "float16", "max-autotune")
+
+    def timer(x: np.ndarray):
+        return torch_runner(model, x, "cuda", "float16")
+
+    return Peer(TORCH_MAX_AUTOTUNE, "float16", "float16", lambda x: timer(x)().float().cpu().numpy(), timer)
+
+
+def tensorrt_peer(proto, shape: tuple[int, ...], precision: str) -> Peer:
+    """A TensorRT engine of `proto` for `shape`: float16 from the float ONNX, int8 from a QDQ ONNX (explicit
+    quantization; the layers between Q/DQ pairs may run in float16), run through torch CUDA buffers."""
+    import tensorrt as trt
+    import torch
+
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch (the only mode since TensorRT 10)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(proto.SerializeToString()):
+        raise RuntimeError("ONNX parser: " + "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors)))
+    config = builder.create_builder_config()
+    weak = hasattr(trt.BuilderFlag, "FP16")  # TensorRT 10; 11 builds strongly typed networks only
+    if not weak and precision == "float16":
+        raise RuntimeError(f"TensorRT {trt.__version__} has no FP16 flag (strongly typed networks only): "
+                           "pip install 'tensorrt>=10,<11' for its float16 engine")
+    if weak:
+        config.set_flag(trt.BuilderFlag.FP16)
+        if precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)
+    name = network.get_input(0).name
+    if any(d < 0 for d in network.get_input(0).shape):  # a dynamic batch: one profile, the artifact's shape
+        profile = builder.create_optimization_profile()
+        profile.set_shape(name, shape, shape, shape)
+        config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError("the TensorRT builder made no engine")
+    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+    context = engine.create_execution_context()
+    context.set_input_shape(name, shape)
+    out_name = next(n for n in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors))
+                    if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+    data = torch.empty(shape, dtype=torch.float32, device="cuda")
+    out = torch.empty(tuple(context.get_tensor_shape(out_name)), dtype=torch.float32, device="cuda")
+    context.set_tensor_address(name, data.data_ptr())
+    context.set_tensor_address(out_name, out.data_ptr())
+
+    def run(_keep=engine):  # _keep: the engine outlives its context
+        if not context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise RuntimeError("TensorRT's execute_async_v3 failed")
+        torch.cuda.synchronize()
+        return out
+
+    def timer(x: np.ndarray):
+        data.copy_(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        return run
+
+    variant = "float16" if precision == "float16" else "int8 (QDQ)"
+    return Peer(TENSORRT, variant, precision, lambda x: timer(x)().cpu().numpy().copy(), timer)

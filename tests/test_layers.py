@@ -10,6 +10,7 @@ from mixer_edge.compiler import compile_model
 from mixer_edge.quant import Calibration, calibration_data, layer_sensitivity, quantize_for_build, resolve_recipe
 
 from conftest import assert_one_line_error, quiet
+from test_tuning import rpc_board  # noqa: F401 (a fixture)
 
 BROKEN = 'description = "clips activations hard"\nobserver = "percentile"\npercentile = 90.0\n'
 
@@ -97,6 +98,19 @@ def test_broken_recipe_on_the_emulated_rpi5(board, broken_int8, digits_source, d
     assert p.emulated and p.matched >= len(p.kernels) - 3
 
 
+@pytest.mark.slow
+@pytest.mark.emulation
+def test_profile_and_compare_over_rpc(rpc_board, broken_int8, digits_source, digits_test, sensitivity):
+    """A board over TVM RPC (here the emulated one, serving mixer_edge.rpc_server): the artifact is uploaded,
+    measured there, and its kernels come back named."""
+    artifact = broken_int8("rpi5")
+    p = layers.profile(artifact, digits_source, digits_test[0], repeat=3, rpc=rpc_board)
+    assert p.where == "rpc:rpi5" and not p.emulated and p.matched >= len(p.kernels) - 3
+    assert {"stem.proj", "blocks.0.mlp_tokens.fc1", "head"} <= {r.layer for r in p.kernels}
+    c = layers.compare(artifact, digits_source, digits_test[0][:8], rpc=rpc_board)
+    assert set(c.suggested_float_layers) & set(sensitivity[:layers.SUGGESTED])
+
+
 def test_cli_json_and_a_wrong_reference(run_cli, build_artifact):
     artifact = build_artifact("host")
     code, out, err = run_cli("profile", artifact, "--repeat", "2", "--json")
@@ -108,6 +122,9 @@ def test_cli_json_and_a_wrong_reference(run_cli, build_artifact):
     assert "blocks.0.mlp_tokens.fc1" in out and "first jump" in out
     code, out, err = run_cli("compare", artifact, "--model", "mixer_s16")
     assert_one_line_error(code, err, "reference model mixer_s16", "[3, 224, 224]")
+    code, out, err = run_cli("profile", artifact, "--board", "rpi5", "--rpc-tracker", "127.0.0.1:9190",
+                             "--rpc-key", "rpi5")
+    assert_one_line_error(code, err, "--board", "--rpc-tracker", "pass one")
 
 
 def test_alignment_is_monotone_and_leaves_strangers_out():
