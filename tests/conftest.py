@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +17,7 @@ import pytest
 from hypothesis import settings
 
 from mixer_edge import cli, emulator
-from mixer_edge.compiler import compile_model
+from mixer_edge.compiler import RpcBoard, compile_model
 from mixer_edge.data import digits_split
 from mixer_edge.export import open_model
 
@@ -129,3 +134,48 @@ def leftovers(directory: Path) -> list[str]:
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float((a.argmax(1) == b.argmax(1)).mean())
+
+
+# ---- a board over TVM RPC: the emulated one, served by mixer_edge.rpc_server --------------------------------
+
+def wait_for(ready, attempts: int, failure: str) -> None:
+    """Poll `ready` once a second; fail the test after `attempts` tries."""
+    for _ in range(attempts):
+        try:
+            if ready():
+                return
+        except Exception:
+            pass
+        time.sleep(1)
+    pytest.fail(failure)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def rpc_board(board):
+    """A TVM RPC tracker on loopback with the emulated Cortex-A76 board registered under 'rpi5'."""
+    from tvm import rpc
+
+    port = free_port()
+    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
+                                str(port), "--port-end", str(port + 50), "--silent"], start_new_session=True)
+    server = None
+    try:
+        wait_for(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None, 60,
+                 "the RPC tracker never started")
+        server = subprocess.Popen([sys.executable, "-m", "mixer_edge.cli", "emulator", "serve", "--board", "rpi5",
+                                   "--tracker", f"127.0.0.1:{port}", "--key", "rpi5"], start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"].get("rpi5", {}).get("free"),
+                 300, "the emulated board never registered with the tracker")
+        yield RpcBoard("127.0.0.1", port, "rpi5")
+    finally:
+        for proc in (server, tracker):
+            if proc is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

@@ -10,7 +10,6 @@ from mixer_edge.compiler import compile_model
 from mixer_edge.quant import Calibration, calibration_data, layer_sensitivity, quantize_for_build, resolve_recipe
 
 from conftest import assert_one_line_error, quiet
-from test_tuning import rpc_board  # noqa: F401 (a fixture)
 
 BROKEN = 'description = "clips activations hard"\nobserver = "percentile"\npercentile = 90.0\n'
 

@@ -160,6 +160,7 @@ def test_report_looks_inside_every_variant_it_ran(host_report, digits_source, di
         assert f"{section['slowest'][0]['layer']} ({section['slowest'][0]['ms']:.4f} ms" in md
 
 
+@pytest.mark.slow  # about 90 s: builds, runs and looks inside four variants, two of them under qemu
 @pytest.mark.emulation
 def test_report_on_host_and_emulated_rpi5_with_torch_compile(digits_source, board, tmp_path):
     variants = tuple(Variant.parse(v) for v in ("float32", "int8"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 
 from conftest import agreement, assert_one_line_error, quiet
 from mixer_edge import bench, emulator, runtime
-from mixer_edge.compiler import Budget, RpcBoard, Tuning, compile_model, resolve_target, tune_model
+from mixer_edge.compiler import Budget, Tuning, compile_model, resolve_target, tune_model
 from mixer_edge.compiler import tuning
 from mixer_edge.errors import MixerEdgeError
 
@@ -171,49 +170,6 @@ def test_a_spent_time_budget_ends_every_task_cleanly(run_cli, tmp_path):
     assert code == 0, err
     assert "tuning done in" in err
     lines(tmp_path / "db")  # what did land parses
-
-
-def wait_for(ready, attempts: int, failure: str) -> None:
-    """Poll `ready` once a second; fail the test after `attempts` tries."""
-    for _ in range(attempts):
-        try:
-            if ready():
-                return
-        except Exception:
-            pass
-        time.sleep(1)
-    pytest.fail(failure)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def rpc_board(board):
-    """A TVM RPC tracker on loopback with the emulated Cortex-A76 board registered under 'rpi5'."""
-    from tvm import rpc
-
-    port = free_port()
-    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
-                                str(port), "--port-end", str(port + 50), "--silent"], start_new_session=True)
-    server = None
-    try:
-        wait_for(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None, 60,
-                 "the RPC tracker never started")
-        server = subprocess.Popen([sys.executable, "-m", "mixer_edge.cli", "emulator", "serve", "--board", "rpi5",
-                                   "--tracker", f"127.0.0.1:{port}", "--key", "rpi5"], start_new_session=True,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"].get("rpi5", {}).get("free"),
-                 300, "the emulated board never registered with the tracker")
-        yield RpcBoard("127.0.0.1", port, "rpi5")
-    finally:
-        for proc in (server, tracker):
-            if proc is not None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 @pytest.mark.slow
