@@ -19,6 +19,10 @@ def say(message: str) -> None:
     print(f"[mixer-edge] {message}", file=sys.stderr, flush=True)
 
 
+NO_PEERS = ("leave out the peers: on the CPU OpenVINO, onnxruntime's own int8 and ExecuTorch/XNNPACK (pip install "
+            "'mixer-edge[peers]'); beside CUDA artifacts torch.compile max-autotune and TensorRT")
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (default: the bundled digits Mixer)")
     g.add_argument("--model", help="a preset name (mixer_s16, mixer_digits, ...) or a Mixer .onnx file")
@@ -480,8 +484,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--json", help="also write the measurements to this file")
     p.add_argument("--threads", type=options.threads, help="CPU threads for every candidate (default: the physical cores)")
     p.add_argument("--no-torch-compile", action="store_true", help="leave out the torch.compile baseline")
-    p.add_argument("--no-peers", action="store_true", help="leave out the peers (OpenVINO, onnxruntime's own int8, "
-                   "ExecuTorch/XNNPACK: pip install 'mixer-edge[peers]')")
+    p.add_argument("--no-peers", action="store_true", help=NO_PEERS)
     _calibration_args(p, int8_only=True)
     _tuning_args(p, compile_=True)
     p.set_defaults(func=cmd_bench)
@@ -504,8 +507,7 @@ def _report_parser(sub) -> None:
                    help="interleaved timing rounds (each runs every candidate 5 times)")
     p.add_argument("--threads", type=options.threads, help="CPU threads for every candidate (default: the physical cores)")
     p.add_argument("--no-torch-compile", action="store_true", help="leave out the torch.compile baseline")
-    p.add_argument("--no-peers", action="store_true", help="leave out the peers (OpenVINO, onnxruntime's own int8, "
-                   "ExecuTorch/XNNPACK: pip install 'mixer-edge[peers]')")
+    p.add_argument("--no-peers", action="store_true", help=NO_PEERS)
     p.add_argument("-o", "--output", default="report", help="report directory (default report/); an earlier "
                    "report there is replaced whole")
     g = p.add_argument_group("int8 calibration data (recipes come from --variants)")

@@ -344,7 +344,7 @@ def torch_compile_peer(torch_model, shape: tuple[int, ...]) -> Peer:
 
 def tensorrt_peer(proto, shape: tuple[int, ...], precision: str) -> Peer:
     """A TensorRT engine of `proto` for `shape`: float16 from the float ONNX, int8 from a QDQ ONNX (explicit
-    quantization; the layers between Q/DQ pairs may run in float16), run through torch CUDA buffers."""
+    quantization; the layers left float may run in float16), run through torch CUDA buffers."""
     import tensorrt as trt
     import torch
 
@@ -371,7 +371,8 @@ def tensorrt_peer(proto, shape: tuple[int, ...], precision: str) -> Peer:
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError("the TensorRT builder made no engine")
-    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+    trt_runtime = trt.Runtime(logger)
+    engine = trt_runtime.deserialize_cuda_engine(serialized)
     context = engine.create_execution_context()
     context.set_input_shape(name, shape)
     out_name = next(n for n in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors))
@@ -381,7 +382,7 @@ def tensorrt_peer(proto, shape: tuple[int, ...], precision: str) -> Peer:
     context.set_tensor_address(name, data.data_ptr())
     context.set_tensor_address(out_name, out.data_ptr())
 
-    def run(_keep=engine):  # _keep: the engine outlives its context
+    def run(_keep=(logger, trt_runtime, engine)):  # _keep: they outlive the context
         if not context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
             raise RuntimeError("TensorRT's execute_async_v3 failed")
         torch.cuda.synchronize()

@@ -74,3 +74,51 @@ def test_the_cuda_driver_plan_matches_torch_and_tvms_runtime(build_artifact, dig
                                                                                                   tvm_runtime, x)])
     print(f"digits on the GPU, median ms: driver plan {driver.median_ms:.4f}, TVM's CUDA runtime "
           f"{tvm_time.median_ms:.4f} ({driver.median_ms / tvm_time.median_ms:.2f}x)")
+
+
+def test_the_gpu_peers_agree_with_pytorch_and_cuda_int8_with_onnxruntime(digits_source, digits_test, tmp_path):
+    """Issue 20 on a real GPU: the digits model's float16 and int8 CUDA artifacts benched at batch 1 beside the
+    GPU peers (torch.compile max-autotune float16, TensorRT float16 and int8; those not installed are named and
+    left out): every float16 candidate agrees with PyTorch float32 on top-1 (>= 99%), and the CUDA int8 artifact
+    with onnxruntime running the same QDQ ONNX over the digits test split (>= 99%)."""
+    from mixer_edge import bench, peers, runtime
+    from mixer_edge.compiler import compile_model
+    from mixer_edge.data import in_batches
+    from mixer_edge.quant import quantize_for_build
+
+    from conftest import quiet
+
+    quantization = quantize_for_build(digits_source, progress=quiet)
+    paths = [tmp_path / precision for precision in ("float16", "int8")]
+    try:
+        for path in paths:
+            compile_model(digits_source, "cuda", path, precision=path.name,
+                          quantized=quantization if path.name == "int8" else None, progress=quiet)
+        int8 = runtime.load(paths[1])
+    except runtime.MixerEdgeError as exc:
+        if "this GPU is" in str(exc):
+            pytest.skip(f"this GPU is not one the cuda preset has code for: {exc}")
+        raise
+    said = []
+    rows = bench.compare(digits_source, paths, rounds=2, qdq=quantization.qdq, calibration=quantization,
+                         peers=(peers.TORCH_MAX_AUTOTUNE, peers.TENSORRT), progress=said.append)
+    print(bench.format_rows(rows))
+    assert [(row.batch, row.precision) for row in rows] == [(1, "float16"), (1, "int8")]
+    expected = {"float16": {peers.TORCH_MAX_AUTOTUNE: "torch", peers.TENSORRT: "tensorrt"},
+                "int8": {peers.TENSORRT: "tensorrt"}}
+    for row in rows:
+        timed = {t.engine for t in row.timings}
+        for engine, module in expected[row.precision].items():
+            note = next((n for n in row.left_out if n.startswith(engine + " ")), None)
+            assert (engine in timed) != bool(note), (engine, row.left_out)
+            if module == "tensorrt" and peers.unavailable(module) is None:
+                assert engine in timed, row.left_out  # installed: it must build and run here
+        for t in row.timings:
+            assert t.vs_torch_fp32 is not None and np.isfinite(t.latency.median_ms)
+            if t.precision == "float16":
+                assert t.vs_torch_fp32.top1_agreement >= 0.99, t
+    x = digits_test[0]
+    sess = bench.onnxruntime_session(quantization.qdq, 4)
+    name = sess.get_inputs()[0].name
+    reference = in_batches(lambda chunk: sess.run(None, {name: chunk})[0], x, 1)
+    assert agreement(int8(x), reference) >= 0.99
