@@ -263,19 +263,20 @@ def _standardised(v: np.ndarray) -> np.ndarray | None:
     return None if norm == 0 else v / norm
 
 
-def _profile(flat: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(standardised quantile function, standardised values at fixed positions) of a flat tensor."""
+def _profile(flat: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
+    """(standardised quantile function, standardised values at fixed positions, raw quantiles) of a flat tensor."""
     flat = flat.astype(np.float64).ravel()
     s = np.sort(flat)
     q = s[np.linspace(0, len(s) - 1, min(QUANTILES, len(s))).astype(int)]
     probes = flat[np.random.default_rng(0).choice(len(flat), min(FLAT_PROBES, len(flat)), replace=False)] \
         if len(flat) > FLAT_PROBES else flat
-    return _standardised(q), _standardised(probes)
+    return _standardised(q), _standardised(probes), q
 
 
 def similarity_matrix(kernels: list[np.ndarray], nodes: list[np.ndarray]) -> np.ndarray:
-    """similarity[i, j]: sorted-value correlation of kernel output i and node output j (-inf: other size),
-    plus 1e-3 times the flat order's absolute correlation (a tie-break)."""
+    """similarity[i, j]: sorted-value correlation of kernel output i and node output j (-inf: other size), plus
+    1e-3 times the flat order's absolute correlation, minus 1e-3 times the relative distance of the raw quantiles
+    for a float output (tie-breaks: `x` and `0.5 * x`, a GELU's last two products, correlate alike)."""
     sim = np.full((len(kernels), len(nodes)), -np.inf)
     kp = [_profile(k) for k in kernels]
     np_ = [_profile(n) for n in nodes]
@@ -283,11 +284,12 @@ def similarity_matrix(kernels: list[np.ndarray], nodes: list[np.ndarray]) -> np.
         for j, n in enumerate(nodes):
             if k.size != n.size:
                 continue
-            (ks, kf), (ns, nf) = kp[i], np_[j]
+            (ks, kf, kq), (ns, nf, nq) = kp[i], np_[j]
             if ks is None or ns is None:
                 sim[i, j] = 1.0 if ks is None and ns is None and np.allclose(k.ravel()[:1], n.ravel()[:1]) else 0.0
                 continue
-            sim[i, j] = float(ks @ ns) + 1e-3 * abs(float(kf @ nf))
+            scale = 0.0 if k.dtype.kind in "iu" else min(np.linalg.norm(kq - nq) / (np.linalg.norm(nq) or 1.0), 1.0)
+            sim[i, j] = float(ks @ ns) + 1e-3 * abs(float(kf @ nf)) - 1e-3 * scale
     return sim
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .bench import Candidate, Latency, cosines
-from .errors import MixerEdgeError
+from .errors import MixerEdgeError, reason
 from .formats import json_text
 from .plan import Build, BuildRequest, ReportRequest, Variant
 from .quant import Quantization
@@ -240,8 +240,11 @@ def _look_inside(source, built: list[tuple[Build, BuildFacts]], rows: list[Row],
         progress(f"looking inside {name}: each layer's time and error")
         artifact = stage / facts.artifact
         inputs = x[:max(INSIDE_SAMPLES, build.batch)]
-        sections[name] = inside(layers.profile(artifact, source, inputs, board=board, repeat=INSIDE_REPEAT),
-                                layers.compare(artifact, source, inputs, board=board))
+        try:
+            sections[name] = inside(layers.profile(artifact, source, inputs, board=board, repeat=INSIDE_REPEAT),
+                                    layers.compare(artifact, source, inputs, board=board))
+        except Exception as exc:  # the look inside is an addition: a model it cannot map leaves the report whole
+            progress(f"{name}: no look inside ({reason(exc)})")
     return sections
 
 

@@ -17,7 +17,7 @@ from hypothesis import given, strategies as st
 from torch import nn
 from tvm import relax
 
-from mixer_edge import bundle, emulator, runtime
+from mixer_edge import bundle, emulator, layers, runtime
 from mixer_edge.compiler import compile_model, webgpu
 from mixer_edge.errors import MixerEdgeError
 from mixer_edge.export import open_model, run_onnxruntime
@@ -193,6 +193,16 @@ def test_foreign_mixer_runs_in_the_native_runtime(built, inputs, reference, name
     """The bundle's C++ runtime (no Python) on the same artifacts: TVM's runtime on the host, wgpu-native on Vulkan."""
     packed = bundle.package(built(name, target), tmp_path / "bundle", progress=quiet)
     assert_matches(native_logits(packed, inputs, tmp_path), reference[name])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_foreign_mixer_layers_are_named_and_compare_exactly(built, foreign, inputs, name):
+    """`compare` on another implementation's float build: every kernel matched to its own tensor (a GELU's
+    `x * cdf` and its `0.5 *` correlate alike: the scale decides), every layer at float rounding error."""
+    c = layers.compare(built(name, "host"), foreign[name], inputs[:4])
+    assert all(r.compared == "float" for r in c.layers)
+    assert all(r.sqnr_db is None or r.sqnr_db > 100 for r in c.layers), [(r.layer, r.sqnr_db) for r in c.layers]
+    assert c.first_jump is None
 
 
 def test_class_token_mixer_in_float16_on_vulkan(foreign, inputs, reference, tmp_path):
