@@ -386,13 +386,11 @@ def _inside(args):
 
     from . import runtime
     from .data import load_inputs
-    from .layers import check_reference
 
     with runtime.artifact_dir(args.artifact) as root:
         record = runtime.verified_manifest(root)[1]
     batch = record.input.shape[0]
     source = _model(args).open((batch,), progress=say)
-    check_reference(record, source)
     data = getattr(args, "data", None) or source.eval_data
     samples = max(getattr(args, "samples", None) or batch, batch)
     if data:

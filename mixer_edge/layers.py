@@ -598,8 +598,19 @@ def _bytes(m: Mapped, dtypes: dict[str, int], int8: bool) -> int:
 
 def profile(artifact, reference, x: np.ndarray, board: str | None = None, repeat: int = 20, rpc=None) -> Profile:
     """Per-kernel latency of one inference of `artifact` on `x[:batch]` (here, on the emulated `board`, or on a
-    board over `rpc`, a compiler.tuning.RpcBoard running mixer_edge.rpc_server), each kernel named after the layers of `reference` (an export.ModelSource of the float model)."""
-    done = _execute(artifact, reference, x, board, rpc, repeat, max_batches=1)
+    board over `rpc`, a compiler.tuning.RpcBoard running mixer_edge.rpc_server), each kernel named after the
+    layers of `reference` (an export.ModelSource of the float model)."""
+    return _profile_of(_execute(artifact, reference, x, board, rpc, repeat, max_batches=1), artifact, repeat)
+
+
+def look_inside(artifact, reference, x: np.ndarray, board: str | None = None, repeat: int = 20, rpc=None,
+                data: str = "inputs") -> tuple[Profile, Comparison]:
+    """`profile` and `compare` from one run of the artifact on `x` (timed on its first batch)."""
+    done = _execute(artifact, reference, x, board, rpc, repeat)
+    return _profile_of(done, artifact, repeat), _comparison_of(done, artifact, data)
+
+
+def _profile_of(done: Execution, artifact, repeat: int) -> Profile:
     record, run, mapped = done.record, done.run, done.mapped
     if [s for s, _ in run.times] != [m.kernel for m in mapped]:
         raise MixerEdgeError(f"{artifact}: the kernels timed are not the kernels whose outputs were read")
@@ -735,9 +746,12 @@ def _kernel_error(i: int, m: Mapped, per_batch: list[list[Node]], run: Run, reco
 
 def compare(artifact, reference, x: np.ndarray, board: str | None = None, data: str = "inputs",
             rpc=None) -> Comparison:
-    """Every layer's output of `artifact` on `x` (here, on the emulated `board` or over `rpc`) beside the float reference
-    (`reference`, an export.ModelSource) on the same inputs: cosine, SQNR and max |error| per layer."""
-    done = _execute(artifact, reference, x, board, rpc, repeat=0)
+    """Every layer's output of `artifact` on `x` (here, on the emulated `board` or over `rpc`) beside the float
+    reference (`reference`, an export.ModelSource) on the same inputs: cosine, SQNR and max |error| per layer."""
+    return _comparison_of(_execute(artifact, reference, x, board, rpc, repeat=0), artifact, data)
+
+
+def _comparison_of(done: Execution, artifact, data: str) -> Comparison:
     record, run, mapped, per_batch = done.record, done.run, done.mapped, done.per_batch
     results = [_kernel_error(i, m, per_batch, run, record) for i, m in enumerate(mapped)]
     rows: dict[str, LayerError] = {}

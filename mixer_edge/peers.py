@@ -47,6 +47,7 @@ INSTALL = "pip install 'mixer-edge[peers]'"
 OPENVINO, ORT_INT8, EXECUTORCH = "openvino", "onnxruntime quantize_static", "executorch xnnpack"  # engine names
 TORCH_MAX_AUTOTUNE, TENSORRT = "torch.compile max-autotune", "tensorrt"  # the GPU peers' engine names
 ORT_INT8_VARIANT = "int8 (QOperator U8S8 per-channel)"
+VNNI = {"avx512_vnni", "avx_vnni"}  # x86 int8 dot products (Linux cpuinfo flags): U8S8 needs no reduce_range
 MODULES = {OPENVINO: "openvino", EXECUTORCH: "executorch", TORCH_MAX_AUTOTUNE: "torch",
            TENSORRT: "tensorrt"}  # the module each optional peer needs
 INSTALLS = {"tensorrt": "pip install tensorrt (on the GPU machine)"}  # modules outside the peers extra
@@ -61,15 +62,6 @@ def unavailable(module: str) -> str | None:
         return f"{module} not installed: {INSTALLS.get(module, INSTALL)}" if isinstance(exc, ImportError) else \
             f"{module} does not import ({reason(exc)})"
     return None
-
-
-def has_vnni() -> bool:
-    """Whether this x86 CPU has VNNI (then U8S8 needs no reduce_range); False where it cannot be told."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 @dataclass(frozen=True)
@@ -244,6 +236,7 @@ def ort_quantize(proto, calib: np.ndarray, progress=print):
                                           quant_pre_process, quantize_static)
 
     from .export import input_spec
+    from .runtime import machine_cpu_features
 
     spec = input_spec(proto)
     step = spec.shape[0] if isinstance(spec.shape[0], int) else 1
@@ -268,7 +261,7 @@ def ort_quantize(proto, calib: np.ndarray, progress=print):
             pre = src
         quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QOperator,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                        reduce_range=not has_vnni(), calibrate_method=CalibrationMethod.MinMax)
+                        reduce_range=not VNNI & machine_cpu_features(), calibrate_method=CalibrationMethod.MinMax)
         return onnx.load(str(out))
 
 

@@ -241,8 +241,7 @@ def _look_inside(source, built: list[tuple[Build, BuildFacts]], rows: list[Row],
         artifact = stage / facts.artifact
         inputs = x[:max(INSIDE_SAMPLES, build.batch)]
         try:
-            sections[name] = inside(layers.profile(artifact, source, inputs, board=board, repeat=INSIDE_REPEAT),
-                                    layers.compare(artifact, source, inputs, board=board))
+            sections[name] = inside(*layers.look_inside(artifact, source, inputs, board=board, repeat=INSIDE_REPEAT))
         except Exception as exc:  # the look inside is an addition: a model it cannot map leaves the report whole
             progress(f"{name}: no look inside ({reason(exc)})")
     return sections

@@ -75,16 +75,22 @@ def torch_logits(digits_source, digits_test):
 @pytest.fixture(scope="session")
 def build_artifact(digits_source, tmp_path_factory):
     """build_artifact(target) -> path of the digits model compiled for that target (built once)."""
+    return built_once(tmp_path_factory, "artifacts",
+                      lambda target, out: compile_model(digits_source, target, out, progress=quiet))
+
+
+def built_once(tmp_path_factory, folder: str, compile_to):
+    """make(target) -> the fresh directory `compile_to(target, directory)` built for `target`, once per target."""
     built = {}
 
-    def build(target: str) -> Path:
+    def make(target: str) -> Path:
         if target not in built:
-            out = tmp_path_factory.mktemp("artifacts") / target
-            compile_model(digits_source, target, out, progress=quiet)
+            out = tmp_path_factory.mktemp(folder) / target
+            compile_to(target, out)
             built[target] = out
         return built[target]
 
-    return build
+    return make
 
 
 @pytest.fixture

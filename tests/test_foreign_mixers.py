@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import re
-import shutil
 import warnings
 
 import numpy as np
@@ -187,7 +186,6 @@ def test_foreign_mixer_matches_onnxruntime(built, inputs, reference, name, targe
     assert model.manifest["verification"]["status"] == "verified"
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="the native runtime needs a C++ compiler")
 @pytest.mark.parametrize("name, target", [("sequential", "host"), ("class-token", "android-vulkan")])
 def test_foreign_mixer_runs_in_the_native_runtime(built, inputs, reference, name, target, tmp_path):
     """The bundle's C++ runtime (no Python) on the same artifacts: TVM's runtime on the host, wgpu-native on Vulkan."""

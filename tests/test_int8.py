@@ -10,7 +10,7 @@ from mixer_edge.errors import MixerEdgeError
 from mixer_edge.quant import quantize_for_build
 from mixer_edge.runtime import load, read_manifest
 
-from conftest import agreement, quiet
+from conftest import agreement, built_once, quiet
 from test_compile import cuobjdump
 
 DIGITS_LAYERS = 18  # stem + 4 blocks x (2 token + 2 channel) + head
@@ -25,16 +25,8 @@ def quantized(digits_source):
 @pytest.fixture(scope="session")
 def int8_artifact(digits_source, quantized, tmp_path_factory):
     """int8_artifact(target) -> path of the digits model compiled in int8 for that target (built once)."""
-    built = {}
-
-    def make(target: str):
-        if target not in built:
-            out = tmp_path_factory.mktemp("int8") / target
-            compile_model(digits_source, target, out, precision="int8", quantized=quantized, progress=quiet)
-            built[target] = out
-        return built[target]
-
-    return make
+    return built_once(tmp_path_factory, "int8", lambda target, out: compile_model(
+        digits_source, target, out, precision="int8", quantized=quantized, progress=quiet))
 
 
 def test_host_int8_keeps_the_digits_accuracy(int8_artifact):

@@ -9,7 +9,7 @@ from mixer_edge import layers
 from mixer_edge.compiler import compile_model
 from mixer_edge.quant import Calibration, calibration_data, layer_sensitivity, quantize_for_build, resolve_recipe
 
-from conftest import assert_one_line_error, quiet
+from conftest import assert_one_line_error, built_once, quiet
 
 BROKEN = 'description = "clips activations hard"\nobserver = "percentile"\npercentile = 90.0\n'
 
@@ -29,16 +29,8 @@ def broken_quantized(digits_source, broken_recipe):
 @pytest.fixture(scope="module")
 def broken_int8(digits_source, broken_quantized, tmp_path_factory):
     """broken_int8(target): the digits model in int8 with the clipping recipe (built once per target)."""
-    built = {}
-
-    def make(target):
-        if target not in built:
-            out = tmp_path_factory.mktemp("broken") / target
-            compile_model(digits_source, target, out, precision="int8", quantized=broken_quantized, progress=quiet)
-            built[target] = out
-        return built[target]
-
-    return make
+    return built_once(tmp_path_factory, "broken", lambda target, out: compile_model(
+        digits_source, target, out, precision="int8", quantized=broken_quantized, progress=quiet))
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,6 @@ from conftest import examples, quiet
 from test_bad_inputs import CASES, Corpus
 
 CROSS_ROOT = Path("/usr/aarch64-linux-gnu")  # the cross toolchain's libc and libstdc++: a root with no Python
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the native runtime needs a C++ compiler")
-
-
 @pytest.fixture(scope="module")
 def host_bundle(build_artifact, tmp_path_factory):
     """package(ARTIFACT) -> a bundle of the digits model built for that target (made once per target)."""
@@ -137,8 +134,6 @@ def test_image_input_is_preprocessed(host_bundle, tmp_path):
 
 def test_c_program_links_against_the_bundle_with_cmake(host_bundle, digits_test, tmp_path):
     """The bundle's example CMake project builds a C program against include/ and lib/ that classifies."""
-    if shutil.which("cmake") is None:
-        pytest.skip("needs cmake (apt-get install cmake)")
     root = host_bundle("host")
     build = tmp_path / "build"
     for cmd in (["cmake", "-S", root / "example", "-B", build], ["cmake", "--build", build]):
@@ -155,8 +150,6 @@ def test_c_program_links_against_the_bundle_with_cmake(host_bundle, digits_test,
 @pytest.mark.emulation
 @pytest.mark.slow  # cross-compiles the aarch64 runtime: CI's pytest -m slow
 def test_rpi5_bundle_runs_on_the_emulated_board_without_python(host_bundle, build_artifact, digits_test, tmp_path):
-    if shutil.which("qemu-aarch64-static") is None or not (CROSS_ROOT / "lib" / "libstdc++.so.6").exists():
-        pytest.skip("needs qemu-user-static and the aarch64 cross toolchain's libraries")
     assert not list(CROSS_ROOT.rglob("python*")), "the emulated root must hold no Python"
     root = host_bundle("rpi5")
     assert not [p for p in root.rglob("*") if "python" in p.name.lower()]
@@ -170,12 +163,6 @@ def test_rpi5_bundle_runs_on_the_emulated_board_without_python(host_bundle, buil
 
 def test_vulkan_bundle_runs_through_wgpu_native(host_bundle, build_artifact, digits_test, tmp_path):
     """The WGSL artifact through wgpu-native from C on Mesa's software Vulkan device, as the Python runner."""
-    from mixer_edge import vulkan
-
-    try:
-        vulkan.adapter()
-    except MixerEdgeError as exc:
-        pytest.skip(str(exc))
     root = host_bundle("android-vulkan")
     x = digits_test[0][:32]
     reference = runtime.load(build_artifact("android-vulkan"))(x)
@@ -206,14 +193,8 @@ def test_bundle_manifest_lists_every_file_and_needs_nothing_else(host_bundle):
 def test_rpi5_vulkan_bundle_runs_on_emulated_lavapipe_without_python(build_artifact, digits_test, tmp_path):
     """The aarch64 wgpu bundle on Debian's arm64 Mesa lavapipe under qemu-user, in a root with no Python:
     the host lavapipe's logits."""
-    from mixer_edge import vulkan, vulkan_root
+    from mixer_edge import vulkan_root
 
-    if shutil.which("qemu-aarch64-static") is None:
-        pytest.skip("needs qemu-user-static")
-    try:
-        vulkan.adapter()  # the reference runs on the host's lavapipe
-    except MixerEdgeError as exc:
-        pytest.skip(str(exc))
     root = vulkan_root.setup(progress=quiet)
     assert not any("python" in deb for deb in json.loads((root / "vulkan-root.json").read_text())["debs"])
     assert not list((root / "sysroot").glob("usr/bin/python*")) and not list((root / "sysroot").glob("usr/lib/python3*"))

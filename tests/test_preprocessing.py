@@ -5,7 +5,6 @@ Python decoder and the native runner."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import numpy as np
@@ -168,7 +167,6 @@ def test_an_artifact_from_before_crop_and_assumed_still_loads(copy_artifact, dig
 
 # ---- the native runner crops the same -----------------------------------------------------------
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="the native runtime needs a C++ compiler")
 def test_the_native_runner_crops_as_the_python_runtime(cropped_artifact, photo, tmp_path):
     """stb's box filter halving the photo exactly, then the same crop: the runner's logits are the Python
     runtime's within float rounding (other filters are close to PIL's, not identical)."""
