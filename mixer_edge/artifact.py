@@ -52,11 +52,24 @@ def manifest_for(built: Built, source: ModelSource) -> dict:
                       "weights": sorted({str(a.dtype) for a in built.params.values()})},
         "params": list(built.params),
         "export": source.export,
-        "build": {"seconds": round(built.seconds, 2), "tuning_db": built.tuning and
-                  {k: built.tuning[k] for k in ("graph", "precision", "records", "workloads", "sha256")},
-                  "pipeline": built.backend.pipeline + (" with MetaSchedule records" if built.tuning else "")},
+        "build": {"seconds": round(built.seconds, 2), **_tuning(built.tuning),
+                  "pipeline": built.backend.pipeline + (" with MetaSchedule records" if built.tuning and
+                                                        built.tuning.tuned else "")},
         "versions": versions(),
     }
+
+
+def _tuning(applied) -> dict:
+    """The manifest's build.tuning_db (the model's own database) and build.tuning (what every record covered)."""
+    def database(summary: dict) -> dict:
+        return {k: summary[k] for k in ("graph", "precision", "records", "workloads", "sha256")}
+
+    if applied is None:
+        return {"tuning_db": None, "tuning": None}
+    return {"tuning_db": applied.own and database(applied.own),
+            "tuning": {"tasks": applied.tasks, "tuned": applied.tuned, "transferred": applied.transferred,
+                       "untuned": list(applied.untuned),
+                       "transferred_from": [database(s) for s in applied.transferred_from]}}
 
 
 def write_artifact(out: str | Path, built: Built, source: ModelSource, verify: bool = True,

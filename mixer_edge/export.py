@@ -130,7 +130,102 @@ def load_onnx(path: str | Path):
         raise MixerEdgeError(f"ONNX file {path} input '{spec.name}' has symbolic channels or size {list(spec.shape)}: "
                              "export it with a fixed image size (only the batch may be dynamic)")
     check_mixer(proto, path)
+    return linear_forms(proto)
+
+
+def linear_forms(proto):
+    """`proto` with every linear layer spelled as a MatMul, the form int8 quantization and lowering know:
+    constant tensors held by Constant nodes become initializers; a Conv with a 1-wide 1-D kernel (lucidrains'
+    token mixing, `Conv1d(n, m, 1)`) becomes MatMul(W, x) (+ bias); an Einsum of an activation and a 2-D
+    weight becomes MatMul with the transposes it needs. A weight another node also reads is left as it is."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    for node in [n for n in graph.node if n.op_type == "Constant" and proto.ir_version >= 4]:
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if value is not None and len(value.dims) >= 1 and value.data_type == onnx.TensorProto.FLOAT:
+            graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(value), node.output[0]))
+            graph.node.remove(node)
+    inits = {i.name: i for i in graph.initializer}
+    reads: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            reads[name] = reads.get(name, 0) + 1
+
+    def own(name: str):  # the node's weight as an array, if it is an initializer no other node reads
+        return numpy_helper.to_array(inits[name]) if name in inits and reads[name] == 1 else None
+
+    def replace(name: str, array: np.ndarray) -> None:  # a weight reshaped: so is any shape stated for it
+        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        for info in [*graph.value_info, *graph.input]:
+            if info.name == name:
+                info.type.tensor_type.shape.CopyFrom(helper.make_tensor_type_proto(1, array.shape).tensor_type.shape)
+
+    nodes = []
+    for node in graph.node:
+        rewritten = None
+        if node.op_type == "Conv":
+            rewritten = _conv1x1_as_matmul(node, own, replace, helper)
+        elif node.op_type == "Einsum" and len(node.input) == 2:
+            rewritten = _einsum_as_matmul(node, own, replace, helper)
+        nodes.extend(rewritten or [node])
+    del graph.node[:]
+    graph.node.extend(nodes)
     return proto
+
+
+def _conv1x1_as_matmul(node, own, replace, helper):
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    weight = own(node.input[1])
+    if weight is None or weight.ndim != 3 or weight.shape[2] != 1 or attrs.get("group", 1) != 1 \
+            or any(attrs.get("pads", [0])) or any(v != 1 for k in ("strides", "dilations") for v in attrs.get(k, [1])) \
+            or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"):
+        return None
+    replace(node.input[1], weight[:, :, 0])
+    if len(node.input) < 3 or not node.input[2]:
+        return [helper.make_node("MatMul", [node.input[1], node.input[0]], list(node.output), name=node.name)]
+    bias = own(node.input[2])
+    if bias is None:
+        return None
+    replace(node.input[2], bias.reshape(-1, 1))
+    product = f"{node.output[0]}_matmul"
+    return [helper.make_node("MatMul", [node.input[1], node.input[0]], [product], name=node.name),
+            helper.make_node("Add", [product, node.input[2]], list(node.output), name=f"{node.name}_bias")]
+
+
+def _einsum_as_matmul(node, own, replace, helper):
+    equation = next(a.s.decode() for a in node.attribute if a.name == "equation").replace(" ", "")
+    terms, _, out = equation.partition("->")
+    terms = terms.split(",")
+    which = [i for i in (0, 1) if own(node.input[i]) is not None and own(node.input[i]).ndim == 2]
+    if len(terms) != 2 or len(which) != 1 or not all(t.isalpha() and len(set(t)) == len(t) for t in [*terms, out]):
+        return None
+    w_term, x_term, x = terms[which[0]], terms[1 - which[0]], node.input[1 - which[0]]
+    shared = [c for c in w_term if c in x_term and c not in out]
+    k = shared[0] if len(shared) == 1 else None
+    m = next((c for c in w_term if c != k), None)
+    rest = x_term.replace(k, "") if k else ""
+    if k is None or m in x_term or m not in out or sorted(out) != sorted(rest + m):
+        return None
+    weight = own(node.input[which[0]])
+    km = weight if w_term == k + m else weight.T  # [k, m]
+    name, y = node.name or node.output[0], node.output[0]
+    if x_term[-2:] == k + x_term[-1:] and len(x_term) >= 2 and out == x_term[:-2] + m + x_term[-1]:
+        replace(node.input[which[0]], km.T)  # W.X: tokens mixed in place, no transposes
+        return [helper.make_node("MatMul", [node.input[which[0]], x], [y], name=name)]
+    replace(node.input[which[0]], km)
+    made = []
+    if x_term != rest + k:
+        made.append(helper.make_node("Transpose", [x], [f"{y}_in"], name=f"{name}_in",
+                                     perm=[x_term.index(c) for c in rest + k]))
+        x = f"{y}_in"
+    product = y if out == rest + m else f"{y}_matmul"
+    made.append(helper.make_node("MatMul", [x, node.input[which[0]]], [product], name=name))
+    if product != y:
+        made.append(helper.make_node("Transpose", [product], [y], name=f"{name}_out",
+                                     perm=[(rest + m).index(c) for c in out]))
+    return made
 
 
 def check_onnxruntime_runs(proto, path) -> None:

@@ -126,6 +126,22 @@ class Peers:
             self._leave_out(f"{engine} left out: {why}")
         return why is None
 
+    def _openvino(self, proto, shape: tuple[int, ...], precision: str) -> list[Peer | None]:
+        """OpenVINO's latency mode on the batch; beside a batch of more than one image, its throughput mode too
+        (one image per request: where the ONNX's batch is symbolic, as `bench --batch 1,8` exports it)."""
+        from .export import input_spec
+
+        modes = [False]
+        if shape[0] > 1 and isinstance(input_spec(proto).shape[0], int):
+            self._leave_out(f"{OPENVINO} {precision} throughput mode left out: the ONNX has a fixed batch (bench "
+                            "more than one batch size, e.g. --batch 1,8, for an ONNX with a symbolic one)")
+        elif shape[0] > 1:
+            modes.append(True)
+        return [self._built((OPENVINO, id(proto), shape, throughput),
+                            lambda: openvino_peer(proto, shape, self.threads, precision, throughput),
+                            f"{OPENVINO} {precision}" + (" throughput mode" if throughput else ""))
+                for throughput in modes]
+
     def beside(self, source, qdq, shape: tuple[int, ...], device: str, precision: str,
                onnx_ok: bool = True) -> list[Peer]:
         """The peers of an artifact of `precision` whose baselines run on `device` (cpu or cuda)."""
@@ -155,9 +171,7 @@ class Peers:
         """OpenVINO on the float ONNX (where its batch fits `shape`: `onnx_ok`), ExecuTorch XNNPACK float32."""
         self.last_left_out, peers = [], []
         if onnx_ok and self._installed(OPENVINO):
-            peers.append(self._built((OPENVINO, id(source.onnx_model), shape),
-                                     lambda: openvino_peer(source.onnx_model, shape, self.threads, "float32"),
-                                     f"{OPENVINO} float32"))
+            peers += self._openvino(source.onnx_model, shape, "float32")
         if source.torch_model is not None and self._installed(EXECUTORCH):
             peers.append(self._built((EXECUTORCH, "float32", id(source.torch_model), shape),
                                      lambda: executorch_peer(source.torch_model, shape, self.threads, None,
@@ -169,8 +183,7 @@ class Peers:
         (the last two need the calibration inputs)."""
         self.last_left_out, peers = [], []
         if onnx_ok and qdq is not None and self._installed(OPENVINO):
-            peers.append(self._built((OPENVINO, id(qdq), shape),
-                                     lambda: openvino_peer(qdq, shape, self.threads, "int8"), f"{OPENVINO} int8"))
+            peers += self._openvino(qdq, shape, "int8")
         if self.calib is None and (ORT_INT8 in self.engines or EXECUTORCH in self.engines):
             self._leave_out(f"{ORT_INT8} and {EXECUTORCH} int8 left out: no calibration inputs "
                             "(a QDQ ONNX given as it is)")
@@ -204,8 +217,10 @@ def calibration_inputs(source, quantization, progress=print) -> np.ndarray | Non
 
 # ---- OpenVINO -------------------------------------------------------------------------------------------------
 
-def openvino_peer(proto, shape: tuple[int, ...], threads: int, precision: str) -> Peer:
-    """OpenVINO's CPU plugin compiling `proto` (float32 ONNX, or a QDQ ONNX it runs in int8) for `shape`."""
+def openvino_peer(proto, shape: tuple[int, ...], threads: int, precision: str, throughput: bool = False) -> Peer:
+    """OpenVINO's CPU plugin compiling `proto` (float32 ONNX, or a QDQ ONNX it runs in int8) for `shape`; with
+    `throughput`, its throughput mode instead: the batch's images one each through as many parallel requests
+    (streams) as OpenVINO picks for `threads` threads, a call done when the whole batch is."""
     import openvino as ov
 
     core = ov.Core()
@@ -213,17 +228,33 @@ def openvino_peer(proto, shape: tuple[int, ...], threads: int, precision: str) -
         path = Path(tmp) / "model.onnx"
         path.write_bytes(proto.SerializeToString())
         model = core.read_model(str(path))
-    model.reshape(list(shape))  # static, like every other candidate
+    model.reshape([1, *shape[1:]] if throughput else list(shape))  # static, like every other candidate
     compiled = core.compile_model(model, "CPU", {
-        "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
-        "INFERENCE_PRECISION_HINT": "f32"})  # non-int8 parts in f32, as in mixer-edge (not bf16)
-    request = compiled.create_infer_request()
+        "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32",  # non-int8 parts in f32 (not bf16)
+        **({"PERFORMANCE_HINT": "THROUGHPUT"} if throughput else {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1})})
+    variant = ("CPU float32" if precision == "float32" else "CPU int8 (QDQ)") + (", throughput mode" if throughput
+                                                                                 else "")
+    if not throughput:
+        request = compiled.create_infer_request()
 
-    def infer(x: np.ndarray) -> np.ndarray:
-        request.infer({0: x})
-        return request.get_output_tensor(0).data.copy()
+        def infer(x: np.ndarray) -> np.ndarray:
+            request.infer({0: x})
+            return request.get_output_tensor(0).data.copy()
 
-    return Peer(OPENVINO, "CPU float32" if precision == "float32" else "CPU int8 (QDQ)", precision, infer)
+        return Peer(OPENVINO, variant, precision, infer)
+
+    queue = ov.AsyncInferQueue(compiled, compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+    logits: dict[int, np.ndarray] = {}
+    queue.set_callback(lambda request, i: logits.__setitem__(i, request.get_output_tensor(0).data.copy()))
+
+    def infer_each(x: np.ndarray) -> np.ndarray:
+        logits.clear()
+        for i in range(len(x)):
+            queue.start_async({0: x[i:i + 1]}, i)
+        queue.wait_all()
+        return np.concatenate([logits[i] for i in range(len(x))])
+
+    return Peer(OPENVINO, variant, precision, infer_each)
 
 
 # ---- onnxruntime's own static quantization --------------------------------------------------------------------

@@ -262,12 +262,25 @@ class TuningDatabase(Schema):
     sha256: Sha256 = Field(description="sha256 of its records")
 
 
+class TuningCoverage(Schema):
+    """Which of the build's tuning tasks had a MetaSchedule record, and from where."""
+
+    tasks: int = Field(ge=0, description="the build's tuning tasks (hand-scheduled int8 kernels left out)")
+    tuned: int = Field(ge=0, description="tasks with a record, the model's own or another database's")
+    transferred: int = Field(ge=0, description="tasks tuned by a record of another database for the same exact target "
+                             "(another model, class count or precision), matched by workload")
+    untuned: list[str] = Field(description="tasks no record covers: they run on default schedules")
+    transferred_from: list[TuningDatabase] = Field(description="the other databases that gave records")
+
+
 class BuildInfo(Schema):
     """How the artifact was built."""
 
     seconds: float = Field(ge=0, description="wall-clock time of the build")
-    tuning_db: TuningDatabase | None = Field(description="the tuning database applied; null: TVM's default "
-                                             "schedules")
+    tuning_db: TuningDatabase | None = Field(description="the model's own tuning database applied; null: none "
+                                             "(records of other models' databases may still apply: `tuning`)")
+    tuning: TuningCoverage | None = Field(None, description="what the tuning records covered; null where the "
+                                          "build looked for none (GPU builds without any database)")
     pipeline: str = Field(description="the TVM pipeline, in words")
 
 
@@ -362,10 +375,19 @@ class LayerSensitivity(Schema):
                                   "infinite (the layer alone in int8 changes nothing)")
 
 
+class FloatLayer(Schema):
+    """A layer the QDQ model quantized that no integer kernel takes: it runs in float."""
+
+    layer: str = Field(description="the layer (its quantized weight's name, else its operator)")
+    reason: str = Field(description="why the integer lowering left it float")
+
+
 class QuantizationInfo(Schema):
     """int8 builds: what was lowered to integer kernels, how it was calibrated, and the calibration table."""
 
     layers: Dim = Field(description="matmuls and convolutions lowered to integer kernels")
+    float_layers: list[FloatLayer] = Field(default_factory=list, description="quantized layers left in float, "
+                                           "with the reason (none where every layer is on integer kernels)")
     dot_product: str = Field(description="the int8 dot-product instruction used (vnni, sdot, dp4a, plain)")
     activations: Literal["int8", "uint8"] = Field(description="the integer type of quantized activations")
     recipe: CalibrationRecipe | str = Field(description="the calibration recipe, or a sentence for a QDQ ONNX "
@@ -509,7 +531,12 @@ def describe(m: Manifest, artifact: str | Path) -> list[str]:
         lines.append(f"int8       {q.layers} layers on {q.dot_product} kernels ({q.activations} activations); "
                      f"recipe {recipe}" + (f", {q.samples} samples of {q.calibration_data}" if q.samples is not None
                                            else ""))
+        lines += [f"float      {f.layer}: {f.reason}" for f in q.float_layers]
     lines.append(f"built      {m.created} in {m.build.seconds}s with TVM {m.versions.get('apache-tvm')}")
+    if m.build.tuning:
+        t = m.build.tuning
+        lines.append(f"tuning     {t.tuned} of {t.tasks} tasks tuned ({t.transferred} by other databases' records "
+                     f"of this target)" + (f"; untuned: {', '.join(t.untuned)}" if t.untuned else ""))
     if check is not None and check.status == "verified":
         lines.append(f"verified   on {check.data}: top-1 agreement {check.top1_agreement:.2%}, max |logit diff| "
                      f"{check.max_abs_logit_diff:.1e}" + (f"; accuracy {check.accuracy:.2%}" if check.accuracy

@@ -116,3 +116,70 @@ def test_bad_onnx_files(tmp_path):
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), tmp_path / "sym.onnx")
     with pytest.raises(MixerEdgeError, match="symbolic channels or size"):
         load_onnx(tmp_path / "sym.onnx")
+
+
+def _single_op_graph(op: str, weight: np.ndarray, x_shape, weight_first: bool = False, bias=None, **attrs):
+    """A graph of one `op` on input `x` and the initializer `w` (the ONNX a user's exporter writes)."""
+    from onnx import helper, numpy_helper
+
+    inputs = ["w", "x"] if weight_first else ["x", "w"]
+    inits = [numpy_helper.from_array(weight, "w")]
+    if bias is not None:
+        inputs.append("b")
+        inits.append(numpy_helper.from_array(bias, "b"))
+    graph = helper.make_graph([helper.make_node(op, inputs, ["y"], name="layer", **attrs)], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _outputs(proto, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("equation, weight_first, w_shape, expect", [
+    ("bnc,mn->bmc", False, (6, 4), ["MatMul"]),  # token mixing as W.X: no transposes
+    ("mn,bnc->bmc", True, (6, 4), ["MatMul"]),
+    ("bnc,cm->bnm", False, (5, 7), ["MatMul"]),  # a Linear
+    ("bnc,mc->bnm", False, (7, 5), ["MatMul"]),  # a Linear with [out, in] weights
+    ("bnc,cd->bdn", False, (5, 7), ["MatMul", "Transpose"]),
+    ("bcn,nm->bmc", False, (4, 6), ["MatMul", "Transpose"]),
+    ("nbc,mn->bmc", False, (6, 4), ["Transpose", "MatMul", "Transpose"]),
+    ("bnc,nc->bn", False, (4, 5), ["Einsum"]),  # two contracted axes: not a linear layer, left as it is
+])
+def test_linear_layers_spelled_otherwise_become_matmuls(equation, weight_first, w_shape, expect):
+    """`load_onnx`'s linear_forms: Einsum with a 2-D weight, Conv1d(kernel 1) below; same outputs as the original."""
+    from mixer_edge.export import linear_forms
+
+    rng = np.random.default_rng(0)
+    x_shape = {"bnc": (2, 4, 5), "bcn": (2, 5, 4), "nbc": (4, 2, 5)}[equation.replace(" ", "").split(",")[1 if
+                                                                            weight_first else 0].split("-")[0]]
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    proto = _single_op_graph("Einsum", rng.standard_normal(w_shape).astype(np.float32), x_shape, weight_first,
+                             equation=equation)
+    before = _outputs(proto, x)
+    rewritten = linear_forms(proto)
+    assert [n.op_type for n in rewritten.graph.node] == expect
+    np.testing.assert_allclose(_outputs(rewritten, x), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attrs, bias, expect", [
+    ({}, True, ["MatMul", "Add"]),
+    ({"kernel_shape": [1], "strides": [1], "pads": [0, 0]}, False, ["MatMul"]),
+    ({"strides": [2]}, True, ["Conv"]),  # not every token: left as it is
+    ({"group": 2}, True, ["Conv"]),
+])
+def test_a_1_wide_conv1d_becomes_a_weight_left_matmul(attrs, bias, expect):
+    from mixer_edge.export import linear_forms
+
+    rng = np.random.default_rng(1)
+    channels_in = 4 // attrs.get("group", 1)
+    proto = _single_op_graph("Conv", rng.standard_normal((6, channels_in, 1)).astype(np.float32), (2, 4, 5),
+                             bias=rng.standard_normal(6).astype(np.float32) if bias else None, **attrs)
+    x = rng.standard_normal((2, 4, 5)).astype(np.float32)
+    before = _outputs(proto, x)
+    rewritten = linear_forms(proto)
+    assert [n.op_type for n in rewritten.graph.node] == expect
+    np.testing.assert_allclose(_outputs(rewritten, x), before, rtol=1e-5, atol=1e-5)

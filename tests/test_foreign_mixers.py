@@ -68,23 +68,28 @@ def feed_forward(dim: int, expansion: float, dense) -> nn.Sequential:
     return nn.Sequential(dense(dim, inner), nn.GELU(), nn.Dropout(0.0), dense(inner, dim), nn.Dropout(0.0))
 
 
-def sequential_mixer(patch: int = 4, dim: int = 24, depth: int = 2, classes: int = 10) -> nn.Sequential:
+def sequential_mixer(patch: int = 4, dim: int = 24, depth: int = 2, classes: int = 10, size: int = SIZE,
+                     expansion: float = 4, expansion_token: float = 0.5) -> nn.Sequential:
     """lucidrains' mlp-mixer-pytorch `MLPMixer`: a top-level nn.Sequential (ONNX weights named `2.0.fn.3.weight`),
-    tokens mixed by `Conv1d(num_patches, num_patches * 4, 1)`."""
-    patches = (SIZE // patch) ** 2
+    tokens mixed by `Conv1d(num_patches, num_patches * expansion, 1)`."""
+    patches = (size // patch) ** 2
+    conv1d = lambda i, o: nn.Conv1d(i, o, kernel_size=1)  # noqa: E731
     return nn.Sequential(
         Rearrange(patch), nn.Linear(patch * patch * CHANNELS, dim),
-        *[nn.Sequential(PreNormResidual(dim, feed_forward(patches, 4, lambda i, o: nn.Conv1d(i, o, kernel_size=1))),
-                        PreNormResidual(dim, feed_forward(dim, 0.5, nn.Linear))) for _ in range(depth)],
+        *[nn.Sequential(PreNormResidual(dim, feed_forward(patches, expansion, conv1d)),
+                        PreNormResidual(dim, feed_forward(dim, expansion_token, nn.Linear))) for _ in range(depth)],
         nn.LayerNorm(dim), Reduce(), nn.Linear(dim, classes))
 
 
 class MixerBlock(nn.Module):
-    def __init__(self, tokens: int, dim: int):
+    """timm's MixerBlock: token mixing as transpose, Linear, transpose."""
+
+    def __init__(self, tokens: int, dim: int, token_hidden: int | None = None, channel_hidden: int | None = None):
         super().__init__()
+        token_hidden, channel_hidden = token_hidden or tokens * 2, channel_hidden or dim * 4
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.tokens = nn.Sequential(nn.Linear(tokens, tokens * 2), nn.GELU(), nn.Linear(tokens * 2, tokens))
-        self.channels = nn.Sequential(nn.Linear(dim, dim * 4), nn.GELU(), nn.Linear(dim * 4, dim))
+        self.tokens = nn.Sequential(nn.Linear(tokens, token_hidden), nn.GELU(), nn.Linear(token_hidden, tokens))
+        self.channels = nn.Sequential(nn.Linear(dim, channel_hidden), nn.GELU(), nn.Linear(channel_hidden, dim))
 
     def forward(self, x):
         x = x + self.tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2)
@@ -109,10 +114,59 @@ class ClassTokenMixer(nn.Module):
         return self.head(self.norm(x)[:, 0])
 
 
-MODELS = {"sequential": sequential_mixer, "class-token": ClassTokenMixer}
+class EinsumBlock(nn.Module):
+    def __init__(self, tokens: int, dim: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.token_in = nn.Parameter(torch.randn(tokens * 2, tokens) / tokens ** 0.5)
+        self.token_out = nn.Parameter(torch.randn(tokens, tokens * 2) / (2 * tokens) ** 0.5)
+        self.channel_in = nn.Parameter(torch.randn(dim, dim * 4) / dim ** 0.5)
+        self.channel_out = nn.Linear(dim * 4, dim)
+
+    def forward(self, x):
+        y = nn.functional.gelu(torch.einsum("bnc,mn->bmc", self.norm1(x), self.token_in))
+        x = x + torch.einsum("bmc,nm->bnc", y, self.token_out)
+        y = nn.functional.gelu(torch.einsum("bnc,cd->bdn", self.norm2(x), self.channel_in))  # (b, d, n)
+        return x + self.channel_out(y.transpose(1, 2))
 
 
-def export(model: nn.Module, path) -> None:
+class EinsumMixer(nn.Module):
+    """A Mixer written with `torch.einsum` and bare weight tensors, as JAX ports are (ONNX `Einsum` nodes)."""
+
+    def __init__(self, patch: int = 4, dim: int = 24, depth: int = 2, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(CHANNELS, dim, patch, patch)
+        self.blocks = nn.ModuleList(EinsumBlock((SIZE // patch) ** 2, dim) for _ in range(depth))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x).mean(1))
+
+
+class TimmStyleMixer(nn.Module):
+    """timm's MlpMixer layout (stem conv, blocks, norm, mean over tokens, head), as its own code exports it."""
+
+    def __init__(self, patch: int = 16, dim: int = 512, depth: int = 8, classes: int = 1000, size: int = 224,
+                 token_hidden: int = 256, channel_hidden: int = 2048):
+        super().__init__()
+        self.stem = nn.Conv2d(CHANNELS, dim, patch, patch)
+        self.blocks = nn.Sequential(*[MixerBlock((size // patch) ** 2, dim, token_hidden, channel_hidden)
+                                      for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x).flatten(2).transpose(1, 2))
+        return self.head(self.norm(x).mean(1))
+
+
+MODELS = {"sequential": sequential_mixer, "class-token": ClassTokenMixer, "einsum": EinsumMixer}
+LINEAR_LAYERS = {"sequential": 10, "class-token": 10, "einsum": 10}  # stem or patch Linear, 4 per block, head
+
+
+def export(model: nn.Module, path, size: int = SIZE) -> None:
     """torch.onnx's TorchScript exporter (opset 17, constant folding) and onnxsim, as these models' users run them."""
     import onnx
     import onnxsim
@@ -124,7 +178,7 @@ def export(model: nn.Module, path) -> None:
                 module.bias.normal_(0.0, 0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (torch.zeros(1, CHANNELS, SIZE, SIZE),), str(path), dynamo=False,
+        torch.onnx.export(model.eval(), (torch.zeros(1, CHANNELS, size, size),), str(path), dynamo=False,
                           opset_version=17, do_constant_folding=True, input_names=["input"], output_names=["logits"])
     proto, ok = onnxsim.simplify(onnx.load(str(path)))
     assert ok
@@ -201,6 +255,65 @@ def test_foreign_mixer_layers_are_named_and_compare_exactly(built, foreign, inpu
     assert all(r.compared == "float" for r in c.layers)
     assert all(r.sqnr_db is None or r.sqnr_db > 100 for r in c.layers), [(r.layer, r.sqnr_db) for r in c.layers]
     assert c.first_jump is None
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_foreign_mixer_int8_puts_every_linear_layer_on_integer_kernels(foreign, inputs, name, tmp_path):
+    """Conv1d token mixing (W.X), einsum with bare weights and Linear alike: each layer the QDQ model quantized
+    runs on the int8 kernel, none is left float, and the artifact follows its QDQ model."""
+    from mixer_edge.quant import Calibration, quantize_for_build
+
+    np.save(tmp_path / "calib.npy", np.random.default_rng(1).standard_normal((16, CHANNELS, SIZE, SIZE), np.float32))
+    quantized = quantize_for_build(foreign[name], Calibration(data=str(tmp_path / "calib.npy"), samples=16),
+                                   progress=quiet)
+    manifest = compile_model(foreign[name], "host", tmp_path / "int8", precision="int8", quantized=quantized,
+                             progress=quiet)
+    lowered = manifest["quantization"]
+    assert (lowered["layers"], lowered["float_layers"]) == (LINEAR_LAYERS[name], [])
+    assert sum(entry["kind"] == "weight" for entry in quantized.table.values()) == LINEAR_LAYERS[name]
+    logits, expected = runtime.load(tmp_path / "int8")(inputs), run_onnxruntime(quantized.qdq, inputs)
+    assert agreement(logits, expected) >= 0.875
+    assert np.abs(logits - expected).max() < 0.05 * np.abs(expected).max()
+
+
+@pytest.mark.slow
+def test_foreign_s16_mixers_untuned_keep_the_tuned_presets_speed(tmp_path):
+    """A timm-style and a lucidrains-style Mixer-S/16 (the paper's widths), exported by their own code and compiled
+    with no database of their own: the records of the preset's databases that match by workload apply, default
+    schedules take the rest, every linear layer is on int8 kernels. Prints their latency beside the preset's build
+    in one interleaved run (the README's figures); no time is asserted."""
+    from mixer_edge import bench
+    from mixer_edge.quant import Calibration
+
+    torch.manual_seed(0)
+    sources = {"mixer_s16 (preset)": open_model("mixer_s16", progress=quiet)}
+    for name, model in (("timm-style", TimmStyleMixer()),
+                        ("lucidrains-style", sequential_mixer(16, 512, 8, 1000, 224, 1.31, 4))):  # 256, 2048 hidden
+        export(model, tmp_path / f"{name}.onnx", size=224)
+        sources[name] = open_model(str(tmp_path / f"{name}.onnx"), progress=quiet)
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((16, CHANNELS, 224, 224), np.float32))
+    calibration = Calibration(data=str(tmp_path / "calib.npy"), samples=16)
+    x = np.random.default_rng(1).standard_normal((1, CHANNELS, 224, 224)).astype(np.float32)
+    candidates, rows = [], []
+    for name, source in sources.items():
+        for precision in ("float32", "int8"):
+            out = tmp_path / f"{name}-{precision}"
+            manifest = compile_model(source, "host", out, precision=precision, progress=quiet,
+                                     calibration=calibration if precision == "int8" else None)
+            covered = manifest["build"]["tuning"]
+            assert manifest["verification"]["top1_agreement"] == 1.0
+            if precision == "int8":
+                assert (manifest["quantization"]["layers"], manifest["quantization"]["float_layers"]) == (34, [])
+            if name != "mixer_s16 (preset)":
+                assert manifest["build"]["tuning_db"] is None  # none of its own: what is tuned came by workload
+            candidates.append(bench.artifact_candidate(f"{name} {precision}", runtime.load(out), x))
+            rows.append((name, precision, f"{covered['tuned']}/{covered['tasks']} ({covered['transferred']} transferred)"))
+    latencies = bench.interleaved(candidates, rounds=15)
+    preset = {precision: l.median_ms for (name, precision, _), l in zip(rows, latencies) if "preset" in name}
+    print("\n| model | precision | tuned tasks | median ms | vs the preset |\n| --- | --- | --- | --- | --- |")
+    for (name, precision, tuned), latency in zip(rows, latencies):
+        print(f"| {name} | {precision} | {tuned} | {latency.median_ms:.2f} | "
+              f"{latency.median_ms / preset[precision]:.2f}x |")
 
 
 def test_class_token_mixer_in_float16_on_vulkan(foreign, inputs, reference, tmp_path):

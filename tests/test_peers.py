@@ -180,3 +180,28 @@ def test_bench_cli_times_the_peers_and_names_the_fastest(run_cli, tmp_path):
                 if not name.startswith("mixer-edge") and (row["precision"] == "int8") == ("int8" in name)]
         assert row["latency"][fastest]["median_ms"] == min(same)
         assert f"against the fastest {row['precision']} peer, {fastest}," in out
+
+
+def test_a_batch_runs_beside_openvinos_throughput_mode(tmp_path):
+    """At batch 4 OpenVINO runs twice: latency mode on the batch, and throughput mode (one image per request, as
+    many requests in flight as it picks) timed per whole batch; both agree with PyTorch. Throughput mode needs the
+    ONNX's batch symbolic (several batch sizes export it so); a fixed one leaves it out, saying why."""
+    from mixer_edge.export import open_model
+
+    fixed = peers.Peers(2, None, quiet, (peers.OPENVINO,))
+    assert len(fixed.float32(open_model(batch=4, progress=quiet), (4, 1, 8, 8))) == 1
+    assert fixed.left_out == [f"{peers.OPENVINO} float32 throughput mode left out: the ONNX has a fixed batch (bench "
+                              "more than one batch size, e.g. --batch 1,8, for an ONNX with a symbolic one)"]
+    source = open_model(batch=4, dynamic_batch=True, progress=quiet)
+    quantized = quantize_for_build(source, progress=quiet)
+    compile_model(source, "host", tmp_path / "b4", batch=4, progress=quiet)
+    compile_model(source, "host", tmp_path / "b4-int8", batch=4, precision="int8", quantized=quantized,
+                  progress=quiet)
+    result = bench.compare(source, [tmp_path / "b4", tmp_path / "b4-int8"], rounds=2, threads=2, qdq=quantized.qdq,
+                           calibration=quantized, peers=(peers.OPENVINO,), progress=quiet)
+    for row, precision in zip(result, ("float32", "int8")):
+        modes = {t.candidate: t for t in row.timings if t.engine == peers.OPENVINO}
+        assert len(modes) == 2 and any(name.endswith("throughput mode") for name in modes), list(modes)
+        for timing in modes.values():
+            assert timing.precision == precision and timing.latency.median_ms > 0
+            assert timing.vs_torch_fp32.top1_agreement == 1.0

@@ -5,7 +5,7 @@ import pytest
 
 from mixer_edge.compiler.targets import list_presets, resolve_target
 from mixer_edge.errors import MixerEdgeError
-from mixer_edge.runtime import machine_cpu_features
+from mixer_edge.runtime import machine_cpu_features, physical_cores
 
 REQUIRED = {"x86-avx2", "x86-avx512", "rpi4", "rpi5", "jetson-orin", "jetson-xavier", "cuda", "a100", "h100",
             "android-vulkan", "rpi5-vulkan"}
@@ -24,6 +24,21 @@ def test_host_picks_a_preset_this_cpu_runs():
     preset = resolve_target("host")
     assert preset.arch == platform.machine()
     assert set(preset.cpu_features()) <= machine_cpu_features()
+    assert preset.target["num-cores"] == physical_cores()
+
+
+def test_host_is_sized_for_this_machine_so_other_core_counts_get_no_records(monkeypatch):
+    """A database tuned on 2 cores (the shipped ones) is not applied on a 16-core machine: the key differs."""
+    from mixer_edge.compiler import targets, tuning
+
+    shipped = [tuning.TuningKey.stored_at(path) for path in tuning.shipped_root().iterdir() if path.is_dir()]
+    assert all(json.loads(key.target)["num-cores"] == 2 for key in shipped)
+    monkeypatch.setattr(targets, "physical_cores", lambda: 16)
+    sixteen = resolve_target("host")
+    assert sixteen.target["num-cores"] == 16
+    for key in shipped:
+        moved = tuning.TuningKey(key.graph, json.dumps(sixteen.target, sort_keys=True), key.precision)
+        assert tuning.find_database(moved) is None and tuning.same_target(moved) == []  # nor by workload
 
 
 def test_raw_json_target():

@@ -221,3 +221,30 @@ def test_the_shipped_mixer_s16_int8_database_applies_without_tuning(tmp_path):
     assert manifest["build"]["tuning_db"]["precision"] == "int8"
     assert manifest["quantization"]["layers"] == 34 and manifest["quantization"]["dot_product"] == "vnni"
     assert manifest["verification"]["top1_agreement"] == 1.0
+
+
+def test_records_transfer_by_workload_to_another_class_count(tmp_path, monkeypatch):
+    """mixer_digits at 7 classes has no database of its own: the shipped 10-class one's records apply to every task
+    whose workload matches (all but the head's), the build says which tasks stayed untuned, and a broken database
+    of the same target in the cache is passed over in one line instead of failing the build."""
+    from mixer_edge.export import open_model
+
+    shipped = {tuning.TuningKey.stored_at(p).target: p for p in tuning.shipped_root().iterdir()
+               if tuning.read_key(p).get("model") == "mixer_digits"}
+    target = json.dumps(resolve_target("host").target, sort_keys=True)
+    if target not in shipped:
+        pytest.skip("the shipped digits database is for 2-core x86-avx512-vnni machines: this CPU is another")
+    monkeypatch.setenv("MIXER_EDGE_CACHE", str(tmp_path / "cache"))
+    broken = fake_database(tuning.cache_root() / "broken", target, [record(0, 1e-3)])
+    (broken / tuning.RECORDS).write_text("not json\n" + (broken / tuning.RECORDS).read_text())
+    said = []
+    manifest = compile_model(open_model("mixer_digits", num_classes=7, progress=quiet), "host", tmp_path / "a",
+                             progress=said.append)
+    used = manifest["build"]["tuning"]
+    assert manifest["build"]["tuning_db"] is None and used["tasks"] >= 10
+    assert used["transferred"] == used["tuned"] == used["tasks"] - len(used["untuned"]) >= used["tasks"] - 2
+    assert any("matmul" in task for task in used["untuned"])  # the 7-class head
+    assert [d["sha256"] for d in used["transferred_from"]] == [tuning.summary(shipped[target])["sha256"]]
+    assert any(line.startswith(f"not using the tuning database {broken}") for line in said)
+    assert any(line.startswith(f"tuning records cover {used['tuned']} of {used['tasks']} tasks") for line in said)
+    assert manifest["verification"]["top1_agreement"] == 1.0

@@ -100,8 +100,8 @@ class Backend:
         raise NotImplementedError
 
     def compile(self, mod, params: dict, preset, key, tuning, model: str, progress):
-        """(what to write, the weights it takes, the tuning database record applied or None) for the Relax
-        program `mod` (its weights `params`, its tuning key `key`)."""
+        """(what to write, the weights it takes, the tuning it applied: compiler.tuning.AppliedTuning or None) for
+        the Relax program `mod` (its weights `params`, its tuning key `key`)."""
         raise NotImplementedError
 
     def write(self, compiled, stage: Path, preset, progress) -> dict:

@@ -116,10 +116,11 @@ class TvmLibrary(Backend):
         from ..compiler import tuning as tuning_lib
         from ..compiler.build import run_transform_params
 
-        if self.runs_on_cpu or tuning.wanted or tuning_lib.find_database(key):
+        database = applied = None
+        if self.runs_on_cpu or tuning.wanted or tuning_lib.find_database(key) or tuning_lib.same_target(key):
             mod = tuning_lib.prepare(mod, preset)
-        database, record = tuning_lib.database_for(key, preset, tuning, mod, model, progress)
-        if database is not None:
+            database, applied = tuning_lib.database_for(key, preset, tuning, mod, model, progress)
+        if database is not None or self.runs_on_cpu:
             mod = tuning_lib.apply(mod, preset, database)
         mod, params = run_transform_params(mod, params)
         target = preset.tvm_target()
@@ -129,7 +130,7 @@ class TvmLibrary(Backend):
             except Exception as exc:
                 raise MixerEdgeError(f"TVM could not compile the model for {preset.name} ({reason(exc, last=True)}): "
                                      "report it with the model and target") from exc
-        return Library(executable), params, record
+        return Library(executable), params, applied
 
     def write(self, compiled: Library, stage: Path, preset, progress) -> dict:
         from ..runtime import LIBRARY

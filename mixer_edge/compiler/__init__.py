@@ -39,6 +39,8 @@ def compile_model(source, target: str | TargetPreset, out, batch: int = 1, preci
                   model=source.name, progress=progress)
     progress(f"built in {built.seconds:.1f}s" + (f"; {built.int8['layers']} layers on int8 {built.int8['dot_product']} "
                                                  "kernels" if built.int8 else ""))
+    for layer in built.int8["float_layers"] if built.int8 else ():
+        progress(f"left in float: {layer['layer']} ({layer['reason']})")
     return write_artifact(out, built, source, verify=verify, quantization=quantized, keep_unverified=keep_unverified,
                           progress=progress)
 

@@ -28,7 +28,7 @@ class Built:
     batch: int
     precision: str
     seconds: float
-    tuning: dict | None = None  # the tuning database applied (tuning.summary), if any
+    tuning: tuning_lib.AppliedTuning | None = None  # the tuning records applied, and what they cover
     int8: dict | None = None  # int8 builds: the layers lowered to integer kernels and the instruction
 
 

@@ -2,7 +2,8 @@
 
 A QDQ ONNX (quant/qdq.py, or any with the same pattern) imports into Relax as float math:
 `matmul(dequantize(x_q, s_x, z_x), dequantize(W_q, s_w, 0))`. `lower` rewrites each such matmul
-(token- and channel-mixing MLPs, head) and each patchifying stem convolution into
+(token- and channel-mixing MLPs, head; W.X with the weight on the left too) and each patchifying stem
+convolution into
 
     acc = x_q' . W_q                        int32; a hand-scheduled kernel on the target's dot product
     y   = (acc - (z_x + o) * colsum(W_q)) * (s_x * s_w)          float; fused with bias, GELU, next quantize
@@ -63,7 +64,8 @@ def dot_product(preset: TargetPreset) -> DotProduct:
 def lower(mod, params: dict[str, np.ndarray], preset: TargetPreset):
     """`mod` with its QDQ matmuls and patch convolutions in integer arithmetic, and what was lowered.
 
-    Layers the QDQ model keeps in float (a recipe's `float_layers`) have no dequantize and stay float.
+    Layers the QDQ model keeps in float (a recipe's `float_layers`) have no dequantize and stay float; a
+    quantized layer no integer kernel takes stays float too, listed with the reason in `float_layers`.
     """
     _register_intrinsics()
     dot = dot_product(preset)
@@ -75,7 +77,8 @@ def lower(mod, params: dict[str, np.ndarray], preset: TargetPreset):
     if not lowering.count:
         raise MixerEdgeError("--precision int8 found no quantized matmul to lower: compile a QDQ model "
                              "(mixer-edge calibrate, or --calibration/--calib-data)")
-    summary = {"layers": lowering.count, "dot_product": dot.name, "activations": dot.activation}
+    summary = {"layers": lowering.count, "float_layers": lowering.float_layers, "dot_product": dot.name,
+               "activations": dot.activation}
     return relax.transform.LiftTransformParams()(lowered), summary
 
 
@@ -87,15 +90,29 @@ class Lowering(relax.PyExprMutator):
         super().__init__(mod)
         self.params, self.dot = params, dot
         self.kernels, self.count = {}, 0
+        self.float_layers: list[dict] = []  # quantized in the QDQ model, left float here: {layer, reason}
 
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
-        rewrite = {"relax.matmul": self._matmul, "relax.nn.conv2d": self._patch_conv}.get(getattr(call.op, "name", ""))
-        lowered = rewrite(call) if rewrite else None
-        if lowered is None:
+        op = getattr(call.op, "name", "")
+        if op not in ("relax.matmul", "relax.nn.conv1d", "relax.nn.conv2d") or \
+                not any(self._dequantize(arg) is not None for arg in call.args):
+            return call  # not a layer the QDQ model quantized
+        lowered = self._matmul(call) if op == "relax.matmul" else self._patch_conv(call) if op == "relax.nn.conv2d" \
+            else "a convolution with a kernel wider than 1 and not a patch embedding"
+        if isinstance(lowered, str):
+            self.float_layers.append({"layer": self._name(call), "reason": lowered})
             return call
         self.count += 1
         return lowered
+
+    def _name(self, call) -> str:
+        """The layer's name for a message: its quantized weight parameter's, else its op's."""
+        for arg in call.args:
+            dq = self._dequantize(arg)
+            if dq is not None and isinstance(dq[0], relax.Var) and dq[0].name in self.params:
+                return dq[0].name.removesuffix("_q")
+        return call.op.name
 
     # -- matching ------------------------------------------------------------------------
     def _dequantize(self, expr):
@@ -137,16 +154,27 @@ class Lowering(relax.PyExprMutator):
         return None
 
     def _matmul(self, call):
-        x, w = call.args
+        """X.W (a Linear), or W.X (a weight on the left: token mixing without transposes), in int8."""
+        a, b = call.args
+        weight_left = a.ty.ndim == 2 and self._dequantize(a) is not None and self._weight(a, out_axis=0) is not None
+        x, w = (b, a) if weight_left else (a, b)
         act = self._activation(x)
-        weight = self._weight(w, out_axis=1)
-        if act is None or weight is None or w.ty.ndim != 2:
-            return None
+        weight = self._weight(w, out_axis=0 if weight_left else 1) if w.ty.ndim == 2 else None
+        if act is None:
+            return "its input is not int8 with one scale per tensor"
+        if weight is None:
+            return "its weight is not a 2-D int8 parameter, symmetric per output channel"
         q, s_x, z_x = act
+        emit, op = self.builder_.emit, relax.op
+        if weight_left:  # rows of W mix the next-to-last axis of x: [..., k, c] -> [..., c, k], back after
+            if q.ty.ndim < 2:
+                return "its input has fewer than 2 axes"
+            swap = [*range(q.ty.ndim - 2), q.ty.ndim - 1, q.ty.ndim - 2]
+            q = emit(op.permute_dims(q, swap))
         shape = _shape(q)
-        x2 = self.builder_.emit(relax.op.reshape(q, [int(np.prod(shape[:-1])), shape[-1]]))
-        y = self._int8_dense(x2, *weight, s_x, z_x)
-        return relax.op.reshape(y, [*shape[:-1], -1])
+        x2 = emit(op.reshape(q, [int(np.prod(shape[:-1])), shape[-1]]))
+        y = op.reshape(self._int8_dense(x2, *weight, s_x, z_x), [*shape[:-1], -1])
+        return op.permute_dims(emit(y), swap) if weight_left else y
 
     def _patch_conv(self, call):
         x, w = call.args
@@ -154,16 +182,18 @@ class Lowering(relax.PyExprMutator):
         kernel = _shape(w)[2:]
         if [int(s) for s in a.strides] != kernel or any(int(p) for p in a.padding) or int(a.groups) != 1 \
                 or any(int(d) != 1 for d in a.dilation) or a.data_layout != "NCHW" or a.kernel_layout != "OIHW":
-            return None
+            return "a convolution that is not a patch embedding (stride = kernel, no padding, one group, NCHW)"
         act = self._activation(x)
         weight = self._weight(w, out_axis=0)
-        if act is None or weight is None:
-            return None
+        if act is None:
+            return "its input is not int8 with one scale per tensor"
+        if weight is None:
+            return "its weight is not an int8 parameter, symmetric per output channel"
         q, s_x, z_x = act
         b, c, h, wd = _shape(q)
         (ph, pw), (gh, gw) = kernel, (h // kernel[0], wd // kernel[1])
         if gh * ph != h or gw * pw != wd:
-            return None
+            return "its patches do not tile the image"
         emit, op = self.builder_.emit, relax.op
         patches = emit(op.permute_dims(emit(op.reshape(q, [b, c, gh, ph, gw, pw])), [0, 2, 4, 1, 3, 5]))
         x2 = emit(op.reshape(patches, [b * gh * gw, c * ph * pw]))

@@ -16,7 +16,7 @@ import platform
 import re
 import sys
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -28,7 +28,7 @@ from ..errors import MixerEdgeError, reason
 from ..formats import Schema, one_of, parse, safe_text
 from ..options import seconds
 from ..resources import data_dir
-from ..runtime import CUDA_ARCH, machine_cpu_features
+from ..runtime import CUDA_ARCH, machine_cpu_features, physical_cores
 
 KINDS = tuple(backends.kinds())  # every preset kind some backend builds
 TUNING_DEFAULTS = {"trials_per_task": 64, "time_budget": "15m"}  # a preset's [tune] table overrides these
@@ -354,11 +354,13 @@ def resolve_target(spec: str) -> TargetPreset:
 
 
 def host_preset(presets: dict[str, TargetPreset]) -> TargetPreset:
-    """The host candidate with the most CPU features that this machine has."""
+    """The host candidate with the most CPU features that this machine has, its thread pool sized for this
+    machine's cores (so records tuned for another core count never apply: the target differs)."""
     have = machine_cpu_features()
     runnable = [p for p in presets.values()
                 if p.host_candidate and p.arch == platform.machine() and set(p.cpu_features()) <= have]
     if not runnable:
         raise MixerEdgeError(f"no host preset runs on this {platform.machine()} machine: pass --target with a "
                              "JSON target dict such as '{\"kind\": \"llvm\"}'")
-    return max(runnable, key=lambda p: len(p.cpu_features()))
+    best = max(runnable, key=lambda p: len(p.cpu_features()))
+    return replace(best, target={**best.target, "num-cores": physical_cores()})

@@ -2,8 +2,10 @@
 
 A database is a directory: TVM's JSON database (`database_workload.json`,
 `database_tuning_record.json`, one JSON record per line, appended as tuning measures) plus
-`key.json`, which says what it was tuned for. It is only ever applied to that same key, so records
-measured on one board never reach another. A run killed mid-way leaves at most a torn last line,
+`key.json`, which says what it was tuned for. A build applies its own key's database first; then
+any record of another database tuned for the same exact target (another model, another class count,
+another precision) whose workload (a task's program, shapes included) matches one of its tasks. Records
+measured on one board, or for another core count, never reach another (the target differs). A run killed mid-way leaves at most a torn last line,
 which `open_database` drops (rewriting the file atomically); every complete record survives, and the
 next run starts its search from them and spends only what is left of the trial budget. Every other line
 must be a valid row (schemas `WorkloadRow`, `RecordRow`; `TuningKeyFile` for key.json): a malformed one
@@ -12,6 +14,7 @@ is refused, naming its file and line.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -174,20 +177,95 @@ def tune_into(key: TuningKey, preset: TargetPreset, tuning: Tuning, prepared, mo
     return tune(prepared, preset, key, path, model, tuning.budget, tuning.rpc, progress)
 
 
+@dataclass(frozen=True)
+class AppliedTuning:
+    """The records a build applied: its key's own database, the others of the same target that matched
+    tasks by workload, and which tasks stayed untuned."""
+
+    own: dict | None  # summary() of the key's database, None where it has none
+    transferred_from: tuple[dict, ...]  # summary() of each other database that gave a record
+    tasks: int  # tuning tasks of the build (hand-scheduled kernels left out)
+    transferred: int  # tasks tuned by another database's record
+    untuned: tuple[str, ...]  # tasks no record covers (they get the default schedules)
+
+    @property
+    def tuned(self) -> int:
+        return self.tasks - len(self.untuned)
+
+    def describe(self) -> str:
+        own = f"{self.tuned - self.transferred} from this model's database" if self.own else "none of its own"
+        line = f"tuning records cover {self.tuned} of {self.tasks} tasks ({own}"
+        line += f", {self.transferred} matched in {len(self.transferred_from)} other database(s) of this target)" \
+            if self.transferred else ")"
+        if self.untuned:
+            names = ", ".join(self.untuned[:4]) + (", ..." if len(self.untuned) > 4 else "")
+            line += f"; untuned, on default schedules: {names} (`mixer-edge tune` tunes them)"
+        return line
+
+
 def database_for(key: TuningKey, preset: TargetPreset, tuning: Tuning, prepared, model: str, progress=print):
-    """The database a build applies (tuned first if asked) and its summary, or (None, None)."""
+    """The database a build applies and what it covers (AppliedTuning), or (None, None) where no record fits:
+    the key's own (tuned first if asked, or --tuning-db), then every other database of this exact target."""
+    from tvm.s_tir import meta_schedule as ms
+
     if tuning.tune:
-        path = Path(tune_into(key, preset, tuning, prepared, model, progress)["path"])
+        own = Path(tune_into(key, preset, tuning, prepared, model, progress)["path"])
     else:
-        path = Path(tuning.database) if tuning.database else find_database(key)
-    if path is None:
-        return None, None
-    if not path.is_dir():
-        raise MixerEdgeError(f"tuning database {path} does not exist: pass a directory `mixer-edge tune` wrote")
-    database = open_database(path, key)
-    record = summary(path)
-    progress(f"applying {record['records']} tuning records from {path}")
-    return database, record
+        own = Path(tuning.database) if tuning.database else find_database(key)
+    if own is not None and not own.is_dir():
+        raise MixerEdgeError(f"tuning database {own} does not exist: pass a directory `mixer-edge tune` wrote")
+    own_db = open_database(own, key) if own else None
+    others = {path: db for path in same_target(key) if path != own and (db := _open_transferred(path, progress))}
+    target = preset.tvm_target()
+    tasks = [t for t in ms.relax_integration.extract_tasks(prepared, target) if not _scheduled(t.mod)]
+    untuned, used, transferred = [], {}, 0
+    for task in tasks:
+        if own_db is not None and own_db.has_workload(task.mod):
+            continue
+        hits = [path for path, db in others.items()
+                if db.query_tuning_record(task.mod, target, task.task_name) is not None]
+        if not hits:
+            untuned.append(task.task_name)
+            continue
+        transferred += 1
+        used.update(dict.fromkeys(hits))
+    applied = AppliedTuning(summary(own) if own else None, tuple(summary(p) for p in used), len(tasks), transferred,
+                            tuple(untuned))
+    if own is None and not used:
+        if tasks:
+            progress(applied.describe())
+        return None, applied
+    progress(applied.describe())
+    # Own records first; for the rest, the fastest record any other database measured for the workload
+    fill = ms.database.UnionDatabase(*(others[p] for p in used)) if used else None
+    parts = [db for db in (own_db, fill) if db is not None]
+    return (parts[0] if len(parts) == 1 else ms.database.OrderedUnionDatabase(*parts)), applied
+
+
+def same_target(key: TuningKey) -> list[Path]:
+    """Every database in the cache, then shipped, tuned for `key`'s exact target (any model, any precision)."""
+    found = []
+    for root in (cache_root(), shipped_root()):
+        for path in sorted(root.iterdir()) if root.is_dir() else ():
+            try:
+                if (path / KEY).is_file() and TuningKey.stored_at(path).target == key.target:
+                    found.append(path)
+            except MixerEdgeError:
+                continue  # a broken database is refused where it is named, not where it is only passed by
+    return found
+
+
+def _open_transferred(path: Path, progress):
+    """Another key's database, read for its records (no key check: they apply by workload); None, with a line
+    saying so, where it is broken (it is refused in full where a build names it as its own)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        _repair(path)
+        return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
+    except Exception as exc:
+        progress(f"not using the tuning database {path} for matching tasks ({reason(exc, last=True)})")
+        return None
 
 
 def parse_duration(text: str) -> float:
@@ -391,17 +469,22 @@ def prepare(mod, preset: TargetPreset):
 
 
 def apply(mod, preset: TargetPreset, database):
-    """`prepare`d program with the database's best schedules; on CPUs the weight layout rewrites split off
-    into `main_transform_params`, for the caller to run once."""
+    """`prepare`d program with the database's best schedules (`database` None: none). On CPUs every task no
+    record covers gets a default schedule (cpu_schedules), and the weight-only work (layout rewrites,
+    transposes) splits off into `main_transform_params`, for the caller to run once."""
     import tvm
     from tvm import relax
 
-    with preset.tvm_target(), database:  # the pass reads both from the context when it is created
-        passes = [relax.transform.MetaScheduleApplyDatabase()]
+    from .cpu_schedules import schedule_untuned
+
+    target = preset.tvm_target()
+    with target, database if database is not None else contextlib.nullcontext():  # read when the pass is made
+        passes = [relax.transform.MetaScheduleApplyDatabase()] if database is not None else []
         if preset.backend.runs_on_cpu:
             passes += [relax.transform.SplitLayoutRewritePreproc(), relax.transform.LiftTransformParams(),
                        relax.transform.FoldConstant()]
-        return tvm.transform.Sequential(passes)(mod)
+        mod = tvm.transform.Sequential(passes)(mod)
+    return schedule_untuned(mod, target) if preset.backend.runs_on_cpu else mod
 
 
 def _build_for_measure(mod, target, _params):

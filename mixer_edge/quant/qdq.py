@@ -1,6 +1,7 @@
 """Post-training int8 quantization of a Mixer ONNX into a standard QDQ ONNX and a calibration table.
 
-Every MatMul/Gemm/Conv with a constant weight (token- and channel-mixing MLPs, stem, head) gets
+Every MatMul/Gemm/Conv with a constant weight (token- and channel-mixing MLPs, stem, head; a weight on
+the left, W.X, included) gets
 int8 weights, symmetric per output channel, behind a DequantizeLinear, and its activation input a
 QuantizeLinear -> DequantizeLinear pair with the recipe's observer's range (int8 per tensor).
 LayerNorm, GELU and the residual adds stay float unless a recipe's `int8_ops` names them (per kind
@@ -50,10 +51,12 @@ def layers(proto) -> list[Layer]:
         if node.op_type not in QUANTIZABLE or len(node.input) < 2:
             continue
         data, weight = node.input[0], node.input[1]
+        if node.op_type == "MatMul" and data in inits and weight not in inits:
+            data, weight = weight, data  # W.X: the weight on the left (export.linear_forms)
         if weight not in inits or data in inits:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "Conv":
+        if node.op_type == "Conv" or weight == node.input[0]:
             axis = 0
         elif node.op_type == "Gemm":
             axis = 0 if attrs.get("transB", 0) else 1
