@@ -336,9 +336,10 @@ class Mapped:
 
 
 def int8_pins(outputs: list[tuple[str, np.ndarray]], nodes: list[Node], record, proto) -> dict[int, int]:
-    """int8 builds: kernel -> node matches known without measuring. The k-th int32 accumulator is the k-th int8
-    layer's MatMul/Gemm/Conv (when the counts agree), and a uint8/int8 output is the quantized input of the next
-    accumulator's layer: the calibration table names that tensor."""
+    """int8 builds: kernel -> node matches known without measuring. The k-th integer kernel call (an int32
+    accumulator, or an `int8_dense` kernel with its float epilogue fused in, as CPU builds have) is the k-th int8
+    layer's (when the counts agree); an accumulator is that layer's MatMul/Gemm/Conv, and a uint8/int8 output is
+    the quantized input of the next integer kernel's layer: the calibration table names that tensor."""
     from .quant.qdq import layers as quantizable
 
     q = record.quantization
@@ -346,13 +347,14 @@ def int8_pins(outputs: list[tuple[str, np.ndarray]], nodes: list[Node], record, 
         return {}
     weights = {name for e in q.table.values() if e.kind == "weight" for name in e.layers}
     int8 = [layer for layer in quantizable(proto) if layer.name in weights]
-    accumulators = [i for i, (_, out) in enumerate(outputs) if out.dtype == np.int32]
+    accumulators = [i for i, (symbol, out) in enumerate(outputs) if out.dtype == np.int32 or "int8_dense" in symbol]
     if len(accumulators) != len(int8):
         return {}
     index = {n.output: j for j, n in enumerate(nodes)}
     by_name = {n.name: j for j, n in enumerate(nodes)}
     pins = {i: by_name[layer.node] for i, layer in zip(accumulators, int8)
-            if layer.node in by_name and nodes[by_name[layer.node]].value.size == outputs[i][1].size}
+            if outputs[i][1].dtype == np.int32 and layer.node in by_name
+            and nodes[by_name[layer.node]].value.size == outputs[i][1].size}
     for i, (_, out) in enumerate(outputs):
         if out.dtype.kind not in "iu" or out.dtype == np.int32:
             continue

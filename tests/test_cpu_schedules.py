@@ -28,6 +28,19 @@ def odd_mixer(tmp_path_factory):
     return load_onnx(path)
 
 
+@pytest.fixture(scope="module")
+def stem_mixer(tmp_path_factory):
+    """Mixer-S/16's stem (224x224, 16x16 patches) in a one-block Mixer at batch 8: the patch convolution's
+    lane sums (rfactor over the fused batch, channel and grid axes) once overflowed a per-thread stack tile."""
+    import torch
+
+    torch.manual_seed(0)
+    cfg = MixerConfig(img_size=224, patch_size=16, num_classes=7, embed_dim=512, depth=1, mlp_ratio=(0.5, 0.5))
+    path = tmp_path_factory.mktemp("stem") / "stem.onnx"
+    export_onnx(create_model(cfg).eval(), path, batch=8)
+    return load_onnx(path)
+
+
 def prepared(proto, preset=HOST):
     """The fp32 program as a build hands it to MetaSchedule (no cross compiler needed), its weights and key."""
     mod, params = import_onnx(proto, proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value)
@@ -45,10 +58,12 @@ def compiled(mod, params, preset):
 
 
 @pytest.mark.parametrize("model, target", [("digits", "host"), ("odd", "host"), ("odd", "x86-avx2"),
-                                           ("odd", "rpi5")])
-def test_every_task_gets_a_parallel_schedule_and_the_same_outputs(model, target, digits_source, odd_mixer):
+                                           ("odd", "rpi5"), ("stem", "host")])
+def test_every_task_gets_a_parallel_schedule_and_the_same_outputs(model, target, digits_source, odd_mixer,
+                                                                   stem_mixer):
     """The schedules build for AVX-512, AVX2 and NEON, and the x86 builds (run here) agree with onnxruntime."""
-    proto, preset = digits_source.onnx_model if model == "digits" else odd_mixer, resolve_target(target)
+    proto = {"digits": digits_source.onnx_model, "odd": odd_mixer, "stem": stem_mixer}[model]
+    preset = resolve_target(target)
     mod, params, _ = prepared(proto, preset)
     with preset.tvm_target() as tvm_target:
         scheduled = schedule_untuned(mod, tvm_target)

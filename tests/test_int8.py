@@ -64,7 +64,8 @@ def test_cpu_int8_kernels_use_the_dot_product_instruction(quantized, target, dot
     assert built.int8 == {"layers": DIGITS_LAYERS, "float_layers": [], "dot_product": dot_product,
                           "activations": "uint8" if dot_product == "vnni" else "int8"}
     asm = module_source(built.compiled.executable, "llvm", "asm")
-    kernels = {line.split(":")[0] for line in asm.splitlines() if line.startswith("int8_dense_")}
+    kernels = {line.split(":")[0] for line in asm.splitlines()  # fused_int8_dense_...: with their epilogues
+               if line.startswith(("int8_dense_", "fused_int8_dense_"))}
     assert len(kernels) >= 4  # one per distinct matmul shape (stem, token fc1/fc2, channel fc1/fc2, head)
     assert asm.count(instruction) >= len(kernels)
 
@@ -148,3 +149,33 @@ def test_int8_needs_quantized_matmuls(digits_source, tmp_path):
     mod, params = import_onnx(digits_source.onnx_model, 1)
     with pytest.raises(MixerEdgeError, match="found no quantized matmul"):
         int8.lower(mod, params, resolve_target("host"))
+
+
+def test_cpu_int8_kernels_carry_their_float_epilogues(quantized, int8_artifact, digits_test):
+    """Dequantize, bias, GELU and the next quantize run in the integer kernel's tiles, not a kernel after it."""
+    import tvm
+
+    from mixer_edge.compiler import int8, tuning
+    from mixer_edge.compiler.build import import_onnx, run_transform_params
+    from mixer_edge.export import run_onnxruntime
+
+    preset = resolve_target("host")
+    mod, params = import_onnx(quantized.qdq, 1)
+    mod, _ = int8.lower(mod, params, preset)
+    mod, params = run_transform_params(mod, params)
+    prepared = tuning.prepare(mod, preset)
+    kernels = {gv.name_hint: f for gv, f in prepared.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    dense = {name for name, f in kernels.items() if 'sblock("dense_init")' in f.script()}  # scheduled
+    fused = {name for name in dense if "_multiply" in name and "_quantize" in name}  # token/channel fc1: GELU too
+    assert len(dense) >= 5 and len(fused) >= 2
+    assert all(kernels[name].attrs.get("tirx.is_scheduled") for name in dense)
+    calls = [line for line in prepared["main"].script().splitlines() if "R.call_tir(" in line]
+    # before: per quantized layer an int8 kernel and a float epilogue kernel after it, 56 calls (46 now). The
+    # stem keeps that (its output is a patch layout); the 17 matmuls' kernels take their epilogue and write
+    # floats or the next layer's int8 input: no int32 accumulator leaves them
+    assert len(calls) <= 56 - 8
+    assert sum('dtype="int32"' in line for line in calls if "int8_dense" in line) == 1
+    # what runs is still what the QDQ graph says
+    x = digits_test[0][:128]
+    ours, reference = load(int8_artifact("host"))(x), run_onnxruntime(quantized.qdq, x)
+    assert agreement(ours, reference) >= 0.99 and np.abs(ours - reference).max() < 0.1

@@ -113,15 +113,17 @@ class Matmul(Rule):
         partial = sch.rfactor(lane, factor_axis=len(sch.get(block).writes[0].region))  # lane sums, innermost
         loops = sch.get_loops(partial)
         sch.reorder(*loops[:spatial], loops[-1], *loops[spatial:-1])
-        _tile(sch, partial, None, spatial + 1, lanes)
+        _tile(sch, partial, None, spatial + 1, lanes, registers=False)
         sch.parallel(sch.fuse(*sch.get_loops(block)[:spatial]))  # the lanes summed
         if epilogue is not None:
             _elementwise(sch, epilogue, lanes)
         return sch
 
 
-def _tile(sch, block, epilogue, spatial: int, lanes: int) -> None:
-    """Tile `block` (its first `spatial` loops spatial, the rest reduction) into MR x NR register tiles."""
+def _tile(sch, block, epilogue, spatial: int, lanes: int, registers: bool = True) -> None:
+    """Tile `block` (its first `spatial` loops spatial, the rest reduction) into MR x NR register tiles, accumulated
+    in a local tile (`registers`) or in place (the lane sums of an rfactor: over several fused spatial axes the
+    local tile's bounds are not provable, and it would be allocated whole, per thread, on the stack)."""
     loops = sch.get_loops(block)
     n = get_extent(sch, loops[spatial - 1])
     panels = []  # blocks that copy B[k, j]'s columns of a column of tiles together, contiguous
@@ -160,16 +162,18 @@ def _tile(sch, block, epilogue, spatial: int, lanes: int) -> None:
     sch.unroll(i_i)
     sch.unroll(j_v)
     sch.vectorize(j_l)
-    out = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(out, tile)
-    if epilogue is not None:
+    out = sch.cache_write(block, 0, "local") if registers else epilogue
+    if out is not None:
+        sch.reverse_compute_at(out, tile)
+    if registers and epilogue is not None:
         sch.compute_inline(out)
         out = epilogue
         sch.reverse_compute_at(out, tile)
-    *unrolled, inner = sch.get_loops(out)[depth:]
-    for loop in unrolled:
-        sch.unroll(loop)
-    _vectorize_inner(sch, inner, lanes)
+    if out is not None:
+        *unrolled, inner = sch.get_loops(out)[depth:]
+        for loop in unrolled:
+            sch.unroll(loop)
+        _vectorize_inner(sch, inner, lanes)
     sch.decompose_reduction(block, red)  # last: vectorize refuses a loop over a decomposed update
 
 

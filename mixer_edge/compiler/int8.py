@@ -6,7 +6,7 @@ A QDQ ONNX (quant/qdq.py, or any with the same pattern) imports into Relax as fl
 convolution into
 
     acc = x_q' . W_q                        int32; a hand-scheduled kernel on the target's dot product
-    y   = (acc - (z_x + o) * colsum(W_q)) * (s_x * s_w)          float; fused with bias, GELU, next quantize
+    y   = (acc - (z_x + o) * colsum(W_q)) * (s_x * s_w)          float
 
 where x_q' = x_q + o (o = 128 where the instruction wants unsigned activations, as x86 VNNI does).
 Weights are packed `[N/16, K/4, 16, 4]` (16 output channels x 4 reduction steps per instruction).
@@ -14,8 +14,16 @@ The packing, column sums and scale products depend on weights only, so LiftTrans
 them into `main_transform_params`, which the build runs once on the host. Scales and zero points
 stay runtime tensors. LayerNorm, GELU and the residual adds stay float.
 
-The kernels carry `tirx.is_scheduled`: the default pipelines, DLight and MetaSchedule leave them as
-they are, and tuning spends its trials on the float epilogues around them.
+On CPUs (vnni, sdot, plain) a matmul's kernel (`fusable_dense_func`) reads x_q and writes acc in the
+layout the model has after it ([..., N], or W.X's transposed one), marked fusable (kOutEWiseFusable):
+FuseOps fuses y and the elementwise and broadcast ops after it (bias, GELU, the next
+layer's quantize, a residual add) into it, and `schedule_fused` (run by tuning.prepare after FuseTIR)
+tiles the product as `_schedule_cpu` does and computes that epilogue per register tile, reading acc back
+while the tile is still in cache (no separate pass over it). The patch-embedding stem, a K not a multiple of 4, and CUDA's dp4a keep an opaque
+kernel writing acc [M, N] and the epilogue as a separate fused float kernel.
+
+Scheduled kernels carry `tirx.is_scheduled`: the default pipelines, DLight and MetaSchedule leave them as
+they are, and tuning spends its trials on the float kernels around them.
 """
 
 from __future__ import annotations
@@ -166,10 +174,17 @@ class Lowering(relax.PyExprMutator):
             return "its weight is not a 2-D int8 parameter, symmetric per output channel"
         q, s_x, z_x = act
         emit, op = self.builder_.emit, relax.op
+        if weight_left and q.ty.ndim < 2:
+            return "its input has fewer than 2 axes"
+        swap = [*range(q.ty.ndim - 2), q.ty.ndim - 1, q.ty.ndim - 2] if weight_left else None
+        if self.dot.name != "dp4a" and _shape(q)[-2 if weight_left else -1] % STEP == 0:
+            # CPUs: the kernel writes the model's layout, for FuseOps to fuse the epilogue into it
+            if self.dot.offset:
+                q = self._offset(q)
+            if weight_left:  # rows of W mix the next-to-last axis of x: [..., k, c] -> [..., c, k]
+                q = emit(op.permute_dims(q, swap))
+            return self._fused_dense(q, *weight, s_x, z_x, swap)
         if weight_left:  # rows of W mix the next-to-last axis of x: [..., k, c] -> [..., c, k], back after
-            if q.ty.ndim < 2:
-                return "its input has fewer than 2 axes"
-            swap = [*range(q.ty.ndim - 2), q.ty.ndim - 1, q.ty.ndim - 2]
             q = emit(op.permute_dims(q, swap))
         shape = _shape(q)
         x2 = emit(op.reshape(q, [int(np.prod(shape[:-1])), shape[-1]]))
@@ -203,6 +218,41 @@ class Lowering(relax.PyExprMutator):
         return op.permute_dims(y, [0, 3, 1, 2])
 
     # -- rewriting -----------------------------------------------------------------------
+    def _offset(self, x_q):
+        """x_q + o as uint8 (the activations VNNI wants)."""
+        emit, op = self.builder_.emit, relax.op
+        return emit(op.astype(emit(op.add(emit(op.astype(x_q, "int32")), relax.const(self.dot.offset, "int32"))),
+                              "uint8"))
+
+    def _fused_dense(self, x_q, w_q, s_w, s_x, z_x, perm):
+        """float32 dequantize(x_q [..., K]) @ dequantize(w_q [N, K]).T, permuted by `perm` (None: as it is).
+
+        x_q comes offset already. The kernel (fusable_dense_func) reads x_q and writes the int32 product in the
+        output's shape, so the dequantize here and the model's bias, GELU and next quantize after it are
+        elementwise or broadcast: FuseOps fuses them into the kernel and `schedule_fused` schedules it.
+        """
+        emit, op = self.builder_.emit, relax.op
+        x_shape, n = _shape(x_q), _shape(w_q)[0]
+        k, np_ = x_shape[-1], -(-n // LANES) * LANES
+        packed = emit(op.nn.pad(w_q, [0, np_ - n, 0, 0])) if np_ != n else w_q
+        packed = emit(op.permute_dims(emit(op.reshape(packed, [np_ // LANES, LANES, k // STEP, STEP])), [0, 2, 1, 3]))
+        out_shape = [*x_shape[:-1], n]
+        if perm is not None:
+            out_shape = [out_shape[a] for a in perm]
+        key = ("fused", tuple(x_shape), n, tuple(perm or ()))
+        if key not in self.kernels:
+            func = fusable_dense_func(x_shape, n, self.dot.activation, perm)
+            name = f"int8_dense_{self.dot.name}_{'x'.join(map(str, x_shape))}x{n}" + ("t" if perm else "")
+            self.kernels[key] = self.builder_.add_func(func, name)
+        acc = emit(relax.call_tir(self.kernels[key], [x_q, packed], relax.TensorType(out_shape, "int32")))
+        colsum = emit(op.sum(emit(op.astype(w_q, "int32")), axis=[1]))
+        zero = emit(op.add(emit(op.astype(z_x, "int32")), relax.const(self.dot.offset, "int32")))
+        correction, scale = emit(op.multiply(zero, colsum)), emit(op.multiply(s_x, s_w))
+        if perm is not None:  # channels on the next-to-last axis
+            correction, scale = emit(op.reshape(correction, [n, 1])), emit(op.reshape(scale, [n, 1]))
+        centred = emit(op.subtract(acc, correction))
+        return op.multiply(emit(op.astype(centred, "float32")), scale)
+
     def _int8_dense(self, x_q, w_q, s_w, s_x, z_x):
         """float32 [M, N] = dequantize(x_q [M, K]) @ dequantize(w_q [N, K]).T, computed in int32."""
         emit, op = self.builder_.emit, relax.op
@@ -252,6 +302,86 @@ def dense_func(m: int, k: int, n: int, activation: str):
     return dense
 
 
+def fusable_dense_func(x_shape: list[int], n: int, activation: str, perm: list[int] | None):
+    """out = permute_dims(X [..., K] . W_packed [N/16, K/4, 16, 4] as [..., N], perm), int32, in two blocks:
+    `dense` (acc [M, N rounded up to 16], M = the product of X's leading axes) and `store` (acc -> out).
+
+    Shapes are int64 (as Relax's legalized ops have them, for FuseTIR) and the pattern kOutEWiseFusable.
+    """
+    from tvm import te
+
+    i64 = lambda v: tvm.tirx.IntImm("int64", v)  # noqa: E731
+    lead, k = x_shape[:-1], x_shape[-1]
+    m, np_ = int(np.prod(lead)), -(-n // LANES) * LANES
+    X = te.placeholder([i64(d) for d in x_shape], activation, "X")
+    W = te.placeholder([i64(np_ // LANES), i64(k // STEP), i64(LANES), i64(STEP)], "int8", "W")
+    r = te.reduce_axis((i64(0), i64(k)), "r")
+
+    def unflatten(i):
+        index = []
+        for d in reversed(lead):
+            index.append(i % d)
+            i = i // d
+        return index[::-1]
+
+    acc = te.compute((i64(m), i64(np_)), lambda i, j: te.sum(
+        X[(*unflatten(i), r)].astype("int32") * W[j // LANES, r // STEP, j % LANES, r % STEP].astype("int32"),
+        axis=r), name="dense")
+    out_shape = [*lead, n]
+    inverse = list(range(len(out_shape))) if perm is None else [perm.index(a) for a in range(len(out_shape))]
+
+    def store(*index):
+        index = [index[inverse[a]] for a in range(len(out_shape))]  # back to [..., N]
+        row = 0
+        for v, d in zip(index[:-1], lead):
+            row = row * d + v
+        return acc[row, index[-1]]
+
+    out = te.compute([i64(out_shape[a]) for a in (perm or range(len(out_shape)))], store, name="store")
+    func = te.create_prim_func([X, W, out]).without_attr("global_symbol")
+    return func.with_attr({"tirx.noalias": True, "op_pattern": 4})  # kOutEWiseFusable
+
+
+def schedule_fused(preset: TargetPreset):
+    """A pass: every PrimFunc with the `dense` block of fusable_dense_func (FuseOps and FuseTIR having put the
+    epilogue after it) scheduled as `_schedule_cpu` does, the epilogue inlined into one block computed per
+    register tile, and marked scheduled. For CPU targets, after FuseTIR (tuning.prepare)."""
+    @tvm.transform.module_pass(opt_level=0, name="MixerEdgeScheduleFusedInt8")
+    def run(mod, _ctx):
+        dot = None
+        for gv, func in list(mod.functions.items()):
+            if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs is not None and
+                                                            func.attrs.get("tirx.is_scheduled", False)):
+                continue
+            try:
+                sch = s_tir.Schedule(func)
+                sch.get_sblock("dense"), sch.get_sblock("store")
+            except Exception:  # noqa: BLE001 - not fusable_dense_func's blocks: not an int8 kernel
+                continue
+            dot = dot or dot_product(preset)
+            mod[gv] = _schedule_fused(func, dot)
+        return mod
+    return run
+
+
+def _schedule_fused(func, dot: DotProduct):
+    """`func`'s dense block as `_schedule_cpu` schedules it; the blocks after it (store, dequantize, bias,
+    GELU, quantize...) inlined into the last, computed per tile. Where they do not inline (a fused function
+    with two outputs), the store alone goes per tile and the epilogue stays loops of its own."""
+    try:
+        sch = s_tir.Schedule(func)
+        dense = sch.get_sblock("dense")
+        *middle, last = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
+                         if not sch.get(b).same_as(sch.get(dense))]
+        for block in middle:
+            sch.compute_inline(block)
+        _schedule_cpu(sch, dot, block=dense, epilogue=last)
+    except (RuntimeError, ValueError):  # a schedule primitive refused
+        sch = s_tir.Schedule(func)
+        _schedule_cpu(sch, dot, block=sch.get_sblock("dense"), epilogue=sch.get_sblock("store"))
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
 def _divisor(n: int, preferred: tuple[int, ...]) -> int:
     return next((d for d in preferred if n % d == 0), 1)
 
@@ -263,20 +393,20 @@ def schedule(func, dot: DotProduct):
     return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
 
 
-def _schedule_cpu(sch, dot: DotProduct) -> None:
+def _schedule_cpu(sch, dot: DotProduct, block=None, epilogue=None) -> None:
     """Rows x 16-channel tiles in parallel; per reduction step of 4, a register tile of rows x 32 channels.
 
     VNNI does 16 channels per instruction, sdot 4 (so 16 = 4 x sdot); without a dot product the
     innermost 16 channels are vectorized and LLVM widens the multiplies.
     """
-    block = sch.get_sblock("dense")
+    block = block or sch.get_sblock("dense")
     i, j, r = sch.get_loops(block)
     m, n = (int(sch.get(loop).extent) for loop in (i, j))
     io, ii = sch.split(i, [None, _divisor(m, (4, 7, 6, 5, 3, 2))])
     jo, jm, ji = sch.split(j, [None, _divisor(n // LANES, (2,)), LANES])
     ro, ri = sch.split(r, [None, STEP])
     sch.reorder(jo, io, ro, ii, jm, ji, ri)
-    out = sch.cache_write(block, 0, "global")
+    out = epilogue or sch.cache_write(block, 0, "global")  # the tile, written per tile
     sch.reverse_compute_at(out, io)
     sch.parallel(sch.fuse(jo, io))
     if dot.name == "plain":  # 16 lanes innermost, vectorized while the block still has its init
@@ -292,7 +422,13 @@ def _schedule_cpu(sch, dot: DotProduct) -> None:
         _, jl = sch.split(ji, [None, 4])
         sch.tensorize(jl, SDOT)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(out)[-1])
+    if epilogue is None:
+        sch.vectorize(sch.get_loops(out)[-1])
+    else:  # its innermost loop, unless a padded tile left it a predicate
+        try:
+            sch.vectorize(sch.get_loops(out)[-1])
+        except (RuntimeError, ValueError):  # a schedule primitive refused
+            pass
 
 
 def _schedule_dp4a(sch, dot: DotProduct) -> None:

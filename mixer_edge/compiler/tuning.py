@@ -204,8 +204,8 @@ class AppliedTuning:
 
 
 def database_for(key: TuningKey, preset: TargetPreset, tuning: Tuning, prepared, model: str, progress=print):
-    """The database a build applies and what it covers (AppliedTuning), or (None, None) where no record fits:
-    the key's own (tuned first if asked, or --tuning-db), then every other database of this exact target."""
+    """The database a build applies (None where no record fits) and what it covers (AppliedTuning): the key's own
+    (tuned first if asked, or --tuning-db), then the records of every other database of this exact target."""
     from tvm.s_tir import meta_schedule as ms
 
     if tuning.tune:
@@ -231,11 +231,10 @@ def database_for(key: TuningKey, preset: TargetPreset, tuning: Tuning, prepared,
         used.update(dict.fromkeys(hits))
     applied = AppliedTuning(summary(own) if own else None, tuple(summary(p) for p in used), len(tasks), transferred,
                             tuple(untuned))
+    if tasks:
+        progress(applied.describe())
     if own is None and not used:
-        if tasks:
-            progress(applied.describe())
         return None, applied
-    progress(applied.describe())
     # Own records first; for the rest, the fastest record any other database measured for the workload
     fill = ms.database.UnionDatabase(*(others[p] for p in used)) if used else None
     parts = [db for db in (own_db, fill) if db is not None]
@@ -455,15 +454,18 @@ def _mean_seconds(record: list) -> float:
 
 
 def prepare(mod, preset: TargetPreset):
-    """The program as MetaSchedule sees it: fused TIR functions; on CPUs, GELU's erf in its fast form and
-    the weights marked free for layout rewriting (prepacked once at build time)."""
+    """The program as MetaSchedule sees it: fused TIR functions; on CPUs, GELU's erf in its fast form, the int8
+    kernels scheduled with their fused epilogues, and the weights marked free for layout rewriting (prepacked
+    once at build time)."""
     import tvm
     from tvm import relax
+
+    from . import int8
 
     cpu = preset.backend.runs_on_cpu
     passes = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
               *([relax.transform.FastMathTransform()] if cpu else []), relax.get_pipeline("zero"),
-              *([relax.transform.AttachAttrLayoutFreeBuffers()] if cpu else [])]
+              *([int8.schedule_fused(preset), relax.transform.AttachAttrLayoutFreeBuffers()] if cpu else [])]
     with preset.tvm_target():
         return tvm.transform.Sequential(passes)(mod)
 
