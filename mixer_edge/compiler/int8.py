@@ -231,11 +231,9 @@ class Lowering(relax.PyExprMutator):
         output's shape, so the dequantize here and the model's bias, GELU and next quantize after it are
         elementwise or broadcast: FuseOps fuses them into the kernel and `schedule_fused` schedules it.
         """
-        emit, op = self.builder_.emit, relax.op
+        emit = self.builder_.emit
         x_shape, n = _shape(x_q), _shape(w_q)[0]
-        k, np_ = x_shape[-1], -(-n // LANES) * LANES
-        packed = emit(op.nn.pad(w_q, [0, np_ - n, 0, 0])) if np_ != n else w_q
-        packed = emit(op.permute_dims(emit(op.reshape(packed, [np_ // LANES, LANES, k // STEP, STEP])), [0, 2, 1, 3]))
+        packed = self._packed(w_q, x_shape[-1])
         out_shape = [*x_shape[:-1], n]
         if perm is not None:
             out_shape = [out_shape[a] for a in perm]
@@ -245,33 +243,42 @@ class Lowering(relax.PyExprMutator):
             name = f"int8_dense_{self.dot.name}_{'x'.join(map(str, x_shape))}x{n}" + ("t" if perm else "")
             self.kernels[key] = self.builder_.add_func(func, name)
         acc = emit(relax.call_tir(self.kernels[key], [x_q, packed], relax.TensorType(out_shape, "int32")))
-        colsum = emit(op.sum(emit(op.astype(w_q, "int32")), axis=[1]))
-        zero = emit(op.add(emit(op.astype(z_x, "int32")), relax.const(self.dot.offset, "int32")))
-        correction, scale = emit(op.multiply(zero, colsum)), emit(op.multiply(s_x, s_w))
-        if perm is not None:  # channels on the next-to-last axis
-            correction, scale = emit(op.reshape(correction, [n, 1])), emit(op.reshape(scale, [n, 1]))
-        centred = emit(op.subtract(acc, correction))
-        return op.multiply(emit(op.astype(centred, "float32")), scale)
+        return self._dequantized(acc, w_q, s_w, s_x, z_x, channels_first=perm is not None)
 
     def _int8_dense(self, x_q, w_q, s_w, s_x, z_x):
         """float32 [M, N] = dequantize(x_q [M, K]) @ dequantize(w_q [N, K]).T, computed in int32."""
         emit, op = self.builder_.emit, relax.op
         (m, k), n = _shape(x_q), _shape(w_q)[0]
         kp, np_ = -(-k // STEP) * STEP, -(-n // LANES) * LANES
-        offset = relax.const(self.dot.offset, "int32")
         if self.dot.offset:
-            x_q = emit(op.astype(emit(op.add(emit(op.astype(x_q, "int32")), offset)), "uint8"))
+            x_q = self._offset(x_q)
         if kp != k:
             x_q = emit(op.nn.pad(x_q, [0, 0, 0, kp - k]))
-        packed = emit(op.nn.pad(w_q, [0, np_ - n, 0, kp - k])) if (np_, kp) != (n, k) else w_q
-        packed = emit(op.permute_dims(emit(op.reshape(packed, [np_ // LANES, LANES, kp // STEP, STEP])), [0, 2, 1, 3]))
+        packed = self._packed(emit(op.nn.pad(w_q, [0, 0, 0, kp - k])) if kp != k else w_q, kp)
         acc = emit(relax.call_tir(self._kernel(m, kp, np_), [x_q, packed], relax.TensorType([m, np_], "int32")))
         if np_ != n:
             acc = emit(op.strided_slice(acc, axes=[1], begin=[0], end=[n]))
+        return emit(self._dequantized(acc, w_q, s_w, s_x, z_x))
+
+    def _packed(self, w_q, k: int):
+        """w_q [N, K] (K a multiple of 4) as the kernels read it: [N/16, K/4, 16, 4], N padded to 16."""
+        emit, op = self.builder_.emit, relax.op
+        n = _shape(w_q)[0]
+        np_ = -(-n // LANES) * LANES
+        packed = emit(op.nn.pad(w_q, [0, np_ - n, 0, 0])) if np_ != n else w_q
+        return emit(op.permute_dims(emit(op.reshape(packed, [np_ // LANES, LANES, k // STEP, STEP])), [0, 2, 1, 3]))
+
+    def _dequantized(self, acc, w_q, s_w, s_x, z_x, channels_first: bool = False):
+        """(acc - (z_x + o) * colsum(w_q)) * s_x * s_w, float32 (not emitted); `channels_first`: acc's channels on
+        its next-to-last axis (W.X)."""
+        emit, op = self.builder_.emit, relax.op
         colsum = emit(op.sum(emit(op.astype(w_q, "int32")), axis=[1]))
-        zero = emit(op.add(emit(op.astype(z_x, "int32")), offset))
-        centred = emit(op.subtract(acc, emit(op.multiply(zero, colsum))))
-        return emit(op.multiply(emit(op.astype(centred, "float32")), emit(op.multiply(s_x, s_w))))
+        zero = emit(op.add(emit(op.astype(z_x, "int32")), relax.const(self.dot.offset, "int32")))
+        correction, scale = emit(op.multiply(zero, colsum)), emit(op.multiply(s_x, s_w))
+        if channels_first:
+            n = _shape(w_q)[0]
+            correction, scale = emit(op.reshape(correction, [n, 1])), emit(op.reshape(scale, [n, 1]))
+        return op.multiply(emit(op.astype(emit(op.subtract(acc, correction)), "float32")), scale)
 
     def _kernel(self, m: int, k: int, n: int):
         key = (m, k, n)
