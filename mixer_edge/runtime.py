@@ -80,6 +80,20 @@ def machine_cpu_features() -> set[str]:
     return set()
 
 
+# Linux hands a process AMX's tile data state only when it asks (arch_prctl, kernel 5.16 on): tile
+# instructions fault (SIGILL) until then. The permission covers every thread of the process.
+_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
+
+
+def request_amx_tiles() -> None:
+    """Ask Linux for AMX tile state for this process (x86-64); refused in one line where it says no."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
+        raise MixerEdgeError(f"the Linux kernel refused this process AMX tiles "
+                             f"({os.strerror(ctypes.get_errno())}; Linux 5.16 or newer grants them): rebuild with "
+                             "--target x86-avx512-vnni")
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -388,7 +402,7 @@ class QuantizationInfo(Schema):
     layers: Dim = Field(description="matmuls and convolutions lowered to integer kernels")
     float_layers: list[FloatLayer] = Field(default_factory=list, description="quantized layers left in float, "
                                            "with the reason (none where every layer is on integer kernels)")
-    dot_product: str = Field(description="the int8 dot-product instruction used (vnni, sdot, dp4a, plain)")
+    dot_product: str = Field(description="the int8 dot-product instruction used (amx, vnni, sdot, dp4a, plain)")
     activations: Literal["int8", "uint8"] = Field(description="the integer type of quantized activations")
     recipe: CalibrationRecipe | str = Field(description="the calibration recipe, or a sentence for a QDQ ONNX "
                                             "compiled as it was given")

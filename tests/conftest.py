@@ -19,7 +19,8 @@ from hypothesis import settings
 from mixer_edge import cli, emulator
 from mixer_edge.compiler import RpcBoard, compile_model
 from mixer_edge.data import digits_split
-from mixer_edge.export import open_model
+from mixer_edge.export import export_onnx, load_onnx, open_model
+from mixer_edge.model import MixerConfig, create_model
 
 
 # Property tests draw the same examples on every run (a CI failure reproduces), more of them than by default.
@@ -185,3 +186,15 @@ def rpc_board(board):
             if proc is not None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@pytest.fixture(scope="session")
+def odd_mixer(tmp_path_factory):
+    """A one-block Mixer, batch 2, with a 16x16 patch embedding and widths no vector divides (40, 2, 120, 7)."""
+    import torch
+
+    torch.manual_seed(0)
+    cfg = MixerConfig(img_size=32, patch_size=16, num_classes=7, embed_dim=40, depth=1, mlp_ratio=(0.5, 3.0))
+    path = tmp_path_factory.mktemp("odd") / "odd.onnx"
+    export_onnx(create_model(cfg).eval(), path, batch=2)
+    return load_onnx(path)

@@ -17,18 +17,6 @@ AVX512 = resolve_target("x86-avx512-vnni")  # the target of the shipped digits t
 
 
 @pytest.fixture(scope="module")
-def odd_mixer(tmp_path_factory):
-    """A one-block Mixer, batch 2, with a 16x16 patch embedding and widths no vector divides (40, 2, 120, 7)."""
-    import torch
-
-    torch.manual_seed(0)
-    cfg = MixerConfig(img_size=32, patch_size=16, num_classes=7, embed_dim=40, depth=1, mlp_ratio=(0.5, 3.0))
-    path = tmp_path_factory.mktemp("odd") / "odd.onnx"
-    export_onnx(create_model(cfg).eval(), path, batch=2)
-    return load_onnx(path)
-
-
-@pytest.fixture(scope="module")
 def stem_mixer(tmp_path_factory):
     """Mixer-S/16's stem (224x224, 16x16 patches) in a one-block Mixer at batch 8: the patch convolution's
     lane sums (rfactor over the fused batch, channel and grid axes) once overflowed a per-thread stack tile."""

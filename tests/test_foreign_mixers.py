@@ -252,7 +252,9 @@ def test_foreign_mixer_layers_are_named_and_compare_exactly(built, foreign, inpu
     """`compare` on another implementation's float build: every kernel matched to its own tensor (a GELU's
     `x * cdf` and its `0.5 *` correlate alike: the scale decides), every layer at float rounding error."""
     c = layers.compare(built(name, "host"), foreign[name], inputs[:4])
-    assert all(r.compared == "float" for r in c.layers)
+    # on AVX-512 the stem's patches are cut from the image by a kernel of their own (compiler/dense.py): a layout
+    # of the input, not compared
+    assert all(r.compared == "float" or (r.compared == "layout" and r.layer.endswith("· Input")) for r in c.layers)
     assert all(r.sqnr_db is None or r.sqnr_db > 100 for r in c.layers), [(r.layer, r.sqnr_db) for r in c.layers]
     assert c.first_jump is None
 
@@ -301,7 +303,9 @@ def test_foreign_s16_mixers_untuned_keep_the_tuned_presets_speed(tmp_path):
             manifest = compile_model(source, "host", out, precision=precision, progress=quiet,
                                      calibration=calibration if precision == "int8" else None)
             covered = manifest["build"]["tuning"]
-            assert manifest["verification"]["top1_agreement"] == 1.0
+            check = manifest["verification"]
+            # int8 answers to its QDQ model; against the float model, random weights' near-tied logits may flip
+            assert (check["onnxruntime_qdq"] if precision == "int8" else check)["top1_agreement"] == 1.0
             if precision == "int8":
                 assert (manifest["quantization"]["layers"], manifest["quantization"]["float_layers"]) == (34, [])
             if name != "mixer_s16 (preset)":

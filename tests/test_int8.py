@@ -8,7 +8,7 @@ from mixer_edge.compiler import build, compile_model, resolve_target
 from mixer_edge.compiler.build import module_source
 from mixer_edge.errors import MixerEdgeError
 from mixer_edge.quant import quantize_for_build
-from mixer_edge.runtime import load, read_manifest
+from mixer_edge.runtime import load, machine_cpu_features, read_manifest, request_amx_tiles
 
 from conftest import agreement, built_once, quiet
 from test_compile import cuobjdump
@@ -56,18 +56,59 @@ def test_int8_weights_ship_packed_in_int8(int8_artifact):
 
 
 @pytest.mark.parametrize("target, dot_product, instruction", [
+    ("x86-amx", "amx", "tdpbusd"),
     ("x86-avx512-vnni", "vnni", "vpdpbusd"),
     ("rpi5", "sdot", "sdot\tv"),
 ])
 def test_cpu_int8_kernels_use_the_dot_product_instruction(quantized, target, dot_product, instruction):
     built = build(quantized.qdq, resolve_target(target), precision="int8", progress=quiet)
     assert built.int8 == {"layers": DIGITS_LAYERS, "float_layers": [], "dot_product": dot_product,
-                          "activations": "uint8" if dot_product == "vnni" else "int8"}
+                          "activations": "int8" if dot_product == "sdot" else "uint8"}
     asm = module_source(built.compiled.executable, "llvm", "asm")
     kernels = {line.split(":")[0] for line in asm.splitlines()  # fused_int8_dense_...: with their epilogues
                if line.startswith(("int8_dense_", "fused_int8_dense_"))}
     assert len(kernels) >= 4  # one per distinct matmul shape (stem, token fc1/fc2, channel fc1/fc2, head)
     assert asm.count(instruction) >= len(kernels)
+
+
+AMX = pytest.mark.skipif("amx_int8" not in machine_cpu_features(), reason="needs a CPU with AMX int8 tiles")
+
+
+@AMX
+@pytest.mark.parametrize("m, k, n", [
+    (196, 512, 64),  # S/16's channel fc1 rows: tiles of 14 rows
+    (512, 196, 256),  # token fc1 (W.X): 196 = 3 x 64 + a 4-byte tail of K
+    (49, 768, 32),  # 7-row tiles
+    (20, 2048, 96),
+    (3, 64, 32),  # too few rows for a tile: VNNI
+])
+def test_amx_kernels_compute_exact_int32_products(m, k, n):
+    import tvm
+
+    from mixer_edge.compiler import int8
+
+    int8._register_intrinsics()
+    dot = int8.DOT_PRODUCTS["amx"]
+    func = int8.schedule(int8.dense_func(m, k, n, dot.activation), dot)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=resolve_target("x86-amx").tvm_target())
+    rng = np.random.default_rng(m)
+    x, w = rng.integers(0, 256, (m, k), dtype=np.uint8), rng.integers(-128, 128, (n, k), dtype=np.int8)
+    packed = w.reshape(n // 16, 16, k // 4, 4).transpose(0, 2, 1, 3).copy()  # [N/16, K/4, 16, 4]
+    request_amx_tiles()
+    out = tvm.runtime.tensor(np.zeros((m, n), np.int32))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(packed), out)
+    np.testing.assert_array_equal(out.numpy(), x.astype(np.int64) @ w.astype(np.int64).T)
+
+
+@AMX
+def test_amx_int8_build_computes_what_the_qdq_graph_says(quantized, int8_artifact, digits_test):
+    model = load(int8_artifact("x86-amx"))
+    assert model.manifest["quantization"]["dot_product"] == "amx"
+    x = digits_test[0]
+    ours, vnni = model(x), load(int8_artifact("x86-avx512-vnni"))(x)
+    # the same integer products on other instructions; the float epilogues around them are scheduled apart
+    assert agreement(ours, vnni) == 1.0 and np.abs(ours - vnni).max() < 0.05
 
 
 def test_cpu_without_a_dot_product_gets_plain_integer_kernels(quantized, int8_artifact, digits_test):
@@ -165,11 +206,13 @@ def test_cpu_int8_kernels_carry_their_float_epilogues(quantized, int8_artifact, 
     mod, params = run_transform_params(mod, params)
     prepared = tuning.prepare(mod, preset)
     kernels = {gv.name_hint: f for gv, f in prepared.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
-    dense = {name for name, f in kernels.items() if 'sblock("dense_init")' in f.script()}  # scheduled
-    fused = {name for name in dense if "_multiply" in name and "_quantize" in name}  # token/channel fc1: GELU too
+    dense = {name for name, f in kernels.items() if 'sblock("dense' in f.script()}
+    fused = {name for name in dense if "erf" in name}  # token/channel fc1: GELU and the next quantize too
     assert len(dense) >= 5 and len(fused) >= 2
     assert all(kernels[name].attrs.get("tirx.is_scheduled") for name in dense)
-    calls = [line for line in prepared["main"].script().splitlines() if "R.call_tir(" in line]
+    # a pure reshape (AMX reads its input as [M, K]) becomes a view when the build lowers it: not a kernel
+    calls = [line for line in prepared["main"].script().splitlines()
+             if "R.call_tir(" in line and not line.split("R.call_tir(")[1].startswith("reshape")]
     # before: per quantized layer an int8 kernel and a float epilogue kernel after it, 56 calls (46 now). The
     # stem keeps that (its output is a patch layout); the 17 matmuls' kernels take their epilogue and write
     # floats or the next layer's int8 input: no int32 accumulator leaves them

@@ -98,7 +98,7 @@ def test_a_library_warning_is_a_progress_line_not_an_error(run_cli, targets_comm
 
 @pytest.mark.parametrize("targets, fragment", [
     (["--target", "host", "--target", "host"], "--target names"),
-    (["--target", "host,x86-avx512-vnni,x86-avx2,x86-avx512"], "--target names"),  # host is one of them
+    (["--target", "host,x86-amx,x86-avx512-vnni,x86-avx2,x86-avx512"], "--target names"),  # host is one of them
 ])
 def test_a_target_named_twice_is_refused(targets, fragment, run_cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

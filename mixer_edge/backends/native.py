@@ -153,7 +153,7 @@ class TvmLibrary(Backend):
         return {"kind": self.kind, "arch": preset.arch, "cpu_features": preset.cpu_features()}
 
     def check_device(self, manifest, root: Path) -> None:
-        from ..runtime import LIBRARY, library_arch, machine_cpu_features
+        from ..runtime import LIBRARY, library_arch, machine_cpu_features, request_amx_tiles
 
         req, preset = manifest.target.device, manifest.target.preset
         here = platform.machine()
@@ -168,6 +168,8 @@ class TvmLibrary(Backend):
         if missing:
             raise MixerEdgeError(f"artifact target {preset} needs CPU features this CPU lacks ({', '.join(missing)}): "
                                  "rebuild for this board's preset")
+        if "amx_tile" in (req.cpu_features or ()):
+            request_amx_tiles()
 
     def load(self, root: Path, manifest, weights: list[np.ndarray]) -> TvmSession:
         import tvm

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..backends import Backend
 from ..errors import MixerEdgeError, reason
+from . import dense
 from . import tuning as tuning_lib
 from .targets import TargetPreset
 
@@ -127,6 +128,8 @@ def relax_program(proto, preset: TargetPreset, batch: int, precision: str):
 
         mod, lowered = int8.lower(mod, params, preset)
         mod, params = run_transform_params(mod, params)
+    elif dense.applies(preset):  # float32 on AVX-512: its layers on register-tiled kernels
+        mod, params = run_transform_params(dense.lower(mod, params), params)
     return mod, params, key, lowered
 
 

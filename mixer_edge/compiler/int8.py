@@ -8,19 +8,21 @@ convolution into
     acc = x_q' . W_q                        int32; a hand-scheduled kernel on the target's dot product
     y   = (acc - (z_x + o) * colsum(W_q)) * (s_x * s_w)          float
 
-where x_q' = x_q + o (o = 128 where the instruction wants unsigned activations, as x86 VNNI does).
-Weights are packed `[N/16, K/4, 16, 4]` (16 output channels x 4 reduction steps per instruction).
-The packing, column sums and scale products depend on weights only, so LiftTransformParams moves
-them into `main_transform_params`, which the build runs once on the host. Scales and zero points
-stay runtime tensors. LayerNorm, GELU and the residual adds stay float.
+where x_q' = x_q + o (o = 128 where the instruction wants unsigned activations, as x86 VNNI and AMX do).
+Weights are packed `[N/16, K/4, 16, 4]` (16 output channels x 4 reduction steps per instruction; an AMX
+weight tile is 16 consecutive such rows). The packing, column sums and scale products depend on weights
+only, so LiftTransformParams moves them into `main_transform_params`, which the build runs once on the
+host. Scales and zero points stay runtime tensors; a division by one (a quantize, GELU's sqrt 2) becomes a
+multiplication by its reciprocal, lifted the same way. LayerNorm, GELU and the residual adds stay float.
 
-On CPUs (vnni, sdot, plain) a matmul's kernel (`fusable_dense_func`) reads x_q and writes acc in the
+On CPUs (amx, vnni, sdot, plain) a matmul's kernel (`fusable_dense_func`) reads x_q and writes acc in the
 layout the model has after it ([..., N], or W.X's transposed one), marked fusable (kOutEWiseFusable):
-FuseOps fuses y and the elementwise and broadcast ops after it (bias, GELU, the next
-layer's quantize, a residual add) into it, and `schedule_fused` (run by tuning.prepare after FuseTIR)
-tiles the product as `_schedule_cpu` does and computes that epilogue per register tile, reading acc back
-while the tile is still in cache (no separate pass over it). The patch-embedding stem, a K not a multiple of 4, and CUDA's dp4a keep an opaque
-kernel writing acc [M, N] and the epilogue as a separate fused float kernel.
+FuseOps fuses y and the elementwise and broadcast ops after it (bias, GELU, the next layer's quantize, a
+residual add) into it, and `schedule_fused` (run by tuning.prepare after FuseTIR) schedules the product
+(`_schedule_cpu`: register tiles on VNNI/sdot; `_schedule_amx`: strips of 32 channels in tile registers)
+and computes that epilogue per tile, reading acc back while it is still in cache (no separate pass over
+it). The patch-embedding stem, a K not a multiple of 4, and CUDA's dp4a keep an opaque kernel writing
+acc [M, N] and the epilogue as a separate fused float kernel.
 
 Scheduled kernels carry `tirx.is_scheduled`: the default pipelines, DLight and MetaSchedule leave them as
 they are, and tuning spends its trials on the float kernels around them.
@@ -38,6 +40,7 @@ from tvm.script import tirx as T
 from tvm.target import codegen
 
 from ..errors import MixerEdgeError
+from . import dense
 from .targets import TargetPreset
 
 LANES, STEP = 16, 4  # output channels and reduction steps per packed weight tile
@@ -54,11 +57,18 @@ class DotProduct:
     def offset(self) -> int:
         return 128 if self.activation == "uint8" else 0
 
+    @property
+    def columns(self) -> int:
+        """Output channels per kernel tile: N is padded to a multiple of it."""
+        return AMX_COLUMNS if self.name == "amx" else LANES
 
-DOT_PRODUCTS = {"vnni": DotProduct("vnni", "uint8"), "sdot": DotProduct("sdot", "int8"),
-                "dp4a": DotProduct("dp4a", "int8"), "plain": DotProduct("plain", "int8")}
+
+DOT_PRODUCTS = {"amx": DotProduct("amx", "uint8"), "vnni": DotProduct("vnni", "uint8"),
+                "sdot": DotProduct("sdot", "int8"), "dp4a": DotProduct("dp4a", "int8"),
+                "plain": DotProduct("plain", "int8")}
 # The first CPU feature (LLVM name) the target has picks the instruction (GPU backends name theirs).
-CPU_DOT_PRODUCT = (("avx512vnni", "vnni"), ("dotprod", "sdot"))
+CPU_DOT_PRODUCT = (("amx-int8", "amx"), ("avx512vnni", "vnni"), ("dotprod", "sdot"))
+AMX_COLUMNS, AMX_DEPTH, AMX_ROWS = 32, 64, 16  # two 16-channel tiles per strip; bytes of K and rows per tile
 
 
 def dot_product(preset: TargetPreset) -> DotProduct:
@@ -103,6 +113,8 @@ class Lowering(relax.PyExprMutator):
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
         op = getattr(call.op, "name", "")
+        if op in ("relax.quantize", "relax.divide") and dense.is_scalar_parameter(call.args[1], self.params):
+            return self._reciprocal(call)
         if op not in ("relax.matmul", "relax.nn.conv1d", "relax.nn.conv2d") or \
                 not any(self._dequantize(arg) is not None for arg in call.args):
             return call  # not a layer the QDQ model quantized
@@ -121,6 +133,19 @@ class Lowering(relax.PyExprMutator):
             if dq is not None and isinstance(dq[0], relax.Var) and dq[0].name in self.params:
                 return dq[0].name.removesuffix("_q")
         return call.op.name
+
+    def _reciprocal(self, call):
+        """x / s (a divide, or a quantize's `round(x / s) + z`) with x * (1 / s) (dense.times_reciprocal)."""
+        emit, op = self.builder_.emit, relax.op
+        scaled = dense.times_reciprocal(self.builder_, *call.args[:2])
+        if call.op.name == "relax.divide":
+            return scaled
+        zero, dtype = call.args[2], call.attrs.out_dtype
+        low, high = np.iinfo(dtype).min, np.iinfo(dtype).max
+        shifted = op.add(emit(op.round(emit(scaled))), emit(op.astype(zero, "float32")))
+        clipped = op.maximum(emit(op.minimum(emit(shifted), relax.const(float(high), "float32"))),
+                             relax.const(float(low), "float32"))
+        return op.astype(emit(clipped), dtype)
 
     # -- matching ------------------------------------------------------------------------
     def _dequantize(self, expr):
@@ -239,9 +264,11 @@ class Lowering(relax.PyExprMutator):
             out_shape = [out_shape[a] for a in perm]
         key = ("fused", tuple(x_shape), n, tuple(perm or ()))
         if key not in self.kernels:
-            func = fusable_dense_func(x_shape, n, self.dot.activation, perm)
+            func = fusable_dense_func(x_shape, n, self.dot, perm)
             name = f"int8_dense_{self.dot.name}_{'x'.join(map(str, x_shape))}x{n}" + ("t" if perm else "")
             self.kernels[key] = self.builder_.add_func(func, name)
+        if self.dot.name == "amx":  # tiles load rows of a 2-D X
+            x_q = emit(relax.op.reshape(x_q, [int(np.prod(x_shape[:-1])), x_shape[-1]]))
         acc = emit(relax.call_tir(self.kernels[key], [x_q, packed], relax.TensorType(out_shape, "int32")))
         return self._dequantized(acc, w_q, s_w, s_x, z_x, channels_first=perm is not None)
 
@@ -249,7 +276,7 @@ class Lowering(relax.PyExprMutator):
         """float32 [M, N] = dequantize(x_q [M, K]) @ dequantize(w_q [N, K]).T, computed in int32."""
         emit, op = self.builder_.emit, relax.op
         (m, k), n = _shape(x_q), _shape(w_q)[0]
-        kp, np_ = -(-k // STEP) * STEP, -(-n // LANES) * LANES
+        kp, np_ = -(-k // STEP) * STEP, -(-n // self.dot.columns) * self.dot.columns
         if self.dot.offset:
             x_q = self._offset(x_q)
         if kp != k:
@@ -261,10 +288,11 @@ class Lowering(relax.PyExprMutator):
         return emit(self._dequantized(acc, w_q, s_w, s_x, z_x))
 
     def _packed(self, w_q, k: int):
-        """w_q [N, K] (K a multiple of 4) as the kernels read it: [N/16, K/4, 16, 4], N padded to 16."""
+        """w_q [N, K] (K a multiple of 4) as the kernels read it: [N/16, K/4, 16, 4], N padded to the kernel's
+        column tile."""
         emit, op = self.builder_.emit, relax.op
         n = _shape(w_q)[0]
-        np_ = -(-n // LANES) * LANES
+        np_ = -(-n // self.dot.columns) * self.dot.columns
         packed = emit(op.nn.pad(w_q, [0, np_ - n, 0, 0])) if np_ != n else w_q
         return emit(op.permute_dims(emit(op.reshape(packed, [np_ // LANES, LANES, k // STEP, STEP])), [0, 2, 1, 3]))
 
@@ -309,44 +337,20 @@ def dense_func(m: int, k: int, n: int, activation: str):
     return dense
 
 
-def fusable_dense_func(x_shape: list[int], n: int, activation: str, perm: list[int] | None):
-    """out = permute_dims(X [..., K] . W_packed [N/16, K/4, 16, 4] as [..., N], perm), int32, in two blocks:
-    `dense` (acc [M, N rounded up to 16], M = the product of X's leading axes) and `store` (acc -> out).
-
-    Shapes are int64 (as Relax's legalized ops have them, for FuseTIR) and the pattern kOutEWiseFusable.
-    """
+def fusable_dense_func(x_shape: list[int], n: int, dot: DotProduct, perm: list[int] | None):
+    """out = permute_dims(X [..., K] . W_packed [N/16, K/4, 16, 4] as [..., N], perm), int32: dense.fusable_kernel's
+    two blocks, N rounded up to the column tile. AMX reads X flattened to [M, K]."""
     from tvm import te
 
     i64 = lambda v: tvm.tirx.IntImm("int64", v)  # noqa: E731
     lead, k = x_shape[:-1], x_shape[-1]
-    m, np_ = int(np.prod(lead)), -(-n // LANES) * LANES
-    X = te.placeholder([i64(d) for d in x_shape], activation, "X")
+    np_ = -(-n // dot.columns) * dot.columns
+    flat = dot.name == "amx"
+    X = te.placeholder([i64(d) for d in ([int(np.prod(lead)), k] if flat else x_shape)], dot.activation, "X")
     W = te.placeholder([i64(np_ // LANES), i64(k // STEP), i64(LANES), i64(STEP)], "int8", "W")
-    r = te.reduce_axis((i64(0), i64(k)), "r")
-
-    def unflatten(i):
-        index = []
-        for d in reversed(lead):
-            index.append(i % d)
-            i = i // d
-        return index[::-1]
-
-    acc = te.compute((i64(m), i64(np_)), lambda i, j: te.sum(
-        X[(*unflatten(i), r)].astype("int32") * W[j // LANES, r // STEP, j % LANES, r % STEP].astype("int32"),
-        axis=r), name="dense")
-    out_shape = [*lead, n]
-    inverse = list(range(len(out_shape))) if perm is None else [perm.index(a) for a in range(len(out_shape))]
-
-    def store(*index):
-        index = [index[inverse[a]] for a in range(len(out_shape))]  # back to [..., N]
-        row = 0
-        for v, d in zip(index[:-1], lead):
-            row = row * d + v
-        return acc[row, index[-1]]
-
-    out = te.compute([i64(out_shape[a]) for a in (perm or range(len(out_shape)))], store, name="store")
-    func = te.create_prim_func([X, W, out]).without_attr("global_symbol")
-    return func.with_attr({"tirx.noalias": True, "op_pattern": 4})  # kOutEWiseFusable
+    return dense.fusable_kernel(X, W, lead, k, n, np_, perm, lambda x, j, r: x.astype("int32") * W[
+        j // LANES, r // STEP, j % LANES, r % STEP].astype("int32"),
+        lambda i, index, r: X[i, r] if flat else X[(*index, r)])
 
 
 def schedule_fused(preset: TargetPreset):
@@ -382,11 +386,19 @@ def _schedule_fused(func, dot: DotProduct):
                          if not sch.get(b).same_as(sch.get(dense))]
         for block in middle:
             sch.compute_inline(block)
-        _schedule_cpu(sch, dot, block=dense, epilogue=last)
+        _schedule_dense(sch, dot, dense, last)
     except (RuntimeError, ValueError):  # a schedule primitive refused
         sch = s_tir.Schedule(func)
-        _schedule_cpu(sch, dot, block=sch.get_sblock("dense"), epilogue=sch.get_sblock("store"))
+        _schedule_dense(sch, dot, sch.get_sblock("dense"), sch.get_sblock("store"))
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _schedule_dense(sch, dot: DotProduct, block, epilogue) -> None:
+    """An integer kernel on `dot`'s instruction; a float32 one (compiler/dense.py) on its register tile."""
+    if str(sch.get(block).writes[0].source.dtype) == "float32":
+        dense.schedule(sch, block, epilogue)
+    else:
+        SCHEDULES[dot.name](sch, dot, block=block, epilogue=epilogue)
 
 
 def _divisor(n: int, preferred: tuple[int, ...]) -> int:
@@ -396,7 +408,7 @@ def _divisor(n: int, preferred: tuple[int, ...]) -> int:
 def schedule(func, dot: DotProduct):
     """`func` (dense_func) scheduled for `dot`'s instruction; marked scheduled."""
     sch = s_tir.Schedule(func)
-    {"vnni": _schedule_cpu, "sdot": _schedule_cpu, "plain": _schedule_cpu, "dp4a": _schedule_dp4a}[dot.name](sch, dot)
+    SCHEDULES[dot.name](sch, dot)
     return sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
 
 
@@ -438,9 +450,130 @@ def _schedule_cpu(sch, dot: DotProduct, block=None, epilogue=None) -> None:
             pass
 
 
-def _schedule_dp4a(sch, dot: DotProduct) -> None:
-    """One thread per output (16 channels x up to 8 rows a block); dp4a over each 4-step of K."""
-    block = sch.get_sblock("dense")
+def _schedule_amx(sch, dot: DotProduct, block=None, epilogue=None) -> None:
+    """Strips of 32 channels x a block of rows in parallel, each one AMX call (`_amx_intrinsic`: the whole K
+    in tile registers); the epilogue computed per strip while it is in cache."""
+    block = block or sch.get_sblock("dense")
+    i, j, r = sch.get_loops(block)
+    m, k = (int(sch.get(loop).extent) for loop in (i, r))
+    index = str(sch.get(i).extent.ty)  # int64 in fused functions (FuseTIR's shapes), int32 otherwise
+    rows = max(d for d in range(1, AMX_ROWS + 1) if m % d == 0)
+    if rows < 4:  # tiles of 1 to 3 rows would idle most of the tile unit: VNNI (every AMX CPU has it) instead
+        return _schedule_cpu(sch, DOT_PRODUCTS["vnni"], block, epilogue)
+    span = max(d for d in range(rows, max(256, rows) + 1, rows) if m % d == 0)  # rows per call: a few tiles
+    io, ii = sch.split(i, [None, span])
+    jo, ji = sch.split(j, [None, AMX_COLUMNS])
+    sch.reorder(jo, io, ii, ji, r)
+    if epilogue is not None:
+        sch.reverse_compute_at(epilogue, io)
+    sch.parallel(sch.fuse(jo, io))
+    outer = sch.blockize(ii)
+    sch.tensorize(outer, _amx_intrinsic(span, k, rows, index))
+    # the intrinsic starts its tiles at zero (tilezero) and stores every element: the init is dead stores
+    block = sch.get(outer)
+    sch.state.replace(sch.get_sref(outer), s_tir.SBlock(
+        block.iter_vars, block.reads, block.writes, block.name_hint, block.body, None, block.alloc_buffers,
+        block.match_buffers, block.annotations), {block: block})
+    if epilogue is not None:
+        try:  # its innermost loop, unless a padded strip left it a predicate
+            sch.vectorize(sch.get_loops(epilogue)[-1])
+        except (RuntimeError, ValueError):  # a schedule primitive refused
+            pass
+
+
+def _amx_intrinsic(m: int, k: int, rows: int, index: str) -> str:
+    """C[m, 32] = A[m, k] (uint8) . B (two 16-channel packed tiles [2, k/4, 16, 4], int8), registered once.
+
+    Tiles (palette 1): 0, 1 accumulate C's two 16-channel halves, `rows` rows at a time; 2 holds 64 bytes of
+    K of A's rows, 3 and 4 the matching 16 steps of B; 5 and 6 the last k % 64 bytes where K has them.
+    """
+    name = f"mixer_edge_amx_{m}x{k}_{rows}_{index}"
+    if TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
+    full, tail = divmod(k, AMX_DEPTH)
+    config = np.zeros(64, np.uint8)
+    config[0] = 1  # palette
+    shapes = [(rows, AMX_DEPTH)] * 3 + [(AMX_DEPTH // STEP, AMX_DEPTH)] * 2 + \
+        ([(rows, tail), (tail // STEP, AMX_DEPTH)] if tail else [])
+    for t, (tile_rows, width) in enumerate(shapes):
+        config[16 + 2 * t], config[48 + t] = width, tile_rows  # bytes per row (< 256), rows
+    words = [int(v) for v in config.view("<u8")]
+    call = lambda *args: T.call_llvm_intrin("void", *args)  # noqa: E731
+    steps, tail_step = AMX_DEPTH // STEP, full * AMX_DEPTH // STEP
+    M, K, K4, N, P, Q, C2 = (tvm.tirx.IntImm(index, v) for v in (m, k, k // STEP, AMX_COLUMNS, LANES, STEP, 2))
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((M, K), "uint8", offset_factor=1), B: T.Buffer((C2, K4, P, Q), "int8",
+                                                                        offset_factor=1),
+             C: T.Buffer((M, N), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(A[0:M, 0:K], B[0:C2, 0:K4, 0:P, 0:Q])
+            T.writes(C[0:M, 0:N])
+            for i, j, r in T.grid(M, N, K):
+                with T.sblock("update"):
+                    vi, vj, vr = T.axis.remap("SSR", [i, j, r])
+                    T.reads(C[vi, vj], A[vi, vr], B[vj // LANES, vr // STEP, vj % LANES, vr % STEP])
+                    T.writes(C[vi, vj])
+                    with T.init():
+                        C[vi, vj] = 0
+                    C[vi, vj] = C[vi, vj] + T.cast(A[vi, vr], "int32") * \
+                        T.cast(B[vj // LANES, vr // STEP, vj % LANES, vr % STEP], "int32")
+
+    sa, sc = tvm.tirx.Var("sa", index), tvm.tirx.Var("sc", index)
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((M, K), "uint8", offset_factor=1, strides=[sa, 1]),
+             B: T.Buffer((C2, K4, P, Q), "int8", offset_factor=1),
+             C: T.Buffer((M, N), "int32", offset_factor=1, strides=[sc, 1])) -> None:
+        with T.sblock("root"):
+            T.reads(A[0:M, 0:K], B[0:C2, 0:K4, 0:P, 0:Q])
+            T.writes(C[0:M, 0:N])
+            cfg = T.decl_buffer((8,), "uint64", scope="local")
+            cfg[0] = T.uint64(words[0])
+            cfg[1] = T.uint64(words[1])
+            cfg[2] = T.uint64(words[2])
+            cfg[3] = T.uint64(words[3])
+            cfg[4] = T.uint64(words[4])
+            cfg[5] = T.uint64(words[5])
+            cfg[6] = T.uint64(words[6])
+            cfg[7] = T.uint64(words[7])
+            T.evaluate(call("llvm.x86.ldtilecfg", T.address_of(cfg[0])))
+            for io in range(m // rows):
+                T.evaluate(call("llvm.x86.tilezero", T.int8(0)))
+                T.evaluate(call("llvm.x86.tilezero", T.int8(1)))
+                for ko in range(full):
+                    T.evaluate(call("llvm.x86.tileloadd64", T.int8(2), T.address_of(A[io * rows, ko * AMX_DEPTH]),
+                                    T.Cast("int64", sa)))
+                    T.evaluate(call("llvm.x86.tileloadd64", T.int8(3), T.address_of(B[0, ko * steps, 0, 0]),
+                                    T.int64(AMX_DEPTH)))
+                    T.evaluate(call("llvm.x86.tdpbusd", T.int8(0), T.int8(2), T.int8(3)))
+                    T.evaluate(call("llvm.x86.tileloadd64", T.int8(4), T.address_of(B[1, ko * steps, 0, 0]),
+                                    T.int64(AMX_DEPTH)))
+                    T.evaluate(call("llvm.x86.tdpbusd", T.int8(1), T.int8(2), T.int8(4)))
+                if tail > 0:
+                    T.evaluate(call("llvm.x86.tileloadd64", T.int8(5), T.address_of(A[io * rows, full * AMX_DEPTH]),
+                                    T.Cast("int64", sa)))
+                    T.evaluate(call("llvm.x86.tileloadd64", T.int8(6), T.address_of(B[0, tail_step, 0, 0]),
+                                    T.int64(AMX_DEPTH)))
+                    T.evaluate(call("llvm.x86.tdpbusd", T.int8(0), T.int8(5), T.int8(6)))
+                    T.evaluate(call("llvm.x86.tileloadd64", T.int8(6), T.address_of(B[1, tail_step, 0, 0]),
+                                    T.int64(AMX_DEPTH)))
+                    T.evaluate(call("llvm.x86.tdpbusd", T.int8(1), T.int8(5), T.int8(6)))
+                T.evaluate(call("llvm.x86.tilestored64", T.int8(0), T.address_of(C[io * rows, 0]),
+                                T.Cast("int64", sc * 4)))
+                T.evaluate(call("llvm.x86.tilestored64", T.int8(1), T.address_of(C[io * rows, LANES]),
+                                T.Cast("int64", sc * 4)))
+            T.evaluate(call("llvm.x86.tilerelease"))
+
+    TensorIntrin.register(name, desc, impl)
+    return name
+
+
+def _schedule_dp4a(sch, dot: DotProduct, block=None, epilogue=None) -> None:
+    """One thread per output (16 channels x up to 8 rows a block); dp4a over each 4-step of K. GPU kernels
+    are opaque: no epilogue comes with them."""
+    assert epilogue is None, "dp4a kernels keep their epilogue a kernel of its own"
+    block = block or sch.get_sblock("dense")
     i, j, r = sch.get_loops(block)
     m = int(sch.get(i).extent)
     io, ii = sch.split(i, [None, _divisor(m, (8, 4, 7, 6, 5, 3, 2))])
@@ -455,6 +588,8 @@ def _schedule_dp4a(sch, dot: DotProduct) -> None:
     sch.tensorize(ri, DP4A)
 
 
+SCHEDULES = {"amx": _schedule_amx, "vnni": _schedule_cpu, "sdot": _schedule_cpu, "plain": _schedule_cpu,
+             "dp4a": _schedule_dp4a}
 VNNI, SDOT, DP4A = "mixer_edge_vnni_16x4", "mixer_edge_sdot_4x4", "mixer_edge_dp4a"
 
 

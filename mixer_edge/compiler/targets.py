@@ -38,7 +38,8 @@ PRECISIONS = ("float32", "float16", "int8")  # float16: fp16 compute, fp32 accum
 LLVM_TO_LINUX_FEATURE = {
     "avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512vl": "avx512vl",
     "avx512dq": "avx512dq", "avx512cd": "avx512cd", "avx512vnni": "avx512_vnni", "avxvnni": "avx_vnni",
-    "avx512bf16": "avx512_bf16",
+    "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16", "amx-tile": "amx_tile", "amx-int8": "amx_int8",
+    "amx-bf16": "amx_bf16",
     "neon": "asimd", "fullfp16": "asimdhp", "dotprod": "asimddp", "sve": "sve", "sve2": "sve2",
     "i8mm": "i8mm", "bf16": "bf16",
 }

@@ -1,9 +1,12 @@
 // Opening an artifact: every check of the Python loader (mixer_edge/runtime.py), in the same order and the
 // same words, before any of its code is loaded; and params.npz read without numpy (stored zip + .npy).
 #include <sys/auxv.h>
+#include <sys/syscall.h>
 #include <sys/utsname.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -266,6 +269,15 @@ void check_cpu(const Artifact& a, const json& device, const std::string& preset)
   if (!missing.empty())
     fail(MIXER_EDGE_WRONG_DEVICE, "artifact target " + preset + " needs CPU features this CPU lacks (" + missing +
                                       "): rebuild for this board's preset");
+#if defined(__x86_64__)
+  // Linux hands a process AMX tile state only when it asks (kernel 5.16 on); tile instructions fault until then.
+  const long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  if (std::count(needed.begin(), needed.end(), "amx_tile") &&
+      syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0)
+    fail(MIXER_EDGE_WRONG_DEVICE, std::string("the Linux kernel refused this process AMX tiles (") +
+                                      std::strerror(errno) + "; Linux 5.16 or newer grants them): rebuild with "
+                                      "--target x86-avx512-vnni");
+#endif
 }
 
 // ---- params.npz: a stored zip of .npy files ------------------------------------------------------------

@@ -1,0 +1,261 @@
+"""Float32 layers with a constant weight as hand-scheduled kernels on AVX-512 CPUs.
+
+`lower` rewrites every float32 matmul whose weight is a 2-D parameter (X.W, X.W^T, and W.X with the weight
+on the left: token mixing without transposes) and every patchifying stem convolution into one kernel,
+`fusable_dense_func`: it reads X [..., K] and a weight packed once at build time as [N/16, K, 16] (16 output
+channels of each reduction step side by side: one 64-byte vector) and writes the layer's output in the
+model's layout, marked fusable (kOutEWiseFusable). FuseOps then fuses the bias, GELU and residual add after
+it, and `schedule` (run by int8.schedule_fused, after FuseTIR) computes a register tile of up to 8 rows x
+32 channels over the whole of K in 16 of AVX-512's 32 vector registers and the fused epilogue per tile.
+On Mixer-S/16 it beats MetaSchedule's tuned kernels (the README's "Tuning" section has the figures), and it
+needs no tuning: records then only cover what is left (LayerNorms, transposes, the mean).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.target import codegen
+
+from .targets import TargetPreset
+
+LANES, COLUMNS = 16, 32  # float32 lanes of a 512-bit vector (a packed weight row); channels per tile (N padded)
+
+
+def applies(preset: TargetPreset) -> bool:
+    """Whether `preset` gets these kernels: a CPU target with AVX-512 (32 registers of 16 floats)."""
+    if not preset.backend.runs_on_cpu:
+        return False
+    return "avx512f" in {str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target(preset.cpu_target))}
+
+
+def lower(mod, params: dict[str, np.ndarray]):
+    """`mod` with its constant-weight float32 matmuls and patch convolutions on `fusable_dense_func` kernels,
+    the weight packing lifted into `main_transform_params` (run once at build)."""
+    lowering = Lowering(mod, params)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            lowering.builder_.update_func(gv, lowering.visit_expr(func))
+    lowered = relax.transform.DeadCodeElimination(["main"])(lowering.builder_.get())
+    return relax.transform.LiftTransformParams()(lowered)
+
+
+@relax.expr_functor.mutator
+class Lowering(relax.PyExprMutator):
+    def __init__(self, mod, params):
+        super().__init__(mod)
+        self.params, self.kernels = params, {}
+
+    def visit_call_(self, call):
+        call = self.visit_expr_post_order(call)
+        op = getattr(call.op, "name", "")
+        lowered = None
+        if op == "relax.divide" and is_scalar_parameter(call.args[1], self.params):
+            lowered = times_reciprocal(self.builder_, *call.args)
+        elif op == "relax.matmul" and all(_static(arg, "float32") for arg in call.args):
+            lowered = self._matmul(call)
+        elif op == "relax.nn.conv2d" and all(_static(arg, "float32") for arg in call.args):
+            lowered = self._patch_conv(call)
+        return call if lowered is None else lowered
+
+    def _weight(self, expr):
+        """W [N, K] if `expr` is a 2-D parameter used as the right operand of X.W ([K, N]) or its transpose."""
+        value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+        if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.permute_dims" and \
+                [int(a) for a in value.attrs.axes] == [1, 0] and self._parameter(value.args[0]):
+            return value.args[0]
+        if self._parameter(expr):
+            return self.builder_.emit(relax.op.permute_dims(expr, [1, 0]))
+        return None
+
+    def _parameter(self, expr) -> bool:
+        return isinstance(expr, relax.Var) and expr.name in self.params and expr.ty.ndim == 2
+
+    def _matmul(self, call):
+        a, b = call.args
+        if a.ty.ndim == 2 and self._parameter(a) and b.ty.ndim >= 2:  # W.X: rows of W mix x's next-to-last axis
+            swap = [*range(b.ty.ndim - 2), b.ty.ndim - 1, b.ty.ndim - 2]
+            return self._dense(b, a, swap, TRANSPOSED)
+        weight = self._weight(b) if b.ty.ndim == 2 and a.ty.ndim >= 2 else None
+        return None if weight is None else self._dense(a, weight, None)
+
+    def _patch_conv(self, call):
+        x, w = call.args
+        at = call.attrs
+        kernel = _shape(w)[2:]
+        if not self._parameter_4d(w) or [int(s) for s in at.strides] != kernel or any(int(p) for p in at.padding) \
+                or int(at.groups) != 1 or any(int(d) != 1 for d in at.dilation) or at.data_layout != "NCHW" \
+                or at.kernel_layout != "OIHW" or at.out_dtype not in (None, "", "float32"):
+            return None
+        b, c, h, wd = _shape(x)
+        (ph, pw), (gh, gw) = kernel, (h // kernel[0], wd // kernel[1])
+        if gh * ph != h or gw * pw != wd:
+            return None
+        weight = self.builder_.emit(relax.op.reshape(w, [_shape(w)[0], c * ph * pw]))
+        return self._dense(x, weight, [0, 3, 1, 2], Patches(c, ph, pw))  # [B, gh, gw, O] -> NCHW
+
+    def _parameter_4d(self, expr) -> bool:
+        return isinstance(expr, relax.Var) and expr.name in self.params and expr.ty.ndim == 4
+
+    def _dense(self, x, w_nk, perm, layout=None):
+        """permute_dims(rows(x) . w_nk [N, K]^T, perm) on one fusable kernel: rows(x) is x [..., K] itself, or
+        as `layout` reads it (W.X's x [..., K, M], a stem's patches)."""
+        emit, op = self.builder_.emit, relax.op
+        x_shape, (n, k) = _shape(x), _shape(w_nk)
+        np_ = -(-n // COLUMNS) * COLUMNS
+        padded = emit(op.nn.pad(w_nk, [0, np_ - n, 0, 0])) if np_ != n else w_nk
+        packed = emit(op.permute_dims(emit(op.reshape(padded, [np_ // LANES, LANES, k])), [0, 2, 1]))
+        lead = (layout or ROWS).lead(x_shape)
+        out_shape = [*lead, n]
+        if perm is not None:
+            out_shape = [out_shape[a] for a in perm]
+        key = (tuple(x_shape), n, tuple(perm or ()), layout)
+        if key not in self.kernels:
+            name = f"dense_f32_{'x'.join(map(str, x_shape))}x{n}" + ("t" if perm else "")
+            self.kernels[key] = self.builder_.add_func(fusable_dense_func(x_shape, n, perm, layout or ROWS), name)
+        return relax.call_tir(self.kernels[key], [x, packed], relax.TensorType(out_shape, "float32"))
+
+
+@dataclass(frozen=True)
+class Rows:
+    """X [..., K]: a row per leading index (the layer's own input)."""
+
+    def lead(self, x_shape: list[int]) -> list[int]:
+        return x_shape[:-1]
+
+    def read(self, X, index: list, r):
+        return X[(*index, r)]
+
+
+@dataclass(frozen=True)
+class Transposed(Rows):
+    """X [..., K, M]: W.X reads its input as it is (no transpose kernel before it)."""
+
+    def lead(self, x_shape: list[int]) -> list[int]:
+        return [*x_shape[:-2], x_shape[-1]]
+
+    def read(self, X, index: list, r):
+        return X[(*index[:-1], r, index[-1])]
+
+
+@dataclass(frozen=True)
+class Patches(Rows):
+    """X an NCHW image: row (b, y, x) is the patch at (y, x), K its (channel, row, column) values, read straight
+    from the image (no kernel cutting patches first)."""
+
+    channels: int
+    height: int
+    width: int
+
+    def lead(self, x_shape: list[int]) -> list[int]:
+        return [x_shape[0], x_shape[2] // self.height, x_shape[3] // self.width]
+
+    def read(self, X, index: list, r):
+        b, y, x = index
+        area = self.height * self.width
+        return X[b, r // area, y * self.height + r % area // self.width, x * self.width + r % self.width]
+
+
+ROWS, TRANSPOSED = Rows(), Transposed()
+
+
+def is_scalar_parameter(expr, params: dict) -> bool:
+    """Whether `expr` is a float32 scalar among the model's weights (a scale, GELU's sqrt 2)."""
+    return isinstance(expr, relax.Var) and expr.name in params and expr.ty.ndim == 0 and expr.ty.dtype == "float32"
+
+
+def times_reciprocal(builder, x, scale):
+    """x / scale as x * (1 / scale): 1 / scale depends on weights alone, so LiftTransformParams computes it once
+    at build, and the kernels multiply instead of divide (the last bit of a product may differ)."""
+    return relax.op.multiply(x, builder.emit(relax.op.divide(relax.const(1.0, "float32"), scale)))
+
+
+def _static(expr, dtype: str) -> bool:
+    ty = expr.ty
+    return isinstance(ty, relax.TensorType) and ty.dtype == dtype and ty.shape is not None and \
+        all(isinstance(d, tvm.tirx.IntImm) for d in ty.shape.values)
+
+
+def _shape(expr) -> list[int]:
+    return [int(d) for d in expr.ty.shape.values]
+
+
+def fusable_dense_func(x_shape: list[int], n: int, perm: list[int] | None, layout: Rows = ROWS):
+    """out = permute_dims(rows(X) . W_packed [N/16, K, 16] as [..., N], perm), float32: `fusable_kernel`'s two
+    blocks, rows(X) as `layout` reads them."""
+    from tvm import te
+
+    i64 = lambda v: tvm.tirx.IntImm("int64", v)  # noqa: E731
+    lead = layout.lead(x_shape)
+    k = int(np.prod(x_shape)) // int(np.prod(lead))
+    np_ = -(-n // COLUMNS) * COLUMNS
+    X = te.placeholder([i64(d) for d in x_shape], "float32", "X")
+    W = te.placeholder([i64(np_ // LANES), i64(k), i64(LANES)], "float32", "W")
+    return fusable_kernel(X, W, lead, k, n, np_, perm, lambda x, j, r: x * W[j // LANES, r, j % LANES],
+                          lambda i, index, r: layout.read(X, index, r))
+
+
+def fusable_kernel(X, W, lead: list[int], k: int, n: int, np_: int, perm: list[int] | None, product, read):
+    """A kernel FuseOps fuses the ops after into (kOutEWiseFusable), in two blocks: `dense`, acc [M, np_] with
+    acc[i, j] = sum over r < k of product(read(i, index, r), j, r), M = the product of `lead` and index row i
+    unflattened over it; and `store`, acc as the layer's output [*lead, n] permuted by `perm`.
+
+    Shapes are int64, as Relax's legalized ops have them (for FuseTIR).
+    """
+    from tvm import te
+
+    i64 = lambda v: tvm.tirx.IntImm("int64", v)  # noqa: E731
+    m = int(np.prod(lead))
+    r = te.reduce_axis((i64(0), i64(k)), "r")
+
+    def unflatten(i):
+        index = []
+        for d in reversed(lead):
+            index.append(i % d)
+            i = i // d
+        return index[::-1]
+
+    acc = te.compute((i64(m), i64(np_)), lambda i, j: te.sum(product(read(i, unflatten(i), r), j, r), axis=r),
+                     name="dense")
+    out_shape = [*lead, n]
+    inverse = list(range(len(out_shape))) if perm is None else [perm.index(a) for a in range(len(out_shape))]
+
+    def store(*index):
+        index = [index[inverse[a]] for a in range(len(out_shape))]  # back to [..., N]
+        flat = 0
+        for v, d in zip(index[:-1], lead):
+            flat = flat * d + v
+        return acc[flat, index[-1]]
+
+    out = te.compute([i64(out_shape[a]) for a in (perm or range(len(out_shape)))], store, name="store")
+    func = te.create_prim_func([X, W, out]).without_attr("global_symbol")
+    return func.with_attr({"tirx.noalias": True, "op_pattern": 4})  # kOutEWiseFusable
+
+
+def schedule(sch, block, epilogue) -> None:
+    """Tiles of up to 8 rows x 32 channels in parallel, each accumulated in registers over the whole of K (per
+    step a broadcast of X per row and two 16-float loads of W), then `epilogue` (the fused ops after it, or
+    the store) computed on the tile."""
+    i, j, r = sch.get_loops(block)
+    m = int(sch.get(i).extent)
+    rows = next(d for d in (7, 8, 6, 5, 4, 3, 2, 1) if m % d == 0)
+    io, ii = sch.split(i, [None, rows])
+    jo, jm, ji = sch.split(j, [None, COLUMNS // LANES, LANES])
+    sch.reorder(jo, io, r, ii, jm, ji)
+    tile = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(tile, io)
+    sch.reverse_compute_at(epilogue, io)
+    sch.compute_inline(tile)  # the epilogue reads the registers
+    sch.parallel(sch.fuse(jo, io))
+    sch.vectorize(ji)
+    init = sch.decompose_reduction(block, r)
+    sch.unroll(ii)
+    sch.unroll(jm)
+    sch.vectorize(sch.get_loops(init)[-1])
+    try:  # the epilogue's innermost loop, unless a padded tile left it a predicate
+        sch.vectorize(sch.get_loops(epilogue)[-1])
+    except (RuntimeError, ValueError):  # a schedule primitive refused
+        pass
