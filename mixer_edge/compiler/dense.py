@@ -45,6 +45,8 @@ def lower(mod, params: dict[str, np.ndarray]):
 
 @relax.expr_functor.mutator
 class Lowering(relax.PyExprMutator):
+    """The rewrite `lower` runs: on the bindings already visited, each layer it takes becomes one kernel call."""
+
     def __init__(self, mod, params):
         super().__init__(mod)
         self.params, self.kernels = params, {}
