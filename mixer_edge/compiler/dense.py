@@ -107,7 +107,7 @@ class Lowering(relax.PyExprMutator):
         as `layout` reads it (W.X's x [..., K, M], a stem's patches)."""
         emit, op = self.builder_.emit, relax.op
         x_shape, (n, k) = _shape(x), _shape(w_nk)
-        np_ = -(-n // COLUMNS) * COLUMNS
+        np_ = round_up(n, COLUMNS)
         padded = emit(op.nn.pad(w_nk, [0, np_ - n, 0, 0])) if np_ != n else w_nk
         packed = emit(op.permute_dims(emit(op.reshape(padded, [np_ // LANES, LANES, k])), [0, 2, 1]))
         lead = (layout or ROWS).lead(x_shape)
@@ -193,7 +193,7 @@ def fusable_dense_func(x_shape: list[int], n: int, perm: list[int] | None, layou
     i64 = lambda v: tvm.tirx.IntImm("int64", v)  # noqa: E731
     lead = layout.lead(x_shape)
     k = int(np.prod(x_shape)) // int(np.prod(lead))
-    np_ = -(-n // COLUMNS) * COLUMNS
+    np_ = round_up(n, COLUMNS)
     X = te.placeholder([i64(d) for d in x_shape], "float32", "X")
     W = te.placeholder([i64(np_ // LANES), i64(k), i64(LANES)], "float32", "W")
     return fusable_kernel(X, W, lead, k, n, np_, perm, lambda x, j, r: x * W[j // LANES, r, j % LANES],
@@ -257,7 +257,16 @@ def schedule(sch, block, epilogue) -> None:
     sch.unroll(ii)
     sch.unroll(jm)
     sch.vectorize(sch.get_loops(init)[-1])
-    try:  # the epilogue's innermost loop, unless a padded tile left it a predicate
+    vectorize_innermost(sch, epilogue)
+
+
+def vectorize_innermost(sch, epilogue) -> None:
+    """The epilogue's innermost loop vectorized, unless a padded tile left it a predicate (then scalar)."""
+    try:
         sch.vectorize(sch.get_loops(epilogue)[-1])
     except (RuntimeError, ValueError):  # a schedule primitive refused
         pass
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

@@ -276,7 +276,7 @@ class Lowering(relax.PyExprMutator):
         """float32 [M, N] = dequantize(x_q [M, K]) @ dequantize(w_q [N, K]).T, computed in int32."""
         emit, op = self.builder_.emit, relax.op
         (m, k), n = _shape(x_q), _shape(w_q)[0]
-        kp, np_ = -(-k // STEP) * STEP, -(-n // self.dot.columns) * self.dot.columns
+        kp, np_ = dense.round_up(k, STEP), dense.round_up(n, self.dot.columns)
         if self.dot.offset:
             x_q = self._offset(x_q)
         if kp != k:
@@ -292,7 +292,7 @@ class Lowering(relax.PyExprMutator):
         column tile."""
         emit, op = self.builder_.emit, relax.op
         n = _shape(w_q)[0]
-        np_ = -(-n // self.dot.columns) * self.dot.columns
+        np_ = dense.round_up(n, self.dot.columns)
         packed = emit(op.nn.pad(w_q, [0, np_ - n, 0, 0])) if np_ != n else w_q
         return emit(op.permute_dims(emit(op.reshape(packed, [np_ // LANES, LANES, k // STEP, STEP])), [0, 2, 1, 3]))
 
@@ -344,7 +344,7 @@ def fusable_dense_func(x_shape: list[int], n: int, dot: DotProduct, perm: list[i
 
     i64 = lambda v: tvm.tirx.IntImm("int64", v)  # noqa: E731
     lead, k = x_shape[:-1], x_shape[-1]
-    np_ = -(-n // dot.columns) * dot.columns
+    np_ = dense.round_up(n, dot.columns)
     flat = dot.name == "amx"
     X = te.placeholder([i64(d) for d in ([int(np.prod(lead)), k] if flat else x_shape)], dot.activation, "X")
     W = te.placeholder([i64(np_ // LANES), i64(k // STEP), i64(LANES), i64(STEP)], "int8", "W")
@@ -443,11 +443,8 @@ def _schedule_cpu(sch, dot: DotProduct, block=None, epilogue=None) -> None:
     sch.vectorize(sch.get_loops(init)[-1])
     if epilogue is None:
         sch.vectorize(sch.get_loops(out)[-1])
-    else:  # its innermost loop, unless a padded tile left it a predicate
-        try:
-            sch.vectorize(sch.get_loops(out)[-1])
-        except (RuntimeError, ValueError):  # a schedule primitive refused
-            pass
+    else:
+        dense.vectorize_innermost(sch, out)
 
 
 def _schedule_amx(sch, dot: DotProduct, block=None, epilogue=None) -> None:
@@ -475,10 +472,7 @@ def _schedule_amx(sch, dot: DotProduct, block=None, epilogue=None) -> None:
         block.iter_vars, block.reads, block.writes, block.name_hint, block.body, None, block.alloc_buffers,
         block.match_buffers, block.annotations), {block: block})
     if epilogue is not None:
-        try:  # its innermost loop, unless a padded strip left it a predicate
-            sch.vectorize(sch.get_loops(epilogue)[-1])
-        except (RuntimeError, ValueError):  # a schedule primitive refused
-            pass
+        dense.vectorize_innermost(sch, epilogue)
 
 
 def _amx_intrinsic(m: int, k: int, rows: int, index: str) -> str:
