@@ -54,7 +54,8 @@ def manifest_for(built: Built, source: ModelSource) -> dict:
         "export": source.export,
         "build": {"seconds": round(built.seconds, 2), **_tuning(built.tuning),
                   "pipeline": built.backend.pipeline + (" with MetaSchedule records" if built.tuning and
-                                                        built.tuning.tuned else "")},
+                                                        built.tuning.tuned else ""),
+                  "images_per_pass": built.images_per_pass},
         "versions": versions(),
     }
 

@@ -381,7 +381,8 @@ def cmd_train(args) -> None:
 
 
 def _inside(args):
-    """profile/compare: the artifact's manifest, the reference model (opened at the artifact's batch) and inputs."""
+    """profile/compare: the artifact's manifest, the reference model (opened at the batch of the artifact's
+    kernels: runtime.Manifest.kernel_batch) and inputs."""
     import numpy as np
 
     from . import runtime
@@ -390,7 +391,7 @@ def _inside(args):
     with runtime.artifact_dir(args.artifact) as root:
         record = runtime.verified_manifest(root)[1]
     batch = record.input.shape[0]
-    source = _model(args).open((batch,), progress=say)
+    source = _model(args).open((record.kernel_batch,), progress=say)
     data = getattr(args, "data", None) or source.eval_data
     samples = max(getattr(args, "samples", None) or batch, batch)
     if data:

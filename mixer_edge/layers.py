@@ -410,18 +410,20 @@ def map_kernels(outputs: list[tuple[str, np.ndarray]], nodes: list[Node],
 class Run:
     """What one artifact did on the inputs: its kernels' outputs per batch, and with timing, their times."""
 
-    outputs: list[list[tuple[str, np.ndarray]]]  # per batch
+    outputs: list[list[tuple[str, np.ndarray]]]  # per kernel batch (runtime.Manifest.kernel_batch)
     times: list[tuple[str, float]] | None = None
-    inference_ms: float | None = None
+    inference_ms: float | None = None  # of one kernel batch: a whole inference, or its share per pass
 
 
 def measure(model, x: np.ndarray, batches: int, repeat: int, number: int) -> Run:
-    """What a loaded runtime.Model does on `x`: each batch's kernel outputs and, with `repeat`, the median time
-    of each kernel and of whole inferences on the first batch."""
-    run = Run([model.kernel_outputs(x[b * model.batch:(b + 1) * model.batch]) for b in range(batches)])
+    """What a loaded runtime.Model does on `x`: the kernel outputs of each of `batches` kernel batches (the
+    artifact's batch, or one pass where it runs its batch in passes) and, with `repeat`, the median time of each
+    kernel on the first and of whole inferences on the first batch (per kernel batch)."""
+    size = model.kernel_batch
+    run = Run([model.kernel_outputs(x[b * size:(b + 1) * size]) for b in range(batches)])
     if repeat:
         run.times = model.kernel_times(x, repeat)
-        run.inference_ms = 1e3 * float(np.median(model.device_times(x, number, repeat)))
+        run.inference_ms = 1e3 * float(np.median(model.device_times(x, number, repeat))) * size / model.batch
     return run
 
 
@@ -567,11 +569,12 @@ def _execute(artifact, reference, x: np.ndarray, board: str | None, rpc, repeat:
              max_batches: int | None = None, number: int = 10) -> Execution:
     record = _manifest(artifact)
     check_reference(record, reference)
-    batch = record.input.shape[0]
-    if len(x) < batch:
-        raise MixerEdgeError(f"the artifact's batch is {batch}: give at least {batch} inputs")
+    batch = record.kernel_batch
+    if len(x) < record.input.shape[0]:
+        raise MixerEdgeError(f"the artifact's batch is {record.input.shape[0]}: give at least {record.input.shape[0]} "
+                             "inputs")
     batches = min(len(x) // batch, max_batches or len(x))
-    x = np.ascontiguousarray(x[:batches * batch], np.float32)
+    x = np.ascontiguousarray(x[:max(batches * batch, record.input.shape[0])], np.float32)
     where, cpu = _where(board, rpc)
     run = _run_over_rpc(artifact, x, batches, repeat, number, rpc) if rpc else \
         _run_on_board(artifact, x, batches, repeat, number, cpu) if cpu else \
@@ -579,7 +582,7 @@ def _execute(artifact, reference, x: np.ndarray, board: str | None, rpc, repeat:
     per_batch = reference_nodes(reference.onnx_model, [x[b * batch:(b + 1) * batch] for b in range(batches)])
     nodes = per_batch[0]
     mapped = map_kernels(run.outputs[0], nodes, int8_pins(run.outputs[0], nodes, record, reference.onnx_model))
-    return Execution(record, where, cpu is not None, len(x), run, per_batch, mapped)
+    return Execution(record, where, cpu is not None, batches * batch, run, per_batch, mapped)
 
 
 # ---- profile -----------------------------------------------------------------------------------------------

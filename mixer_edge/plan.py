@@ -35,12 +35,12 @@ class ModelRequest:
         return bool(self.model) and self.model.lower().endswith(".onnx")
 
     def open(self, batches: tuple[int, ...] = (1,), dynamic_batch: bool = False, progress=print):
-        """The model exported to ONNX (an export.ModelSource) at the first of `batches`, or with a symbolic batch
-        (`dynamic_batch`, or several batches: one export serves them all)."""
+        """The model exported to ONNX (an export.ModelSource) at batch 1, or with a symbolic batch (`dynamic_batch`,
+        or a batch above 1: one export serves every batch, and CPU builds compile it for a pass of a few images)."""
         from . import export
 
-        return export.open_model(self.model, self.checkpoint, batch=batches[0],
-                                 dynamic_batch=dynamic_batch or len(batches) > 1, num_classes=self.num_classes,
+        return export.open_model(self.model, self.checkpoint, batch=max(batches),
+                                 dynamic_batch=dynamic_batch or max(batches) > 1, num_classes=self.num_classes,
                                  progress=progress, preprocess=self.preprocess)
 
 

@@ -296,6 +296,9 @@ class BuildInfo(Schema):
     tuning: TuningCoverage | None = Field(None, description="what the tuning records covered; null where the "
                                           "build looked for none (GPU builds without any database)")
     pipeline: str = Field(description="the TVM pipeline, in words")
+    images_per_pass: int | None = Field(None, ge=1, description="where `main` runs its batch in passes (CPU builds: "
+                                        "each pass's activations stay in cache from layer to layer), the images of "
+                                        "one pass, whose kernels profile and compare look at; null: the batch")
 
 
 class CudaInfo(Schema):
@@ -482,6 +485,11 @@ class Manifest(Schema):
     verification: Annotated[Verified | NotVerified | VerificationFailed, Field(discriminator="status")] | None = \
         Field(None, description="the check against the reference on the build machine; absent with --no-verify")
 
+    @property
+    def kernel_batch(self) -> int:
+        """The batch of one kernel launch: the images of one pass (build.images_per_pass), else the input's."""
+        return self.build.images_per_pass or self.input.shape[0]
+
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":
         batch, channels, *size = self.input.shape
@@ -509,6 +517,11 @@ class Manifest(Schema):
         from . import backends
 
         backend = self.target.device.runner
+        per_pass = self.build.images_per_pass
+        if per_pass is not None and per_pass != batch and (batch % per_pass or not backend.runs_in_passes):
+            refuse("build.images_per_pass", "is {got}, which {why}", per_pass, got=per_pass,
+                   why=f"does not divide the batch {batch}" if batch % per_pass else
+                   f"the {backend.name} backend cannot do: it runs its batch in one pass")
         for name in sorted(backends.sections() | {"quantization"}):
             needed = self.precision.compute == "int8" if name == "quantization" else name == backend.section
             when = "precision.compute is int8" if name == "quantization" else f"the backend is {backend.name}"
@@ -536,7 +549,8 @@ def describe(m: Manifest, artifact: str | Path) -> list[str]:
              f"target     {m.target.preset}: {m.target.description}",
              f"device     {device.runner.describe(m)}",
              f"precision  {m.precision.compute} compute, {m.precision.accumulation} accumulation, weights "
-             f"{'/'.join(m.precision.weights)}; batch {m.input.shape[0]}",
+             f"{'/'.join(m.precision.weights)}; batch {m.input.shape[0]}" +
+             (f" in passes of {m.kernel_batch}" if m.kernel_batch != m.input.shape[0] else ""),
              f"preprocess {m.preprocess.to_preprocess().describe()}, to {m.preprocess.size[0]}x{m.preprocess.size[1]}"
              + (" (assumed: nobody stated it)" if m.preprocess.assumed else "")]
     if m.quantization:
@@ -647,6 +661,10 @@ class Model:
         return self.input_shape[0]
 
     @property
+    def kernel_batch(self) -> int:
+        return self.record.kernel_batch
+
+    @property
     def baseline_device(self) -> str:
         """Where PyTorch and onnxruntime run beside this artifact: "cuda" or "cpu"."""
         return self.backend.baseline_device
@@ -664,11 +682,12 @@ class Model:
     def classify(self, x: np.ndarray) -> np.ndarray:
         return self(x).argmax(axis=1)
 
-    def _batch(self, x: np.ndarray) -> np.ndarray:
-        """The first batch of `x`, which must hold one."""
-        x = np.ascontiguousarray(x[: self.batch], dtype=np.float32)
-        if x.shape != self.input_shape:
-            raise MixerEdgeError(f"input shape {x.shape} is not one batch of the artifact's {self.input_shape}")
+    def _batch(self, x: np.ndarray, size: int | None = None) -> np.ndarray:
+        """The first `size` (default: the artifact's batch) inputs of `x`, which must hold them."""
+        shape = (size or self.batch, *self.input_shape[1:])
+        x = np.ascontiguousarray(x[: shape[0]], dtype=np.float32)
+        if x.shape != shape:
+            raise MixerEdgeError(f"input shape {x.shape} is not one batch of the artifact's {shape}")
         return x
 
     def timer(self, x: np.ndarray):
@@ -682,13 +701,13 @@ class Model:
         return self.session.device_times(self._batch(x), number, repeat)
 
     def kernel_times(self, x: np.ndarray, repeat: int = 10) -> list[tuple[str, float]]:
-        """(kernel, median ms) of each kernel launch of one inference on `x[:batch]`, in the order they run."""
-        return self.session.kernel_times(self._batch(x), repeat)
+        """(kernel, median ms) of each kernel launch of one inference on `x[:kernel_batch]`, in the order they run."""
+        return self.session.kernel_times(self._batch(x, self.kernel_batch), repeat)
 
     def kernel_outputs(self, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
-        """(kernel, its output, flat) of each kernel launch of one inference on `x[:batch]`, in the order they run:
-        the compiled model's intermediate tensors, the last of them the logits."""
-        return self.session.kernel_outputs(self._batch(x))
+        """(kernel, its output, flat) of each kernel launch of one inference on `x[:kernel_batch]`, in the order
+        they run: the compiled model's intermediate tensors, the last of them the logits."""
+        return self.session.kernel_outputs(self._batch(x, self.kernel_batch))
 
 
 def read_params(root: Path, manifest: Manifest | dict) -> list[np.ndarray]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from mixer_edge import runtime
 from mixer_edge.compiler import compile_model
 from mixer_edge.errors import MixerEdgeError
 from mixer_edge.export import export_onnx, load_onnx, open_model, run_onnxruntime
@@ -82,10 +83,14 @@ def test_export_parity_and_dynamic_batch(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["t.onnx"]
 
 
-def test_static_batch_graph_refuses_another_batch(tmp_path, digits_source):
+def test_static_batch_graph_runs_another_batch_only_in_passes(tmp_path, digits_source, digits_test, torch_logits):
+    """A graph fixed at batch 1 builds batch 4 for a CPU (four passes of one image); a GPU build refuses it."""
+    manifest = compile_model(digits_source, "host", tmp_path / "a", batch=4, progress=quiet)
+    assert manifest["build"]["images_per_pass"] == 1 and manifest["input"]["shape"][0] == 4
+    np.testing.assert_allclose(runtime.load(tmp_path / "a")(digits_test[0]), torch_logits, rtol=0, atol=1e-4)
     with pytest.raises(MixerEdgeError, match="fixed batch of 1, not 4"):
-        compile_model(digits_source, "host", tmp_path / "a", batch=4, progress=quiet)
-    assert not (tmp_path / "a").exists()
+        compile_model(digits_source, "android-vulkan", tmp_path / "b", batch=4, progress=quiet)
+    assert not (tmp_path / "b").exists()
 
 
 def test_batched_build(tmp_path, digits_test, torch_logits):

@@ -116,7 +116,7 @@ def test_tuning_writes_records_and_compile_applies_them(host_db, digits_source, 
     manifest = compile_model(digits_source, "host", tmp_path / "a", tuning=Tuning(host_db), progress=quiet)
     assert manifest["build"]["tuning_db"]["sha256"] == info["sha256"]
     used = manifest["build"]["tuning"]  # every task the build has (hand-scheduled kernels aside) got a record
-    assert used["tasks"] >= 7 and used["untuned"] == [] and info["workloads"] >= used["tasks"]
+    assert used["tasks"] >= 5 and used["untuned"] == [] and info["workloads"] >= used["tasks"]
     assert info["records"] >= info["workloads"]
     assert "MetaSchedule" in manifest["build"]["pipeline"]
     logits = runtime.load(tmp_path / "a")(digits_test[0])
@@ -249,7 +249,7 @@ def test_records_transfer_by_workload_to_another_class_count(tmp_path, monkeypat
     manifest = compile_model(open_model("mixer_digits", num_classes=7, progress=quiet), "host", tmp_path / "a",
                              progress=said.append)
     used = manifest["build"]["tuning"]
-    assert manifest["build"]["tuning_db"] is None and used["tasks"] >= 7
+    assert manifest["build"]["tuning_db"] is None and used["tasks"] >= 5
     assert used["transferred"] == used["tuned"] == used["tasks"] - len(used["untuned"]) >= used["tasks"] - 2
     if dense.applies(resolve_target("host")):  # the 7-class head is a float kernel of its own, not a task
         assert used["untuned"] == []

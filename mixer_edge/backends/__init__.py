@@ -74,6 +74,7 @@ class Backend:
     device_fields: ClassVar[tuple[str, ...]] = ()  # the fields of target.device it writes and checks
     section: ClassVar[str | None] = None  # its own manifest section (CudaInfo, VulkanInfo), if any
     runs_on_cpu: ClassVar[bool] = False  # CPU schedules: fast-math GELU, weight layouts prepacked at build time
+    runs_in_passes: ClassVar[bool] = False  # a large batch runs in passes of a few images (compiler.build.in_passes)
     int8_dot_product: ClassVar[str | None] = None  # the int8 instruction; None: the CPU's (compiler/int8.py)
     baseline_device: ClassVar[str] = "cpu"  # where PyTorch and onnxruntime run beside it
     pipeline: ClassVar[str] = "tvm default"  # the build, in words (manifest build.pipeline)
@@ -99,9 +100,10 @@ class Backend:
         """The manifest's target.device: what the runtime checks before loading the artifact."""
         raise NotImplementedError
 
-    def compile(self, mod, params: dict, preset, key, tuning, model: str, progress):
+    def compile(self, mod, params: dict, preset, key, tuning, model: str, progress, passes: int = 1):
         """(what to write, the weights it takes, the tuning it applied: compiler.tuning.AppliedTuning or None) for
-        the Relax program `mod` (its weights `params`, its tuning key `key`)."""
+        the Relax program `mod` (its weights `params`, its tuning key `key`); `passes` > 1 (backends that
+        run in passes): `mod` takes one pass of images, and what is written that many passes, one after another."""
         raise NotImplementedError
 
     def write(self, compiled, stage: Path, preset, progress) -> dict:

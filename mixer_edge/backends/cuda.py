@@ -38,11 +38,11 @@ class CudaLibrary(TvmLibrary):
 
         check_compilers(preset)
 
-    def compile(self, mod, params: dict, preset, key, tuning, model: str, progress):
+    def compile(self, mod, params: dict, preset, key, tuning, model: str, progress, passes: int = 1):
         from ..compiler.build import module_source
         from ..compiler.cuda import compile_kernels
 
-        library, params, record = super().compile(mod, params, preset, key, tuning, model, progress)
+        library, params, record = super().compile(mod, params, preset, key, tuning, model, progress, passes)
         library.kernels = compile_kernels(module_source(library.executable, "cuda"), preset)
         return library, params, record
 

@@ -62,7 +62,7 @@ class CudaDriver(Backend):
                              "schedules; MetaSchedule CUDA tuning needs a GPU to measure on (tune a cuda_runtime = "
                              "\"tvm\" preset there)")
 
-    def compile(self, mod, params: dict, preset, key, tuning, model: str, progress):
+    def compile(self, mod, params: dict, preset, key, tuning, model: str, progress, passes: int = 1):
         from ..compiler.cuda import plan
 
         if tuning.wanted:

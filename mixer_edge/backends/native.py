@@ -28,13 +28,14 @@ class Library:
 
 
 class TvmSession(Session):
-    """The Relax VM's `main` on a TVM device, the weights resident there."""
+    """The Relax VM's `main` on a TVM device, the weights resident there. Kernels are timed and read in `kernels`:
+    `main`, or the function main calls once per pass where it runs its batch in passes (then on one pass)."""
 
-    def __init__(self, library, device, weights: list[np.ndarray]):
+    def __init__(self, library, device, weights: list[np.ndarray], kernels: str = "main"):
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
-        self.device = device
+        self.device, self.kernels = device, kernels
         self.vm = VirtualMachine(library, device)
         self.weights = [tvm.runtime.tensor(w, device) for w in weights]
 
@@ -62,7 +63,7 @@ class TvmSession(Session):
         return list(evaluate(self._on_device(x), *self.weights).results)
 
     def kernel_times(self, x: np.ndarray, repeat: int = 10) -> list[tuple[str, float]]:
-        """Each kernel call of `main` timed on its own (the VM's instrument hook, the device synchronised
+        """Each kernel call of `self.kernels` timed on its own (the VM's instrument hook, the device synchronised
         around each call); the median of `repeat` inferences."""
         data, calls, started = self._on_device(x), [], []
 
@@ -77,7 +78,7 @@ class TvmSession(Session):
         self.vm.set_instrument(instrument)
         try:
             for _ in range(repeat):
-                self.vm["main"](data, *self.weights)
+                self.vm[self.kernels](data, *self.weights)
         finally:
             self.vm.set_instrument(lambda *_: 0)
         per_run = len(calls) // repeat
@@ -87,7 +88,7 @@ class TvmSession(Session):
 
     def kernel_outputs(self, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
         """The output (a kernel's last argument: TVM kernels write into their last buffer) of each kernel call of
-        `main`, copied off the device by the VM's instrument hook right after the call."""
+        `self.kernels`, copied off the device by the VM's instrument hook right after the call."""
         outputs = []
 
         def instrument(func, symbol, before_run, ret_value, *args):
@@ -97,7 +98,7 @@ class TvmSession(Session):
 
         self.vm.set_instrument(instrument)
         try:
-            self.vm["main"](self._on_device(x), *self.weights)
+            self.vm[self.kernels](self._on_device(x), *self.weights)
         finally:
             self.vm.set_instrument(lambda *_: 0)
         return outputs
@@ -110,11 +111,11 @@ class TvmLibrary(Backend):
     device_fields = ("arch", "cpu_features")
     device_type = "cpu"  # TVM's name of the device the library's kernels run on
 
-    def compile(self, mod, params: dict, preset, key, tuning, model: str, progress):
+    def compile(self, mod, params: dict, preset, key, tuning, model: str, progress, passes: int = 1):
         import tvm
 
         from ..compiler import tuning as tuning_lib
-        from ..compiler.build import run_transform_params
+        from ..compiler.build import in_passes, run_transform_params
 
         database = applied = None
         if self.runs_on_cpu or tuning.wanted or tuning_lib.find_database(key) or tuning_lib.same_target(key):
@@ -123,6 +124,8 @@ class TvmLibrary(Backend):
         if database is not None or self.runs_on_cpu:
             mod = tuning_lib.apply(mod, preset, database)
         mod, params = run_transform_params(mod, params)
+        if passes > 1:
+            mod = in_passes(mod, passes)
         target = preset.tvm_target()
         with target:
             try:
@@ -176,20 +179,28 @@ class TvmLibrary(Backend):
 
         from ..runtime import LIBRARY
 
-        return TvmSession(tvm.runtime.load_module(str(root / LIBRARY)), tvm.device(self.device_type, 0), weights)
+        return TvmSession(tvm.runtime.load_module(str(root / LIBRARY)), tvm.device(self.device_type, 0), weights,
+                          _kernels(manifest))
 
     def load_remote(self, root: Path, manifest, weights: list[np.ndarray], board) -> TvmSession:
         from ..runtime import LIBRARY
 
         board.upload(str(root / LIBRARY))
-        return TvmSession(board.load_module(LIBRARY), board.device(self.device_type, 0), weights)
+        return TvmSession(board.load_module(LIBRARY), board.device(self.device_type, 0), weights, _kernels(manifest))
 
     def describe(self, manifest) -> str:
         device = manifest.target.device
         return f"{device.arch}, needs {', '.join(device.cpu_features or ()) or 'no extensions'}"
 
 
+def _kernels(manifest) -> str:
+    """The VM function whose kernels profile and compare look at: one pass (see compiler.build.in_passes)."""
+    from ..compiler.build import ONE_PASS
+
+    return ONE_PASS if manifest.kernel_batch != manifest.input.shape[0] else "main"
+
+
 class CpuLibrary(TvmLibrary):
     name = kind = "cpu"
     tvm_kind = "llvm"
-    runs_on_cpu = True
+    runs_on_cpu = runs_in_passes = True

@@ -73,7 +73,7 @@ class Wgsl(Backend):
         raise MixerEdgeError(f"target {preset.name} builds WGSL with DLight's schedules, which MetaSchedule does "
                              "not tune: drop --tune/--tuning-db")
 
-    def compile(self, mod, params: dict, preset, key, tuning, model: str, progress):
+    def compile(self, mod, params: dict, preset, key, tuning, model: str, progress, passes: int = 1):
         import tvm
 
         from ..compiler import webgpu

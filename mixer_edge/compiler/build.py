@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import tvm
+from tvm import relax
 
 from ..backends import Backend
 from ..errors import MixerEdgeError, reason
@@ -31,6 +33,7 @@ class Built:
     seconds: float
     tuning: tuning_lib.AppliedTuning | None = None  # the tuning records applied, and what they cover
     int8: dict | None = None  # int8 builds: the layers lowered to integer kernels and the instruction
+    images_per_pass: int = 1  # `main` runs the batch in passes of this many images (see `images_per_pass`)
 
 
 def check_toolchain(preset: TargetPreset) -> None:
@@ -43,7 +46,6 @@ def check_toolchain(preset: TargetPreset) -> None:
 
 def import_onnx(proto, batch: int):
     """The ONNX graph as a Relax module with the batch fixed, and its weights detached."""
-    from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
     from ..export import input_spec
@@ -59,6 +61,128 @@ def import_onnx(proto, batch: int):
                              "replace the unsupported operator") from exc
     mod, params = relax.frontend.detach_params(mod)
     return mod, weights_by_name(mod, (p.numpy() for p in params.get("main", [])))
+
+
+def sink_row_reshapes(mod):
+    """`mod` with the reshapes that only regroup rows (the last axis kept: an export's [B, T, C] -> [B*T, C] around
+    each linear layer) moved after the row-wise ops they feed (a matmul by a 2-D weight, elementwise ops, per-tensor
+    quantize/dequantize), where they meet the reshape back and cancel out: the matmul reads the 3-D tensor, and
+    FuseOps fuses its bias, GELU and residual add into it (a reshape between them stops the fusion)."""
+    mutator = _RowReshapes(mod)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return relax.transform.RemoveRedundantReshape()(relax.transform.DeadCodeElimination()(mutator.builder_.get()))
+
+
+def _static_shape(expr) -> list[int] | None:
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None or \
+            not all(isinstance(d, tvm.tirx.IntImm) for d in ty.shape.values):
+        return None
+    return [int(d) for d in ty.shape.values]
+
+
+ELEMENTWISE = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.power", "relax.maximum",
+               "relax.minimum", "relax.erf", "relax.tanh", "relax.sigmoid", "relax.exp", "relax.sqrt", "relax.rsqrt",
+               "relax.negative", "relax.abs", "relax.round", "relax.clip", "relax.astype", "relax.nn.gelu",
+               "relax.nn.gelu_tanh", "relax.nn.relu", "relax.nn.silu"}
+QUANTIZE = {"relax.quantize", "relax.dequantize"}  # (data, scale, zero point): per-tensor ones only
+
+
+@relax.expr_functor.mutator
+class _RowReshapes(relax.PyExprMutator):
+    """The rewrite sink_row_reshapes runs, one binding at a time: op(reshape(x, S), ...) -> reshape(op(x, ...), S)
+    for a matmul by a 2-D weight (each row on its own) and elementwise ops whose other operands are reshapes of
+    tensors of x's shape, or broadcast the same over any rows (a scalar, a bias along the last axis)."""
+
+    def visit_call_(self, call):
+        call = self.visit_expr_post_order(call)
+        op, out = getattr(call.op, "name", ""), _static_shape(call)
+        if out is None or not call.args or op not in ELEMENTWISE | QUANTIZE | {"relax.matmul"}:
+            return call
+        sources = [self._row_reshape(arg) for arg in call.args]
+        shapes = [_static_shape(arg) for arg in call.args]
+        moved = [i for i, source in enumerate(sources) if source is not None]
+        if op == "relax.matmul":
+            fits = moved == [0] and shapes[1] is not None and len(shapes[1]) == 2
+        elif op in QUANTIZE:
+            fits = moved == [0] and all(s == [] for s in shapes[1:]) and len(_static_shape(sources[0])) >= len(out)
+        else:
+            kept = [s for s, source in zip(shapes, sources) if source is None]
+            fits = bool(moved) and len({tuple(_static_shape(sources[i])) for i in moved}) == 1 and \
+                all(shapes[i] == out for i in moved) and all(s is not None and s in ([], [1], [out[-1]]) for s in kept)
+        if not fits:
+            return call
+        args = [arg if source is None else source for arg, source in zip(call.args, sources)]
+        return relax.op.reshape(self.builder_.emit(relax.Call(call.op, args, call.attrs)), out)
+
+    def _row_reshape(self, expr):
+        """x where `expr` is reshape(x, S) (or a chain of them) and each keeps the last axis; else None."""
+        source = None
+        while isinstance(expr, relax.Var):
+            value = self.lookup_binding(expr)
+            if not (isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.reshape"):
+                break
+            before, after = _static_shape(value.args[0]), _static_shape(value)
+            if not (before and after and before[-1] == after[-1]):
+                break
+            source = expr = value.args[0]
+        return source
+
+
+PASS_BYTES = 1 << 20  # the largest activation tensor of one pass, at most: about what a core's L2 cache holds
+
+
+def images_per_pass(proto, preset: TargetPreset, batch: int) -> int:
+    """How many images one pass of the compiled program takes: `batch`, or where the backend runs a batch in
+    passes (CPUs) the most that keep one pass's largest activation within PASS_BYTES, so that it stays in cache
+    from layer to layer (a batch of 64 Mixer-S/16 images in one pass streams 100 MB through memory at every
+    layer; the small digits Mixer keeps its whole batch in one pass, where per-call overheads dominate)."""
+    from ..export import input_spec
+
+    fixed = input_spec(proto).shape[0]
+    if batch == 1 or not preset.backend.runs_in_passes or isinstance(fixed, int) and fixed != 1:
+        return batch
+    if fixed == 1:
+        return 1  # the ONNX takes one image: passes of one
+    per_image = largest_activation(import_onnx(proto, 1)[0])
+    return max(m for m in range(1, batch + 1) if batch % m == 0 and (m == 1 or m * per_image <= PASS_BYTES))
+
+
+def largest_activation(mod) -> int:
+    """Bytes of the largest tensor `main` computes (its bindings of static shape)."""
+    sizes = [0]
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            shape = _static_shape(binding.var)
+            if shape is not None:
+                sizes.append(int(np.prod(shape)) * tvm.DataType(binding.var.ty.dtype).bits // 8)
+    return max(sizes)
+
+
+def in_passes(mod, passes: int):
+    """`mod`, whose `main` takes one pass of images, as a `main` that takes `passes` times as many and runs them
+    pass after pass through the one-pass program (renamed `one_pass`), the logits concatenated. (Each pass's
+    images are copied out of the batch first: kernels take tensors that start where their memory does.)"""
+    single = mod["main"]
+    x, *weights = single.params
+    shape = [int(d) for d in x.ty.shape.values]
+    builder = relax.BlockBuilder(tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint != "main"},
+                                              attrs=mod.attrs))
+    one_pass = builder.add_func(single.without_attr("global_symbol"), ONE_PASS)
+    batch = relax.Var(x.name, relax.TensorType([passes * shape[0], *shape[1:]], x.ty.dtype))
+    params = [relax.Var(w.name, w.ty) for w in weights]
+    with builder.function("main", [batch, *params], attrs=dict(single.attrs)):
+        with builder.dataflow():
+            logits = [builder.emit(relax.Call(one_pass, [builder.emit(relax.op.strided_slice(
+                batch, [0], [p * shape[0]], [(p + 1) * shape[0]])), *params])) for p in range(passes)]
+            out = builder.emit_output(relax.op.concat(logits, axis=0))
+        builder.emit_func_output(out)
+    return builder.get()
+
+
+ONE_PASS = "one_pass"  # the function `in_passes` calls once per pass
 
 
 def weights_by_name(mod, arrays) -> dict[str, np.ndarray]:
@@ -86,8 +210,6 @@ def module_source(executable, kind: str, fmt: str = "") -> str:
 
 def mixed_precision(mod):
     """fp16 compute with fp32 accumulation; LiftTransformParams moves the weight casts out of `main`."""
-    from tvm import relax
-
     return relax.transform.LiftTransformParams()(relax.transform.ToMixedPrecision(out_dtype="float32")(mod))
 
 
@@ -96,9 +218,6 @@ def run_transform_params(mod, params: dict[str, np.ndarray]):
 
     Returns `main` alone and the weights it takes, so the device never repeats that work.
     """
-    import tvm
-    from tvm import relax
-
     if "main_transform_params" not in [gv.name_hint for gv in mod.functions]:
         return mod, params
     transform = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint != "main"}, attrs=mod.attrs)
@@ -120,6 +239,7 @@ def relax_program(proto, preset: TargetPreset, batch: int, precision: str):
     check_toolchain(preset)
     mod, params = import_onnx(proto, batch)
     key = tuning_lib.graph_key(mod, preset, precision)
+    mod = sink_row_reshapes(mod)
     lowered = None
     if precision == "float16":
         mod, params = run_transform_params(mixed_precision(mod), params)
@@ -138,7 +258,7 @@ def tune(proto, preset: TargetPreset, batch: int = 1, precision: str | None = No
     """Tune the model for `preset` into its database (created or resumed); returns the database summary."""
     precision = preset.resolve_precision(precision)
     preset.backend.check_tunable(preset)
-    mod, _, key, _ = relax_program(proto, preset, batch, precision)
+    mod, _, key, _ = relax_program(proto, preset, images_per_pass(proto, preset, batch), precision)
     return tuning_lib.tune_into(key, preset, tuning, tuning_lib.prepare(mod, preset), model, progress)
 
 
@@ -148,7 +268,10 @@ def build(proto, preset: TargetPreset, batch: int = 1, precision: str | None = N
     records for this (graph, target, precision) where a tuning database has them (tuning first if asked)."""
     precision = preset.resolve_precision(precision)
     start = time.perf_counter()
-    mod, params, key, lowered = relax_program(proto, preset, batch, precision)
+    per_pass = images_per_pass(proto, preset, batch)
+    mod, params, key, lowered = relax_program(proto, preset, per_pass, precision)
     backend = preset.backend
-    compiled, params, record = backend.compile(mod, params, preset, key, tuning, model, progress)
-    return Built(backend, compiled, params, preset, batch, precision, time.perf_counter() - start, record, lowered)
+    compiled, params, record = backend.compile(mod, params, preset, key, tuning, model, progress,
+                                               passes=batch // per_pass)
+    return Built(backend, compiled, params, preset, batch, precision, time.perf_counter() - start, record, lowered,
+                 per_pass)
