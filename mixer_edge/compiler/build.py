@@ -132,6 +132,7 @@ class _RowReshapes(relax.PyExprMutator):
 
 
 PASS_BYTES = 1 << 20  # the largest activation tensor of one pass, at most: about what a core's L2 cache holds
+ONE_PASS = "one_pass"  # the function `in_passes` calls once per pass
 
 
 def images_per_pass(proto, preset: TargetPreset, batch: int) -> int:
@@ -180,9 +181,6 @@ def in_passes(mod, passes: int):
             out = builder.emit_output(relax.op.concat(logits, axis=0))
         builder.emit_func_output(out)
     return builder.get()
-
-
-ONE_PASS = "one_pass"  # the function `in_passes` calls once per pass
 
 
 def weights_by_name(mod, arrays) -> dict[str, np.ndarray]:
