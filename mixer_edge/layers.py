@@ -569,12 +569,11 @@ def _execute(artifact, reference, x: np.ndarray, board: str | None, rpc, repeat:
              max_batches: int | None = None, number: int = 10) -> Execution:
     record = _manifest(artifact)
     check_reference(record, reference)
-    batch = record.kernel_batch
-    if len(x) < record.input.shape[0]:
-        raise MixerEdgeError(f"the artifact's batch is {record.input.shape[0]}: give at least {record.input.shape[0]} "
-                             "inputs")
+    whole, batch = record.input.shape[0], record.kernel_batch  # the artifact's batch; its kernels' (one pass)
+    if len(x) < whole:
+        raise MixerEdgeError(f"the artifact's batch is {whole}: give at least {whole} inputs")
     batches = min(len(x) // batch, max_batches or len(x))
-    x = np.ascontiguousarray(x[:max(batches * batch, record.input.shape[0])], np.float32)
+    x = np.ascontiguousarray(x[:max(batches * batch, whole)], np.float32)
     where, cpu = _where(board, rpc)
     run = _run_over_rpc(artifact, x, batches, repeat, number, rpc) if rpc else \
         _run_on_board(artifact, x, batches, repeat, number, cpu) if cpu else \

@@ -75,14 +75,6 @@ def sink_row_reshapes(mod):
     return relax.transform.RemoveRedundantReshape()(relax.transform.DeadCodeElimination()(mutator.builder_.get()))
 
 
-def _static_shape(expr) -> list[int] | None:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None or \
-            not all(isinstance(d, tvm.tirx.IntImm) for d in ty.shape.values):
-        return None
-    return [int(d) for d in ty.shape.values]
-
-
 ELEMENTWISE = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.power", "relax.maximum",
                "relax.minimum", "relax.erf", "relax.tanh", "relax.sigmoid", "relax.exp", "relax.sqrt", "relax.rsqrt",
                "relax.negative", "relax.abs", "relax.round", "relax.clip", "relax.astype", "relax.nn.gelu",
@@ -98,19 +90,19 @@ class _RowReshapes(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
-        op, out = getattr(call.op, "name", ""), _static_shape(call)
+        op, out = getattr(call.op, "name", ""), dense.static_shape(call)
         if out is None or not call.args or op not in ELEMENTWISE | QUANTIZE | {"relax.matmul"}:
             return call
         sources = [self._row_reshape(arg) for arg in call.args]
-        shapes = [_static_shape(arg) for arg in call.args]
+        shapes = [dense.static_shape(arg) for arg in call.args]
         moved = [i for i, source in enumerate(sources) if source is not None]
         if op == "relax.matmul":
             fits = moved == [0] and shapes[1] is not None and len(shapes[1]) == 2
         elif op in QUANTIZE:
-            fits = moved == [0] and all(s == [] for s in shapes[1:]) and len(_static_shape(sources[0])) >= len(out)
+            fits = moved == [0] and all(s == [] for s in shapes[1:]) and len(dense.static_shape(sources[0])) >= len(out)
         else:
             kept = [s for s, source in zip(shapes, sources) if source is None]
-            fits = bool(moved) and len({tuple(_static_shape(sources[i])) for i in moved}) == 1 and \
+            fits = bool(moved) and len({tuple(dense.static_shape(sources[i])) for i in moved}) == 1 and \
                 all(shapes[i] == out for i in moved) and all(s is not None and s in ([], [1], [out[-1]]) for s in kept)
         if not fits:
             return call
@@ -124,7 +116,7 @@ class _RowReshapes(relax.PyExprMutator):
             value = self.lookup_binding(expr)
             if not (isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.reshape"):
                 break
-            before, after = _static_shape(value.args[0]), _static_shape(value)
+            before, after = dense.static_shape(value.args[0]), dense.static_shape(value)
             if not (before and after and before[-1] == after[-1]):
                 break
             source = expr = value.args[0]
@@ -156,7 +148,7 @@ def largest_activation(mod) -> int:
     sizes = [0]
     for block in mod["main"].body.blocks:
         for binding in block.bindings:
-            shape = _static_shape(binding.var)
+            shape = dense.static_shape(binding.var)
             if shape is not None:
                 sizes.append(int(np.prod(shape)) * tvm.DataType(binding.var.ty.dtype).bits // 8)
     return max(sizes)

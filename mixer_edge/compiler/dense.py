@@ -88,16 +88,16 @@ class Lowering(relax.PyExprMutator):
     def _patch_conv(self, call):
         x, w = call.args
         at = call.attrs
-        kernel = _shape(w)[2:]
+        kernel = static_shape(w)[2:]
         if not self._parameter_4d(w) or [int(s) for s in at.strides] != kernel or any(int(p) for p in at.padding) \
                 or int(at.groups) != 1 or any(int(d) != 1 for d in at.dilation) or at.data_layout != "NCHW" \
                 or at.kernel_layout != "OIHW" or at.out_dtype not in (None, "", "float32"):
             return None
-        b, c, h, wd = _shape(x)
+        b, c, h, wd = static_shape(x)
         (ph, pw), (gh, gw) = kernel, (h // kernel[0], wd // kernel[1])
         if gh * ph != h or gw * pw != wd:
             return None
-        weight = self.builder_.emit(relax.op.reshape(w, [_shape(w)[0], c * ph * pw]))
+        weight = self.builder_.emit(relax.op.reshape(w, [static_shape(w)[0], c * ph * pw]))
         return self._dense(x, weight, [0, 3, 1, 2], Patches(c, ph, pw))  # [B, gh, gw, O] -> NCHW
 
     def _parameter_4d(self, expr) -> bool:
@@ -107,7 +107,7 @@ class Lowering(relax.PyExprMutator):
         """permute_dims(rows(x) . w_nk [N, K]^T, perm) on one fusable kernel: rows(x) is x [..., K] itself, or
         as `layout` reads it (W.X's x [..., K, M], a stem's patches)."""
         emit, op = self.builder_.emit, relax.op
-        x_shape, (n, k) = _shape(x), _shape(w_nk)
+        x_shape, (n, k) = static_shape(x), static_shape(w_nk)
         np_ = round_up(n, COLUMNS)
         padded = emit(op.nn.pad(w_nk, [0, np_ - n, 0, 0])) if np_ != n else w_nk
         packed = emit(op.permute_dims(emit(op.reshape(padded, [np_ // LANES, LANES, k])), [0, 2, 1]))
@@ -176,14 +176,17 @@ def times_reciprocal(builder, x, scale):
     return relax.op.multiply(x, builder.emit(relax.op.divide(relax.const(1.0, "float32"), scale)))
 
 
-def _static(expr, dtype: str) -> bool:
+def static_shape(expr) -> list[int] | None:
+    """The shape of tensor `expr` where every dimension is a constant; else None."""
     ty = expr.ty
-    return isinstance(ty, relax.TensorType) and ty.dtype == dtype and ty.shape is not None and \
-        all(isinstance(d, tvm.tirx.IntImm) for d in ty.shape.values)
+    if not isinstance(ty, relax.TensorType) or ty.shape is None or \
+            not all(isinstance(d, tvm.tirx.IntImm) for d in ty.shape.values):
+        return None
+    return [int(d) for d in ty.shape.values]
 
 
-def _shape(expr) -> list[int]:
-    return [int(d) for d in expr.ty.shape.values]
+def _static(expr, dtype: str) -> bool:
+    return static_shape(expr) is not None and expr.ty.dtype == dtype
 
 
 def fusable_dense_func(x_shape: list[int], n: int, perm: list[int] | None, layout: Rows = ROWS):

@@ -202,7 +202,7 @@ class Lowering(relax.PyExprMutator):
         if weight_left and q.ty.ndim < 2:
             return "its input has fewer than 2 axes"
         swap = [*range(q.ty.ndim - 2), q.ty.ndim - 1, q.ty.ndim - 2] if weight_left else None
-        if self.dot.name != "dp4a" and _shape(q)[-2 if weight_left else -1] % STEP == 0:
+        if self.dot.name != "dp4a" and dense.static_shape(q)[-2 if weight_left else -1] % STEP == 0:
             # CPUs: the kernel writes the model's layout, for FuseOps to fuse the epilogue into it
             if self.dot.offset:
                 q = self._offset(q)
@@ -211,7 +211,7 @@ class Lowering(relax.PyExprMutator):
             return self._fused_dense(q, *weight, s_x, z_x, swap)
         if weight_left:  # rows of W mix the next-to-last axis of x: [..., k, c] -> [..., c, k], back after
             q = emit(op.permute_dims(q, swap))
-        shape = _shape(q)
+        shape = dense.static_shape(q)
         x2 = emit(op.reshape(q, [int(np.prod(shape[:-1])), shape[-1]]))
         y = op.reshape(self._int8_dense(x2, *weight, s_x, z_x), [*shape[:-1], -1])
         return op.permute_dims(emit(y), swap) if weight_left else y
@@ -219,7 +219,7 @@ class Lowering(relax.PyExprMutator):
     def _patch_conv(self, call):
         x, w = call.args
         a = call.attrs
-        kernel = _shape(w)[2:]
+        kernel = dense.static_shape(w)[2:]
         if [int(s) for s in a.strides] != kernel or any(int(p) for p in a.padding) or int(a.groups) != 1 \
                 or any(int(d) != 1 for d in a.dilation) or a.data_layout != "NCHW" or a.kernel_layout != "OIHW":
             return "a convolution that is not a patch embedding (stride = kernel, no padding, one group, NCHW)"
@@ -230,7 +230,7 @@ class Lowering(relax.PyExprMutator):
         if weight is None:
             return "its weight is not an int8 parameter, symmetric per output channel"
         q, s_x, z_x = act
-        b, c, h, wd = _shape(q)
+        b, c, h, wd = dense.static_shape(q)
         (ph, pw), (gh, gw) = kernel, (h // kernel[0], wd // kernel[1])
         if gh * ph != h or gw * pw != wd:
             return "its patches do not tile the image"
@@ -238,7 +238,7 @@ class Lowering(relax.PyExprMutator):
         patches = emit(op.permute_dims(emit(op.reshape(q, [b, c, gh, ph, gw, pw])), [0, 2, 4, 1, 3, 5]))
         x2 = emit(op.reshape(patches, [b * gh * gw, c * ph * pw]))
         w_q, s_w = weight
-        w2 = emit(op.reshape(w_q, [_shape(w_q)[0], c * ph * pw]))
+        w2 = emit(op.reshape(w_q, [dense.static_shape(w_q)[0], c * ph * pw]))
         y = emit(op.reshape(self._int8_dense(x2, w2, s_w, s_x, z_x), [b, gh, gw, -1]))
         return op.permute_dims(y, [0, 3, 1, 2])
 
@@ -257,7 +257,7 @@ class Lowering(relax.PyExprMutator):
         elementwise or broadcast: FuseOps fuses them into the kernel and `schedule_fused` schedules it.
         """
         emit = self.builder_.emit
-        x_shape, n = _shape(x_q), _shape(w_q)[0]
+        x_shape, n = dense.static_shape(x_q), dense.static_shape(w_q)[0]
         packed = self._packed(w_q, x_shape[-1])
         out_shape = [*x_shape[:-1], n]
         if perm is not None:
@@ -275,7 +275,7 @@ class Lowering(relax.PyExprMutator):
     def _int8_dense(self, x_q, w_q, s_w, s_x, z_x):
         """float32 [M, N] = dequantize(x_q [M, K]) @ dequantize(w_q [N, K]).T, computed in int32."""
         emit, op = self.builder_.emit, relax.op
-        (m, k), n = _shape(x_q), _shape(w_q)[0]
+        (m, k), n = dense.static_shape(x_q), dense.static_shape(w_q)[0]
         kp, np_ = dense.round_up(k, STEP), dense.round_up(n, self.dot.columns)
         if self.dot.offset:
             x_q = self._offset(x_q)
@@ -291,7 +291,7 @@ class Lowering(relax.PyExprMutator):
         """w_q [N, K] (K a multiple of 4) as the kernels read it: [N/16, K/4, 16, 4], N padded to the kernel's
         column tile."""
         emit, op = self.builder_.emit, relax.op
-        n = _shape(w_q)[0]
+        n = dense.static_shape(w_q)[0]
         np_ = dense.round_up(n, self.dot.columns)
         packed = emit(op.nn.pad(w_q, [0, np_ - n, 0, 0])) if np_ != n else w_q
         return emit(op.permute_dims(emit(op.reshape(packed, [np_ // LANES, LANES, k // STEP, STEP])), [0, 2, 1, 3]))
@@ -304,7 +304,7 @@ class Lowering(relax.PyExprMutator):
         zero = emit(op.add(emit(op.astype(z_x, "int32")), relax.const(self.dot.offset, "int32")))
         correction, scale = emit(op.multiply(zero, colsum)), emit(op.multiply(s_x, s_w))
         if channels_first:
-            n = _shape(w_q)[0]
+            n = dense.static_shape(w_q)[0]
             correction, scale = emit(op.reshape(correction, [n, 1])), emit(op.reshape(scale, [n, 1]))
         return op.multiply(emit(op.astype(emit(op.subtract(acc, correction)), "float32")), scale)
 
@@ -314,10 +314,6 @@ class Lowering(relax.PyExprMutator):
             func = schedule(dense_func(m, k, n, self.dot.activation), self.dot)
             self.kernels[key] = self.builder_.add_func(func, f"int8_dense_{self.dot.name}_{m}x{k}x{n}")
         return self.kernels[key]
-
-
-def _shape(expr) -> list[int]:
-    return [int(d) for d in expr.ty.shape.values]
 
 
 def dense_func(m: int, k: int, n: int, activation: str):
