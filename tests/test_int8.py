@@ -71,6 +71,56 @@ def test_cpu_int8_kernels_use_the_dot_product_instruction(quantized, target, dot
     assert asm.count(instruction) >= len(kernels)
 
 
+def test_register_tiles_fill_the_accumulators_and_divide_the_kernel():
+    from mixer_edge.compiler.int8 import DOT_PRODUCTS, MAX_ROWS, register_tile
+
+    vnni, sdot = DOT_PRODUCTS["vnni"], DOT_PRODUCTS["sdot"]
+    # S/16 on VNNI: channel MLP and stem (196 rows), token fc1 (512 x 256 channels), token fc2 (196 -> 13 vectors)
+    assert register_tile(196, 128, vnni) == (7, 4) and register_tile(196, 32, vnni) == (7, 4)
+    assert register_tile(512, 16, vnni) == (4, 4) and register_tile(512, 13, vnni) == (8, 1)
+    assert register_tile(196, 128, sdot) == (4, 2) == register_tile(512, 16, sdot)  # NEON: 8 x 4 registers
+    for dot in (vnni, sdot, DOT_PRODUCTS["plain"]):
+        for m in (1, 3, 7, 16, 49, 196, 197, 512):
+            for vectors in (1, 2, 7, 13, 63, 128):
+                rows, vecs = register_tile(m, vectors, dot)
+                assert m % rows == 0 and vectors % vecs == 0 and rows <= MAX_ROWS and vecs <= dot.vectors
+                assert rows * vecs <= dot.accumulators
+
+
+VNNI = pytest.mark.skipif("avx512_vnni" not in machine_cpu_features(), reason="needs a CPU with AVX-512 VNNI")
+
+
+def assert_exact_int32_products(dot_product: str, target: str, m: int, k: int, n: int) -> None:
+    """The uint8 x int8 kernel `int8.schedule` gives `dot_product`, built for `target` and run here on random
+    [m, k] x [n, k] operands, equals numpy's int64 product exactly."""
+    import tvm
+
+    from mixer_edge.compiler import int8
+
+    int8._register_intrinsics()
+    dot = int8.DOT_PRODUCTS[dot_product]
+    func = int8.schedule(int8.dense_func(m, k, n, dot.activation), dot)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=resolve_target(target).tvm_target())
+    rng = np.random.default_rng(m)
+    x, w = rng.integers(0, 256, (m, k), dtype=np.uint8), rng.integers(-128, 128, (n, k), dtype=np.int8)
+    packed = w.reshape(n // 16, 16, k // 4, 4).transpose(0, 2, 1, 3).copy()  # [N/16, K/4, 16, 4]
+    out = tvm.runtime.tensor(np.zeros((m, n), np.int32))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(packed), out)
+    np.testing.assert_array_equal(out.numpy(), x.astype(np.int64) @ w.astype(np.int64).T)
+
+
+@VNNI
+@pytest.mark.parametrize("m, k, n", [
+    (196, 512, 2048),  # tiles of 7 rows x 4 vectors
+    (512, 196, 256),  # 4 x 4
+    (512, 256, 208),  # token fc2's 196 channels padded to 13 vectors: 8 x 1
+    (1, 512, 1008),  # a head: 1 x 3
+])
+def test_vnni_kernels_compute_exact_int32_products(m, k, n):
+    assert_exact_int32_products("vnni", "x86-avx512-vnni", m, k, n)
+
+
 AMX = pytest.mark.skipif("amx_int8" not in machine_cpu_features(), reason="needs a CPU with AMX int8 tiles")
 
 
@@ -83,22 +133,8 @@ AMX = pytest.mark.skipif("amx_int8" not in machine_cpu_features(), reason="needs
     (3, 64, 32),  # too few rows for a tile: VNNI
 ])
 def test_amx_kernels_compute_exact_int32_products(m, k, n):
-    import tvm
-
-    from mixer_edge.compiler import int8
-
-    int8._register_intrinsics()
-    dot = int8.DOT_PRODUCTS["amx"]
-    func = int8.schedule(int8.dense_func(m, k, n, dot.activation), dot)
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                      target=resolve_target("x86-amx").tvm_target())
-    rng = np.random.default_rng(m)
-    x, w = rng.integers(0, 256, (m, k), dtype=np.uint8), rng.integers(-128, 128, (n, k), dtype=np.int8)
-    packed = w.reshape(n // 16, 16, k // 4, 4).transpose(0, 2, 1, 3).copy()  # [N/16, K/4, 16, 4]
     request_amx_tiles()
-    out = tvm.runtime.tensor(np.zeros((m, n), np.int32))
-    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(packed), out)
-    np.testing.assert_array_equal(out.numpy(), x.astype(np.int64) @ w.astype(np.int64).T)
+    assert_exact_int32_products("amx", "x86-amx", m, k, n)
 
 
 @AMX

@@ -195,6 +195,36 @@ def test_tuning_over_rpc_on_the_emulated_board(rpc_board, board, digits_source, 
     assert "| mixer-edge float32 on rpi5 |" in bench.format_rows([row])
 
 
+def test_default_schedules_are_measured_records_that_rebuild_the_same_kernels(digits_source, tmp_path):
+    """Tuning measures each task's default schedule (cpu_schedules) as a record of its own, so a tuned schedule
+    applies only where it beats the default; where the default record wins, its trace replays to the very
+    kernel a build without records has."""
+    import tvm
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    from mixer_edge.compiler.build import relax_program
+
+    preset = resolve_target("host")
+    mod, _, key, _ = relax_program(digits_source.onnx_model, preset, 1, "float32")
+    prepared, target = tuning.prepare(mod, preset), preset.tvm_target()
+    tasks = [t for t in ms.relax_integration.extract_tasks(prepared, target) if not tuning._scheduled(t.mod)]
+    tuning.create_database(tmp_path / "db", key, "mixer_digits")
+    database = tuning.open_database(tmp_path / "db", key)
+    said = []
+    tuning._commit_default_schedules(tasks, target, ms.builder.LocalBuilder(f_build=tuning._build_for_measure),
+                                     ms.runner.LocalRunner(), database, said.append)
+    assert said == [f"measuring the default schedules of {len(tasks)} tasks"]
+    records = lines(tmp_path / "db")
+    assert len(tasks) >= 5 and sorted(r[0] for r in records) == list(range(len(tasks)))  # one per task
+    assert all(0 < secs < 1 for r in records for secs in r[1][1])
+    replayed = tuning.apply(prepared, preset, tuning.open_database(tmp_path / "db", key))
+    default = tuning.apply(prepared, preset, None)
+    kernels = [gv.name_hint for gv, f in default.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(kernels) > len(tasks)
+    assert all(tvm_ffi.structural_equal(replayed[name].body, default[name].body) for name in kernels)
+
+
 def needs_shipped_database(model: str, precision: str) -> None:
     """Skip unless mixer-edge ships a database of `model` in `precision` for this machine's host target."""
     target = json.dumps(resolve_target("host").target, sort_keys=True)

@@ -24,9 +24,19 @@ from tvm.target.codegen import target_has_features
 def schedule_untuned(mod, target):
     """`mod` with a default CPU schedule on every PrimFunc not already scheduled (attribute
     `tirx.is_scheduled`: tuned, or a hand-written kernel), for the TVM `target` of the build."""
-    rules = ApplyDefaultSchedule(Matmul(), Norm(), Injective(), Fallback())
     with target:
-        return rules(mod.clone())  # the pass writes into the module it is given: `mod` stays as it was
+        return ApplyDefaultSchedule(*_rules())(mod.clone())  # the pass writes into the module it is given
+
+
+def default_schedule(func, target):
+    """The schedule (with its trace) `schedule_untuned` gives PrimFunc `func`, or None where no rule takes it."""
+    with target:
+        return next((sch for rule in _rules() if (sch := rule.apply(func, target, False)) is not None), None)
+
+
+def _rules():
+    """The rules, in the order they are tried."""
+    return Matmul(), Norm(), Injective(), Fallback()
 
 
 def vector_lanes(target, dtype: str = "float32") -> int:

@@ -552,6 +552,11 @@ def tune(mod, preset: TargetPreset, key: TuningKey, path: Path, model: str, budg
     progress(f"tuning {len(tasks)} tasks for {preset.name}: {total} trials, at most {seconds / 60:.0f} min; "
              f"database {path}" + (f" (resuming: {already} records there)" if already else ""))
     start = time.perf_counter()
+    builder = ms.builder.LocalBuilder(
+        f_build=_build_for_measure, timeout_sec=120 if rpc else 30,
+        f_export=functools.partial(_export_cross, preset.cross_compiler) if preset.cross_compiler else None)
+    if preset.backend.runs_on_cpu and not already:
+        _commit_default_schedules(tasks, target, builder, runner, database, progress)
     if todo <= 0:
         progress(f"the database already holds {already} records, the whole budget: pass a larger --trials to go on")
     else:
@@ -559,9 +564,6 @@ def tune(mod, preset: TargetPreset, key: TuningKey, path: Path, model: str, budg
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 tasks, work, num_threads=os.cpu_count() or 1)
             watch = _progress_callback([t.task_name for t in tasks], weights, todo, start + seconds, progress)
-            builder = ms.builder.LocalBuilder(
-                f_build=_build_for_measure, timeout_sec=120 if rpc else 30,
-                f_export=functools.partial(_export_cross, preset.cross_compiler) if preset.cross_compiler else None)
             # No per-task cap: after one round over every task the gradient scheduler spends the trials
             # where the model's latency is (the big GEMMs), and spatial-only tasks stop after one trial.
             try:
@@ -576,6 +578,33 @@ def tune(mod, preset: TargetPreset, key: TuningKey, path: Path, model: str, budg
     result = {**summary(path), "tasks": len(tasks), "seconds": round(time.perf_counter() - start, 1)}
     progress(f"tuning done in {result['seconds']:.0f}s: {result['records']} records in {path}")
     return result
+
+
+def _commit_default_schedules(tasks, target, builder, runner, database, progress) -> None:
+    """Each task's default schedule (the one a build gives a task no record covers: cpu_schedules), measured
+    and committed as one more record, so a tuned schedule is applied only where it beats it. (A spatial task
+    gets one random trial, often slower: S/16's token-mixing transpose ran 4x slower tuned than default.)"""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.utils import remove_build_dir
+
+    from .cpu_schedules import default_schedule
+
+    scheduled = [(task.dispatched[0], sch) for task in tasks
+                 if (sch := default_schedule(task.dispatched[0]["main"], target)) is not None]
+    progress(f"measuring the default schedules of {len(scheduled)} tasks")
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch in scheduled])
+    args = [ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"]) for _, sch in scheduled]
+    futures = runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", a)
+                          for b, a in zip(built, args) if b.error_msg is None])
+    measured = iter(f.result() for f in futures)
+    for (mod, sch), b, a in zip(scheduled, built, args):
+        if b.error_msg is not None:
+            continue
+        result = next(measured)
+        remove_build_dir(b.artifact_path)
+        if result.error_msg is None and result.run_secs:
+            database.commit_tuning_record(ms.database.TuningRecord(
+                sch.trace, database.commit_workload(mod), result.run_secs, target, a))
 
 
 def _quiet_meta_schedule_logs() -> None:
