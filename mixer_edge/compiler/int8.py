@@ -53,8 +53,8 @@ class DotProduct:
 
     name: str  # vnni, sdot, dp4a, or plain (no dot-product instruction: LLVM's vectorizer)
     activation: str  # uint8 or int8
-    accumulators: int = 8  # CPU kernels' register tile (`register_tile`): at most this many 16-channel int32
-    vectors: int = 2  # accumulators, in at most this many vectors of 16 channels (the weights held per step)
+    accumulators: int = 8  # CPU register tiles (`register_tile`): at most this many int32 accumulators of 16
+    vectors: int = 2  # channels, in at most this many vectors of 16 channels (the weights loaded per step)
 
     @property
     def offset(self) -> int:
@@ -406,10 +406,11 @@ def _divisor(n: int, preferred: tuple[int, ...]) -> int:
 
 
 def register_tile(m: int, vectors: int, dot: DotProduct) -> tuple[int, int]:
-    """(rows, 16-channel vectors) of a register tile over m rows and `vectors` vectors of channels: dividing both,
-    at most 8 rows, `dot.vectors` vectors and `dot.accumulators` accumulators; of those, the most accumulated per
-    load of a reduction step (a broadcast per row, a load per vector), then the squarest. Measured on S/16's
-    VNNI kernels, epilogues included: 7 x 4 runs the channel MLP 1.7x as fast as 4 x 2; 16 rows ran slower than 8."""
+    """(rows, 16-channel vectors) of a register tile over m rows and `vectors` vectors of channels: dividing
+    both, at most MAX_ROWS rows, `dot.vectors` vectors and `dot.accumulators` accumulators; of those, the most
+    accumulated per load of a reduction step (a broadcast per row, a load per vector), then the squarest.
+    Measured on S/16's fused VNNI kernels, side by side: 7 x 4 runs the channel MLP 1.25x as fast as 4 x 2;
+    16 rows ran at half the speed of 8."""
     def merit(tile):
         rows, vecs = tile
         return rows * vecs / (rows + vecs), -abs(rows - vecs), rows
