@@ -338,8 +338,9 @@ class Mapped:
 def int8_pins(outputs: list[tuple[str, np.ndarray]], nodes: list[Node], record, proto) -> dict[int, int]:
     """int8 builds: kernel -> node matches known without measuring. The k-th integer kernel call (an int32
     accumulator, or an `int8_dense` kernel with its float epilogue fused in, as CPU builds have) is the k-th int8
-    layer's (when the counts agree); an accumulator is that layer's MatMul/Gemm/Conv, and a uint8/int8 output is
-    the quantized input of the next integer kernel's layer: the calibration table names that tensor."""
+    layer's (when the counts agree); an accumulator is that layer's MatMul/Gemm/Conv, and the last uint8/int8
+    output before an integer kernel is the quantized input of that kernel's layer: the calibration table names
+    that tensor. (An 8-bit output before it, a LayerNorm quantizing ahead of a transpose, is left to matching.)"""
     from .quant.qdq import layers as quantizable
 
     q = record.quantization
@@ -355,10 +356,11 @@ def int8_pins(outputs: list[tuple[str, np.ndarray]], nodes: list[Node], record, 
     pins = {i: by_name[layer.node] for i, layer in zip(accumulators, int8)
             if outputs[i][1].dtype == np.int32 and layer.node in by_name
             and nodes[by_name[layer.node]].value.size == outputs[i][1].size}
-    for i, (_, out) in enumerate(outputs):
-        if out.dtype.kind not in "iu" or out.dtype == np.int32:
-            continue
+    eight_bit = [i for i, (_, out) in enumerate(outputs) if out.dtype.kind in "iu" and out.dtype != np.int32]
+    for i in eight_bit:
         k = next((k for k, a in enumerate(accumulators) if a > i), None)
+        if k is not None and any(i < h < accumulators[k] for h in eight_bit):
+            continue
         tensor = next((t for t, e in q.table.items() if k is not None and e.kind == "activation"
                        and int8[k].name in e.layers), None)
         if tensor in index:

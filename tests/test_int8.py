@@ -258,3 +258,26 @@ def test_cpu_int8_kernels_carry_their_float_epilogues(quantized, int8_artifact, 
     x = digits_test[0][:128]
     ours, reference = load(int8_artifact("host"))(x), run_onnxruntime(quantized.qdq, x)
     assert agreement(ours, reference) >= 0.99 and np.abs(ours - reference).max() < 0.1
+
+
+@pytest.mark.parametrize("target", ["host", "rpi5"])
+def test_layer_norms_quantize_before_the_token_transpose(quantized, target):
+    """A quantize with one scale per tensor runs before the transposes and reshapes between it and what it
+    quantizes: each block's two LayerNorms write int8 (VNNI: uint8) from their own kernel, and the transpose into
+    the token MLP moves those bytes instead of float32; only the final LayerNorm, which feeds the float mean,
+    writes float32."""
+    import re
+
+    from mixer_edge.compiler import int8, tuning
+    from mixer_edge.compiler.build import import_onnx
+
+    preset = resolve_target(target)
+    mod, params = import_onnx(quantized.qdq, 1)
+    prepared = tuning.prepare(int8.lower(mod, params, preset)[0], preset)
+    calls = re.findall(r'R\.call_tir\((\w+), .*dtype="(\w+)"\)\)', prepared["main"].script())
+    norms = [dtype for name, dtype in calls if "layer_norm" in name]
+    eight_bit = "uint8" if int8.dot_product(preset).offset else "int8"
+    assert norms == [eight_bit] * 2 * 4 + ["float32"]  # 4 blocks
+    layout_only = [dtype for name, dtype in calls  # kernels of transposes and reshapes alone
+                   if re.fullmatch(r"(fused_)?((transpose|reshape)\d*_?)+", name) and "transpose" in name]
+    assert layout_only == [eight_bit] * 4

@@ -45,6 +45,7 @@ from .targets import TargetPreset
 
 LANES, STEP = 16, 4  # output channels and reduction steps per packed weight tile
 MAX_ROWS = 8  # rows of a CPU kernel's register tile (register_tile)
+LAYOUT_CHANGES = ("relax.permute_dims", "relax.reshape")  # moves elements, computes nothing
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,14 @@ class Lowering(relax.PyExprMutator):
         return call.op.name
 
     def _reciprocal(self, call):
-        """x / s (a divide, or a quantize's `round(x / s) + z`) with x * (1 / s) (dense.times_reciprocal)."""
+        """x / s (a divide, or a quantize's `round(x / s) + z`) with x * (1 / s) (dense.times_reciprocal).
+
+        A quantize with one scale per tensor is elementwise, so it runs before the transposes and reshapes
+        between it and what it quantizes (`_beneath_layout_changes`): FuseOps then fuses it into that kernel
+        (the token MLP's LayerNorm), and the transpose moves int8 instead of float32."""
+        if call.op.name == "relax.quantize" and call.args[2].ty.ndim == 0 and self._layout_changes(call.args[0]):
+            return self._beneath_layout_changes(call.args[0], lambda y: self.builder_.emit(
+                self._reciprocal(relax.Call(call.op, [y, *call.args[1:]], call.attrs))))
         emit, op = self.builder_.emit, relax.op
         scaled = dense.times_reciprocal(self.builder_, *call.args[:2])
         if call.op.name == "relax.divide":
@@ -152,6 +160,17 @@ class Lowering(relax.PyExprMutator):
         return op.astype(emit(clipped), dtype)
 
     # -- matching ------------------------------------------------------------------------
+    def _layout_changes(self, expr) -> list:
+        """The transposes and reshapes `expr` is bound to, outermost first (empty: none)."""
+        chain = []
+        while isinstance(expr, relax.Var):
+            value = self.lookup_binding(expr)
+            if isinstance(value, relax.Call) and getattr(value.op, "name", "") in LAYOUT_CHANGES:
+                chain.append(value)
+                value = value.args[0]
+            expr = value  # a Var bound to another Var is followed too
+        return chain
+
     def _dequantize(self, expr):
         """(q, scale, zero point, axis) if `expr` is bound to a dequantize, else None."""
         value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
@@ -248,10 +267,18 @@ class Lowering(relax.PyExprMutator):
 
     # -- rewriting -----------------------------------------------------------------------
     def _offset(self, x_q):
-        """x_q + o as uint8 (the activations VNNI wants)."""
+        """x_q + o as uint8 (the activations VNNI wants), added before any transposes x_q went through."""
         emit, op = self.builder_.emit, relax.op
-        return emit(op.astype(emit(op.add(emit(op.astype(x_q, "int32")), relax.const(self.dot.offset, "int32"))),
-                              "uint8"))
+        return self._beneath_layout_changes(x_q, lambda q: emit(op.astype(emit(op.add(
+            emit(op.astype(q, "int32")), relax.const(self.dot.offset, "int32"))), "uint8")))
+
+    def _beneath_layout_changes(self, expr, elementwise):
+        """`elementwise`(expr) computed as the same transposes and reshapes of `elementwise`(their source)."""
+        changes = self._layout_changes(expr)
+        out = elementwise(changes[-1].args[0] if changes else expr)
+        for change in reversed(changes):
+            out = self.builder_.emit(relax.Call(change.op, [out, *change.args[1:]], change.attrs))
+        return out
 
     def _fused_dense(self, x_q, w_q, s_w, s_x, z_x, perm):
         """float32 dequantize(x_q [..., K]) @ dequantize(w_q [N, K]).T, permuted by `perm` (None: as it is).
