@@ -60,7 +60,7 @@ class Rule(CPUScheduleRule):
         raise NotImplementedError
 
 
-def _divisor(extent: int, choices) -> int:
+def divisor(extent: int, choices) -> int:
     """The first of `choices` that divides `extent` (1 if none)."""
     return next((c for c in choices if extent % c == 0), 1)
 
@@ -152,10 +152,10 @@ def _tile(sch, block, epilogue, spatial: int, lanes: int, registers: bool = True
                    and not any(_uses(e.min, v) for e in r.region for v in iters[: spatial - 1])]
         panels = [sch.cache_read(block, b_reads[0], "global")] if len(b_reads) == 1 else []
     # MR divides the innermost row axis, so that a tile's rows are contiguous in the output
-    mr = _divisor(get_extent(sch, loops[spatial - 2]) if spatial > 1 else 1, (8, 7, 6, 5, 4, 3, 2))
+    mr = divisor(get_extent(sch, loops[spatial - 2]) if spatial > 1 else 1, (8, 7, 6, 5, 4, 3, 2))
     rows = sch.fuse(*loops[: spatial - 1]) if spatial > 1 else sch.add_unit_loop(loops[0])
     col, red = loops[spatial - 1], sch.fuse(*loops[spatial:])
-    nr = _divisor(get_extent(sch, col), (2 * lanes, lanes, lanes // 2, lanes // 4, 2))
+    nr = divisor(get_extent(sch, col), (2 * lanes, lanes, lanes // 2, lanes // 4, 2))
     vec = min(nr, lanes)
     i_o, i_i = sch.split(rows, [None, mr])
     j_o, j_v, j_l = sch.split(col, [None, nr // vec, vec])
@@ -201,7 +201,7 @@ def _elementwise(sch, block, lanes: int) -> None:
     contiguous along the innermost loop) goes by square tiles of about `lanes` x `lanes` instead."""
     loops = sch.get_loops(block)
     if len(loops) > 1 and not _contiguous(sch, block, sch.get(block).iter_vars[-1].var):
-        sizes = [_divisor(get_extent(sch, loop), (lanes, lanes // 2, lanes // 4)) for loop in loops[-2:]]
+        sizes = [divisor(get_extent(sch, loop), (lanes, lanes // 2, lanes // 4)) for loop in loops[-2:]]
         (a_o, a_i), (b_o, b_i) = (sch.split(loop, [None, size]) for loop, size in zip(loops[-2:], sizes))
         sch.reorder(a_o, b_o, a_i, b_i)
         sch.parallel(sch.fuse(*loops[:-2], a_o, b_o))

@@ -41,6 +41,7 @@ from tvm.target import codegen
 
 from ..errors import MixerEdgeError
 from . import dense
+from .cpu_schedules import divisor
 from .targets import TargetPreset
 
 LANES, STEP = 16, 4  # output channels and reduction steps per packed weight tile
@@ -428,10 +429,6 @@ def _schedule_dense(sch, dot: DotProduct, block, epilogue) -> None:
         SCHEDULES[dot.name](sch, dot, block=block, epilogue=epilogue)
 
 
-def _divisor(n: int, preferred: tuple[int, ...]) -> int:
-    return next((d for d in preferred if n % d == 0), 1)
-
-
 def register_tile(m: int, vectors: int, dot: DotProduct) -> tuple[int, int]:
     """(rows, 16-channel vectors) of a register tile over m rows and `vectors` vectors of channels: dividing
     both, at most MAX_ROWS rows, `dot.vectors` vectors and `dot.accumulators` accumulators; of those, the most
@@ -614,7 +611,7 @@ def _schedule_dp4a(sch, dot: DotProduct, block=None, epilogue=None) -> None:
     block = block or sch.get_sblock("dense")
     i, j, r = sch.get_loops(block)
     m = int(sch.get(i).extent)
-    io, ii = sch.split(i, [None, _divisor(m, (8, 4, 7, 6, 5, 3, 2))])
+    io, ii = sch.split(i, [None, divisor(m, (8, 4, 7, 6, 5, 3, 2))])
     jo, ji = sch.split(j, [None, LANES])
     ro, ri = sch.split(r, [None, STEP])
     sch.reorder(io, jo, ii, ji, ro, ri)
