@@ -594,13 +594,10 @@ def _commit_default_schedules(tasks, target, builder, runner, database, progress
     progress(f"measuring the default schedules of {len(scheduled)} tasks")
     built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch in scheduled])
     args = [ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"]) for _, sch in scheduled]
-    futures = runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", a)
-                          for b, a in zip(built, args) if b.error_msg is None])
-    measured = iter(f.result() for f in futures)
-    for (mod, sch), b, a in zip(scheduled, built, args):
-        if b.error_msg is not None:
-            continue
-        result = next(measured)
+    ok = [(mod, sch, b, a) for (mod, sch), b, a in zip(scheduled, built, args) if b.error_msg is None]
+    futures = runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", a) for *_, b, a in ok])
+    for (mod, sch, b, a), future in zip(ok, futures):
+        result = future.result()
         remove_build_dir(b.artifact_path)
         if result.error_msg is None and result.run_secs:
             database.commit_tuning_record(ms.database.TuningRecord(
