@@ -376,6 +376,11 @@ def target_preset_cpu_with_a_cuda_runtime(tmp, corpus):
     return compile_for_preset(tmp, '[target]\nkind = "llvm"\n[build]\ncuda_runtime = "driver"\n')
 
 
+@case("board.toml: [build] cuda_driver_major is for CUDA presets, and this one is kind cpu", "remove it")
+def target_preset_cpu_with_a_cuda_driver(tmp, corpus):
+    return compile_for_preset(tmp, '[target]\nkind = "llvm"\n[build]\ncuda_driver_major = 12\n')
+
+
 @case("missing [target]")
 def target_preset_without_target_table(tmp, corpus):
     return compile_for_preset(tmp, 'kind = "cpu"\n')
@@ -413,10 +418,17 @@ def toolchain_missing_nvcc(tmp, corpus):
     return ["compile", "--target", "cuda", "-o", tmp / "out"]
 
 
-@case("needs sm_72, which this nvcc cannot compile for", "pip install 'mixer-edge[xavier]'")
+@case("target jetson-xavier: nvcc 13", "cannot compile for sm_72", "pip install 'mixer-edge[jetson]'")
 def toolchain_xavier_without_nvrtc(tmp, corpus):
-    corpus.monkeypatch.setattr(cuda.Nvrtc, "find", staticmethod(lambda: None))  # the xavier extra not installed
+    corpus.monkeypatch.setattr(cuda.Nvrtc, "find", staticmethod(lambda: None))  # the jetson extra not installed
     return ["compile", "--target", "jetson-xavier", "-o", tmp / "out"]
+
+
+@case("target jetson-orin: the board's CUDA 12 driver ([build] cuda_driver_major) cannot load kernels from nvcc 13",
+      "pip install 'mixer-edge[jetson]'", "or put a CUDA 12 toolkit first on PATH")
+def toolchain_orin_without_nvrtc(tmp, corpus):
+    corpus.monkeypatch.setattr(cuda.Nvrtc, "find", staticmethod(lambda: None))
+    return ["compile", "--target", "jetson-orin", "-o", tmp / "out"]
 
 
 # ---- command lines and output paths -------------------------------------------------------------

@@ -73,16 +73,16 @@ def test_cuda_artifacts_hold_a_fat_binary_for_the_preset(build_artifact, target)
         assert library_arch(root / "model.so") == "x86_64"
 
 
-@pytest.mark.parametrize("target, arch, compiler", [("jetson-orin", "sm_87", "nvcc 13"),
-                                                   ("jetson-xavier", "sm_72", "nvrtc 11.8")])
-def test_jetson_cubins_hold_the_model_kernels(build_artifact, target, arch, compiler):
-    """Orin's kernels come from nvcc; Xavier's sm_72, which CUDA 13 dropped, from NVRTC 11.8 (the xavier extra)."""
+@pytest.mark.parametrize("target, arch", [("jetson-orin", "sm_87"), ("jetson-xavier", "sm_72")])
+def test_jetson_cubins_hold_the_model_kernels(build_artifact, target, arch):
+    """Both Jetsons' kernels come from NVRTC 11.8 (the jetson extra): JetPack's drivers (CUDA 11.4, 12.6) refuse
+    nvcc 13's cubins, and CUDA 13 dropped Xavier's sm_72."""
     root = build_artifact(target)
     elf = cuobjdump("--dump-elf", str(root / "kernels.fatbin"))
     kernels = {line.split(".text.")[1].strip() for line in elf.splitlines() if ".text." in line}
     assert f"arch = {arch}" in elf
     assert any("matmul" in k for k in kernels) and any("layer_norm" in k for k in kernels), kernels
-    assert read_manifest(root)["cuda"]["compiler"].startswith(compiler)
+    assert read_manifest(root)["cuda"]["compiler"] == "nvrtc 11.8"
 
 
 def test_xavier_int8_kernels_use_dp4a(digits_source, tmp_path):

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 
 from mixer_edge import bundle, runtime
+from mixer_edge.compiler import compile_model
 from mixer_edge.errors import MixerEdgeError
+from mixer_edge.resources import data_dir
 
 from conftest import quiet
-from test_compile import cuobjdump
+from test_compile import cuobjdump, tensor_core_ops
 
 CROSS_ROOT = Path("/usr/aarch64-linux-gnu")  # the cross toolchain's libc and libstdc++: no CUDA, no Python
 
@@ -56,7 +58,19 @@ def test_jetson_artifacts_are_a_plan_and_a_fat_binary(build_artifact, target, ar
     for launch in launches(plan):  # every kernel the plan launches is in the cubin, taking the plan's parameters
         assert kernels[arch].get(launch["kernel"]) == len(launch["params"]), launch["kernel"]
         assert all(1 <= n for n in launch["grid"] + launch["block"])
-    assert plan["driver_version_min"] == (13000 if target == "jetson-orin" else 11000)
+    assert plan["driver_version_min"] == 11000  # NVRTC 11.8's cubins: JetPack 5's CUDA 11.4 and JetPack 6's 12.6 load them
+
+
+def test_a_board_with_a_cuda_13_driver_gets_nvccs_cubins(digits_source, tmp_path):
+    """cuda_driver_major picks the compiler: the Orin preset with a CUDA 13 driver builds with nvcc 13, whose cubins
+    need that driver, and the plan says so."""
+    preset = tmp_path / "orin-cuda13.toml"
+    preset.write_text((data_dir("targets") / "jetson-orin.toml").read_text().replace("cuda_driver_major = 12",
+                                                                                      "cuda_driver_major = 13"))
+    manifest = compile_model(digits_source, str(preset), tmp_path / "out", progress=quiet)
+    assert manifest["cuda"]["compiler"].startswith("nvcc 13.")
+    assert json.loads((tmp_path / "out" / "cuda_plan.json").read_text())["driver_version_min"] == 13000
+    assert set(fat_binary_kernels(tmp_path / "out" / "kernels.fatbin")) == {"sm_87"}
 
 
 def test_the_python_runtime_refuses_a_jetson_artifact_without_a_driver(build_artifact):
@@ -88,15 +102,18 @@ def test_the_jetson_bundle_needs_only_the_boards_driver(build_artifact, tmp_path
 
 
 @pytest.mark.slow
-def test_the_s16_plan_matches_its_fat_binary(tmp_path):
-    """Mixer-S/16 for the Jetson Orin in float16: a plan of tens of launches, each against its cubin."""
-    from mixer_edge.compiler import compile_model
+@pytest.mark.parametrize("target, arch", [("jetson-orin", "sm_87"), ("jetson-xavier", "sm_72")])
+def test_the_s16_plan_matches_its_fat_binary(tmp_path, target, arch):
+    """Mixer-S/16 for a Jetson in float16: a plan of tens of launches, each against its NVRTC 11.8 cubin, whose
+    matmuls use the tensor cores (mma.h; the SASS checked on Orin: CUDA 13's disassembler reads no sm_72)."""
     from mixer_edge.export import open_model
 
-    compile_model(open_model("mixer_s16", progress=quiet), "jetson-orin", tmp_path / "s16", precision="float16",
+    compile_model(open_model("mixer_s16", progress=quiet), target, tmp_path / "s16", precision="float16",
                   progress=quiet)
     plan = json.loads((tmp_path / "s16" / "cuda_plan.json").read_text())
-    kernels = fat_binary_kernels(tmp_path / "s16" / "kernels.fatbin")["sm_87"]
+    kernels = fat_binary_kernels(tmp_path / "s16" / "kernels.fatbin")[arch]
     assert len(launches(plan)) > 40
     for launch in launches(plan):
         assert kernels.get(launch["kernel"]) == len(launch["params"]), launch["kernel"]
+    if arch != "sm_72":
+        assert tensor_core_ops((tmp_path / "s16" / "kernels.fatbin").read_bytes(), tmp_path) > 0

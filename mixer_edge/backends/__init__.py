@@ -86,9 +86,11 @@ class Backend:
 
     def validate(self, preset) -> None:
         """Refuse a preset this backend cannot build, naming the field (called when the preset is loaded)."""
-        if preset.cuda_runtime != "tvm" and self.kind != "cuda":
-            raise MixerEdgeError(f"{preset.source}: [build] cuda_runtime is for CUDA presets, and this one is kind "
-                                 f"{self.kind}: remove it")
+        cuda_only = {"cuda_runtime": preset.cuda_runtime != "tvm", "cuda_driver_major": preset.cuda_driver_major}
+        for field, given in cuda_only.items():
+            if given and self.kind != "cuda":
+                raise MixerEdgeError(f"{preset.source}: [build] {field} is for CUDA presets, and this one is kind "
+                                     f"{self.kind}: remove it")
 
     def check_toolchain(self, preset) -> None:
         """Refuse, before any work, a preset whose tools are missing here."""

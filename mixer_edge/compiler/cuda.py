@@ -2,9 +2,11 @@
 
 TVM 0.27 keeps CUDA kernels as source inside the library and compiles them when it is loaded; we
 compile them here, so the device never needs a CUDA compiler. nvcc does it wherever it supports
-every arch of the preset. CUDA 13 dropped Volta (Jetson Xavier's sm_72): for those archs the kernels
-go through NVRTC 11.8 from NVIDIA's PyPI wheels (the `xavier` extra; JetPack 5 is CUDA 11), and
-nvcc's `fatbinary` packs its cubins.
+every arch of the preset and the board's driver loads what it compiles ([build] cuda_driver_major).
+Neither holds for the Jetsons: CUDA 13 dropped Volta (Xavier's sm_72), and JetPack's drivers are CUDA
+11.4 (JetPack 5) and 12.6 (JetPack 6), which refuse CUDA 13 cubins. Their kernels go through NVRTC 11.8
+from NVIDIA's PyPI wheels (the `jetson` extra), whose cubins both drivers load, and nvcc's
+`fatbinary` packs them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from ..errors import MixerEdgeError, reason
 from .targets import TargetPreset
 
-NVRTC_EXTRA = "pip install 'mixer-edge[xavier]' (NVRTC 11.8 and its headers from PyPI)"
+NVRTC_EXTRA = "pip install 'mixer-edge[jetson]' (NVRTC 11.8 and its headers from PyPI)"
 
 
 @dataclass
@@ -34,6 +36,11 @@ class CudaKernels:
     source_sha256: str  # of the CUDA source TVM will ask to compile
     compiler: str  # "nvcc 13.0" or "nvrtc 11.8"
 
+    @property
+    def driver_version_min(self) -> int:
+        """The oldest CUDA driver that loads these cubins (CUDA_VERSION form, 11000): its major's first release."""
+        return _major(self.compiler) * 1000
+
 
 @functools.cache
 def nvcc_archs() -> tuple[str, ...]:
@@ -43,30 +50,45 @@ def nvcc_archs() -> tuple[str, ...]:
 
 
 def check_compilers(preset: TargetPreset) -> None:
-    """Fail before any work when no compiler here can build the preset's archs."""
+    """Fail before any work when no compiler here can build the preset's archs for its board's driver."""
     if shutil.which("nvcc") is None:
         raise MixerEdgeError(f"target {preset.name} needs nvcc (the CUDA toolkit) on PATH to compile its kernels: "
                              "install the CUDA toolkit and put its bin/ on PATH")
-    missing = [arch for arch in preset.cuda_archs if arch not in nvcc_archs()]
-    if not missing:
+    nvcc_unfit = _unfit(_nvcc_version(), nvcc_archs(), preset)
+    if nvcc_unfit is None:
         return
     nvrtc = Nvrtc.find()
     if nvrtc is None:
-        raise MixerEdgeError(f"target {preset.name} needs {', '.join(missing)}, which this nvcc cannot compile for "
-                             f"(it supports {nvcc_archs()[0]}..{nvcc_archs()[-1]}): {NVRTC_EXTRA}, or put a CUDA "
-                             "12 toolkit first on PATH")
-    unsupported = [arch for arch in preset.cuda_archs if arch not in nvrtc.archs]
-    if unsupported:
-        raise MixerEdgeError(f"target {preset.name} needs {', '.join(missing)} (which this nvcc lacks) and "
-                             f"{', '.join(unsupported)} (which {nvrtc.version} lacks) in one fat binary: split the "
-                             "preset in two, or use a CUDA toolkit that supports them all")
+        toolkit = f"CUDA {preset.cuda_driver_major}" if preset.cuda_driver_major else "older CUDA"
+        raise MixerEdgeError(f"target {preset.name}: {nvcc_unfit}: {NVRTC_EXTRA}, or put a {toolkit} toolkit first "
+                             "on PATH")
+    nvrtc_unfit = _unfit(nvrtc.version, nvrtc.archs, preset)
+    if nvrtc_unfit is not None:
+        raise MixerEdgeError(f"target {preset.name}: {nvcc_unfit}, and {nvrtc_unfit}: split the preset in two, or use "
+                             "a CUDA toolkit that builds all of it")
+
+
+def _unfit(compiler: str, archs: tuple[str, ...] | list[str], preset: TargetPreset) -> str | None:
+    """Why `compiler` (with the real archs it compiles for) cannot build the preset's kernels; None if it can."""
+    missing = [arch for arch in preset.cuda_archs if arch not in archs]
+    if missing:
+        supported = f"{archs[0]}..{archs[-1]}" if archs else "none"
+        return f"{compiler} cannot compile for {', '.join(missing)} (it supports {supported})"
+    if preset.cuda_driver_major is not None and _major(compiler) > preset.cuda_driver_major:
+        return (f"the board's CUDA {preset.cuda_driver_major} driver ([build] cuda_driver_major) cannot load kernels "
+                f"from {compiler}")
+    return None
+
+
+def _major(compiler: str) -> int:
+    return int(re.search(r"(\d+)\.", compiler).group(1))
 
 
 def compile_kernels(source: str, preset: TargetPreset) -> CudaKernels:
     """One fat binary: SASS for each of the preset's archs (+ PTX of the newest, if asked)."""
     from .. import runtime
 
-    if all(arch in nvcc_archs() for arch in preset.cuda_archs):
+    if _unfit(_nvcc_version(), nvcc_archs(), preset) is None:
         fat_binary, compiler = _nvcc_fat_binary(source, preset), _nvcc_version()
     else:
         nvrtc = Nvrtc.find()
@@ -90,10 +112,13 @@ def _nvcc_fat_binary(source: str, preset: TargetPreset) -> bytes:
         raise MixerEdgeError(f"nvcc failed for {preset.name} ({reason(exc, last=True)})") from exc
 
 
+@functools.cache
 def _nvcc_version() -> str:
     banner = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout
-    release = re.search(r"release ([\d.]+)", banner)
-    return f"nvcc {release.group(1)}" if release else "nvcc"
+    release = re.search(r"release (\d+\.\d+)", banner)
+    if release is None:
+        raise MixerEdgeError("nvcc --version names no release: check the CUDA toolkit's installation")
+    return f"nvcc {release.group(1)}"
 
 
 def _wheel_dir(package: str) -> Path | None:
@@ -134,7 +159,7 @@ class Nvrtc:
     @staticmethod
     @functools.cache
     def find() -> Nvrtc | None:
-        dirs = [_wheel_dir(p) for p in ("cuda_nvrtc", "cuda_runtime", "cuda_cccl")]
+        dirs = [_wheel_dir(p) for p in ("cuda_nvrtc", "cuda_runtime", "cuda_cccl", "cuda_nvcc")]
         if None in dirs:
             return None
         libraries = sorted((dirs[0] / "lib").glob("libnvrtc.so.*"))
@@ -196,7 +221,7 @@ class Nvrtc:
         if result != 0:
             self.lib.nvrtcGetErrorString.restype = ctypes.c_char_p
             raise MixerEdgeError(f"{self.version} failed: {self.lib.nvrtcGetErrorString(result).decode()}: "
-                                 f"reinstall the xavier extra ({NVRTC_EXTRA})")
+                                 f"reinstall the jetson extra ({NVRTC_EXTRA})")
 
 
 # ---- the launch plan of the cuda-driver backend -----------------------------------------------------------
@@ -228,8 +253,8 @@ def plan(mod, preset: TargetPreset) -> tuple[dict, CudaKernels]:
     steps, output = launch_plan.steps(lowered, host, lambda launch: launch, constant, "CUDA")
     check_launches(steps, source)
     kernels = compile_kernels(source, preset)
-    major = int(re.search(r"(\d+)\.", kernels.compiler).group(1))
-    return {"format": PLAN_FORMAT, "driver_version_min": major * 1000, "steps": steps, "output": output}, kernels
+    return {"format": PLAN_FORMAT, "driver_version_min": kernels.driver_version_min, "steps": steps,
+            "output": output}, kernels
 
 
 def check_launches(steps: list[dict], source: str) -> None:

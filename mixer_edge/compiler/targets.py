@@ -55,6 +55,7 @@ class TargetPreset:
     cuda_archs: tuple[str, ...] = ()
     cuda_ptx: bool = False
     cuda_runtime: str = "tvm"  # CUDA: "tvm" (model.so, TVM's CUDA runtime) or "driver" (a launch plan, libcuda alone)
+    cuda_driver_major: int | None = None  # CUDA: the board's driver's CUDA major version; None: any
     emulator_cpu: str | None = None
     host_candidate: bool = False
     precision: str = "float32"  # the default
@@ -168,6 +169,9 @@ class BuildTable(Schema):
                                                    "13 runtime) or `driver` (the host side as a launch plan, "
                                                    "cuda_plan.json, run through the CUDA driver API alone: all a "
                                                    "JetPack board has)")
+    cuda_driver_major: int | None = Field(None, ge=11, le=99, description="CUDA: the CUDA major version of the "
+                                          "board's driver (JetPack 5: 11, JetPack 6: 12); the kernels come from a "
+                                          "compiler no newer, whose cubins that driver loads; absent: any")
     webgpu: TvmTarget | None = Field(None, description="Vulkan: the WebGPU target whose WGSL kernels run through "
                                      "wgpu when TVM has no Vulkan code generator")
 
@@ -222,7 +226,7 @@ def _preset_from_dict(name: str, data: dict, source: str) -> TargetPreset:
     preset = TargetPreset(
         name=name, kind=kind, target=data["target"], description=doc.description,
         cross_compiler=doc.build.cross_compiler, cuda_archs=tuple(doc.build.cuda_archs), cuda_ptx=doc.build.cuda_ptx,
-        cuda_runtime=doc.build.cuda_runtime,
+        cuda_runtime=doc.build.cuda_runtime, cuda_driver_major=doc.build.cuda_driver_major,
         emulator_cpu=doc.device.emulator_cpu, host_candidate=doc.host_candidate, source=source,
         precision=doc.precision, precisions=tuple(doc.precisions),
         webgpu_target=data.get("build", {}).get("webgpu"),
