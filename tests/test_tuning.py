@@ -216,7 +216,7 @@ def test_default_schedules_are_measured_records_that_rebuild_the_same_kernels(di
                                      ms.runner.LocalRunner(), database, said.append)
     assert said == [f"measuring the default schedules of {len(tasks)} tasks"]
     records = lines(tmp_path / "db")
-    assert len(tasks) >= 5 and sorted(r[0] for r in records) == list(range(len(tasks)))  # one per task
+    assert len(tasks) >= 3 and sorted(r[0] for r in records) == list(range(len(tasks)))  # one per task
     assert all(0 < secs < 1 for r in records for secs in r[1][1])
     replayed = tuning.apply(prepared, preset, tuning.open_database(tmp_path / "db", key))
     default = tuning.apply(prepared, preset, None)
@@ -279,7 +279,7 @@ def test_records_transfer_by_workload_to_another_class_count(tmp_path, monkeypat
     manifest = compile_model(open_model("mixer_digits", num_classes=7, progress=quiet), "host", tmp_path / "a",
                              progress=said.append)
     used = manifest["build"]["tuning"]
-    assert manifest["build"]["tuning_db"] is None and used["tasks"] >= 5
+    assert manifest["build"]["tuning_db"] is None and used["tasks"] >= 3
     assert used["transferred"] == used["tuned"] == used["tasks"] - len(used["untuned"]) >= used["tasks"] - 2
     if dense.applies(resolve_target("host")):  # the 7-class head is a float kernel of its own, not a task
         assert used["untuned"] == []

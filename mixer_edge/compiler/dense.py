@@ -1,7 +1,8 @@
 """Float32 layers with a constant weight as hand-scheduled kernels on AVX-512 CPUs.
 
-`lower` rewrites every float32 matmul whose weight is a 2-D parameter (X.W, X.W^T, and W.X with the weight
-on the left: token mixing without transposes) and every patchifying stem convolution into one kernel,
+`lower` rewrites every float32 matmul whose weight is a 2-D parameter (X.W, X.W^T, and the token mixing
+forms W.X and Y^T.W, which read Y as it is: no transpose kernel) and every patchifying stem convolution into
+one kernel,
 `fusable_dense_func`: it reads X [..., K] and a weight packed once at build time as [N/16, K, 16] (16 output
 channels of each reduction step side by side: one 64-byte vector) and writes the layer's output in the
 model's layout, marked fusable (kOutEWiseFusable). FuseOps then fuses the bias, GELU and residual add after
@@ -62,6 +63,8 @@ class Lowering(relax.PyExprMutator):
             lowered = self._matmul(call)
         elif op == "relax.nn.conv2d" and all(_static(arg, "float32") for arg in call.args):
             lowered = self._patch_conv(call)
+        elif op == "relax.permute_dims" and _static(call.args[0], "float32"):
+            lowered = self._transposed_output(call)
         return call if lowered is None else lowered
 
     def _weight(self, expr):
@@ -81,9 +84,19 @@ class Lowering(relax.PyExprMutator):
         a, b = call.args
         if a.ty.ndim == 2 and self._parameter(a) and b.ty.ndim >= 2:  # W.X: rows of W mix x's next-to-last axis
             swap = [*range(b.ty.ndim - 2), b.ty.ndim - 1, b.ty.ndim - 2]
-            return self._dense(b, a, swap, TRANSPOSED)
+            return self._dense(b, TRANSPOSED, a, swap)
         weight = self._weight(b) if b.ty.ndim == 2 and a.ty.ndim >= 2 else None
-        return None if weight is None else self._dense(a, weight, None)
+        return None if weight is None else self._dense(*self._untransposed(a), weight, None)
+
+    def _untransposed(self, x):
+        """(y, TRANSPOSED) where `x` is y with its last two axes swapped (a token MLP's input, y^T.W): the kernel
+        reads y as it is, and no transpose kernel runs before it; else (x, ROWS)."""
+        value = self.lookup_binding(x) if isinstance(x, relax.Var) else None
+        rank = x.ty.ndim
+        if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.permute_dims" and \
+                [int(a) for a in value.attrs.axes] == [*range(rank - 2), rank - 1, rank - 2]:
+            return value.args[0], TRANSPOSED
+        return x, ROWS
 
     def _patch_conv(self, call):
         x, w = call.args
@@ -98,28 +111,72 @@ class Lowering(relax.PyExprMutator):
         if gh * ph != h or gw * pw != wd:
             return None
         weight = self.builder_.emit(relax.op.reshape(w, [static_shape(w)[0], c * ph * pw]))
-        return self._dense(x, weight, [0, 3, 1, 2], Patches(c, ph, pw))  # [B, gh, gw, O] -> NCHW
+        return self._dense(x, Patches(c, ph, pw), weight, [0, 3, 1, 2])  # [B, gh, gw, O] -> NCHW
 
     def _parameter_4d(self, expr) -> bool:
         return isinstance(expr, relax.Var) and expr.name in self.params and expr.ty.ndim == 4
 
-    def _dense(self, x, w_nk, perm, layout=None):
-        """permute_dims(rows(x) . w_nk [N, K]^T, perm) on one fusable kernel: rows(x) is x [..., K] itself, or
-        as `layout` reads it (W.X's x [..., K, M], a stem's patches)."""
+    def _dense(self, x, layout, w_nk, perm):
+        """permute_dims(rows(x) . w_nk [N, K]^T, perm) on one fusable kernel, rows(x) as `layout` reads x: x
+        [..., K] itself, x [..., K, M] transposed (W.X, y^T.W) or a stem's patches."""
         emit, op = self.builder_.emit, relax.op
-        x_shape, (n, k) = static_shape(x), static_shape(w_nk)
+        n, k = static_shape(w_nk)
         np_ = round_up(n, COLUMNS)
         padded = emit(op.nn.pad(w_nk, [0, np_ - n, 0, 0])) if np_ != n else w_nk
         packed = emit(op.permute_dims(emit(op.reshape(padded, [np_ // LANES, LANES, k])), [0, 2, 1]))
-        lead = (layout or ROWS).lead(x_shape)
-        out_shape = [*lead, n]
-        if perm is not None:
-            out_shape = [out_shape[a] for a in perm]
-        key = (tuple(x_shape), n, tuple(perm or ()), layout)
-        if key not in self.kernels:
-            name = f"dense_f32_{'x'.join(map(str, x_shape))}x{n}" + ("t" if perm else "")
-            self.kernels[key] = self.builder_.add_func(fusable_dense_func(x_shape, n, perm, layout or ROWS), name)
-        return relax.call_tir(self.kernels[key], [x, packed], relax.TensorType(out_shape, "float32"))
+        return self._kernel_call(Dense(tuple(static_shape(x)), n, tuple(perm or ()), layout), x, packed)
+
+    def _kernel_call(self, dense: Dense, x, packed):
+        if dense not in self.kernels:
+            name = f"dense_f32_{'x'.join(map(str, dense.x_shape))}x{dense.n}" + ("t" if dense.perm else "")
+            func = fusable_dense_func(list(dense.x_shape), dense.n, list(dense.perm) or None, dense.layout)
+            self.kernels[dense] = self.builder_.add_func(func, name)
+        out_shape = [*dense.layout.lead(list(dense.x_shape)), dense.n]
+        out_shape = [out_shape[a] for a in dense.perm] if dense.perm else out_shape
+        return relax.call_tir(self.kernels[dense], [x, packed], relax.TensorType(out_shape, "float32"))
+
+    def _transposed_output(self, call):
+        """A dense kernel's output, plus a bias per channel or not, with its last two axes swapped (the token MLP's
+        fc2 back to [tokens, channels]) as one kernel that writes them swapped: no transpose kernel, and the
+        residual add after it fuses into the dense kernel."""
+        rank = call.args[0].ty.ndim
+        if [int(a) for a in call.attrs.axes] != [*range(rank - 2), rank - 1, rank - 2]:
+            return None
+        value, bias = self._bound(call.args[0]), None
+        if _is_op(value, "relax.add") and self._parameter_1d(value.args[1]):
+            value, bias = self._bound(value.args[0]), value.args[1]
+        kernels = {gv: dense for dense, gv in self.kernels.items()}
+        dense = kernels.get(value.args[0]) if _is_op(value, "relax.call_tir") else None
+        if dense is None or dense.perm or (bias is not None and static_shape(bias) != [dense.n]):
+            return None
+        swapped = Dense(dense.x_shape, dense.n, tuple(range(rank - 2)) + (rank - 1, rank - 2), dense.layout)
+        out = self._kernel_call(swapped, *value.args[1].fields)
+        if bias is None:
+            return out
+        return relax.op.add(self.builder_.emit(out), self.builder_.emit(relax.op.reshape(bias, [dense.n, 1])))
+
+    def _bound(self, expr):
+        """The value `expr` is bound to (itself if it is not a bound Var)."""
+        value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+        return expr if value is None else value
+
+    def _parameter_1d(self, expr) -> bool:
+        return isinstance(expr, relax.Var) and expr.name in self.params and expr.ty.ndim == 1
+
+
+@dataclass(frozen=True)
+class Dense:
+    """One kernel of `fusable_dense_func`: rows(X) . W^T for X of `x_shape` read as `layout` reads it, N = `n`,
+    its output permuted by `perm` (empty: as it is)."""
+
+    x_shape: tuple[int, ...]
+    n: int
+    perm: tuple[int, ...]
+    layout: Rows
+
+
+def _is_op(expr, name: str) -> bool:
+    return isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == name
 
 
 @dataclass(frozen=True)
