@@ -116,7 +116,7 @@ def test_tuning_writes_records_and_compile_applies_them(host_db, digits_source, 
     manifest = compile_model(digits_source, "host", tmp_path / "a", tuning=Tuning(host_db), progress=quiet)
     assert manifest["build"]["tuning_db"]["sha256"] == info["sha256"]
     used = manifest["build"]["tuning"]  # every task the build has (hand-scheduled kernels aside) got a record
-    assert used["tasks"] >= 5 and used["untuned"] == [] and info["workloads"] >= used["tasks"]
+    assert used["tasks"] >= 3 and used["untuned"] == [] and info["workloads"] >= used["tasks"]
     assert info["records"] >= info["workloads"]
     assert "MetaSchedule" in manifest["build"]["pipeline"]
     logits = runtime.load(tmp_path / "a")(digits_test[0])
