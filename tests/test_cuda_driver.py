@@ -58,7 +58,8 @@ def test_jetson_artifacts_are_a_plan_and_a_fat_binary(build_artifact, target, ar
     for launch in launches(plan):  # every kernel the plan launches is in the cubin, taking the plan's parameters
         assert kernels[arch].get(launch["kernel"]) == len(launch["params"]), launch["kernel"]
         assert all(1 <= n for n in launch["grid"] + launch["block"])
-    assert plan["driver_version_min"] == 11000  # NVRTC 11.8's cubins: JetPack 5's CUDA 11.4 and JetPack 6's 12.6 load them
+    # NVRTC 11.8's cubins, which JetPack 5's CUDA 11.4 driver and JetPack 6's 12.6 both load
+    assert plan["driver_version_min"] == 11000
 
 
 def test_a_board_with_a_cuda_13_driver_gets_nvccs_cubins(digits_source, tmp_path):

@@ -59,8 +59,8 @@ def check_compilers(preset: TargetPreset) -> None:
         return
     nvrtc = Nvrtc.find()
     if nvrtc is None:
-        toolkit = f"CUDA {preset.cuda_driver_major}" if preset.cuda_driver_major else "older CUDA"
-        raise MixerEdgeError(f"target {preset.name}: {nvcc_unfit}: {NVRTC_EXTRA}, or put a {toolkit} toolkit first "
+        toolkit = f"a CUDA {preset.cuda_driver_major}" if preset.cuda_driver_major else "an older CUDA"
+        raise MixerEdgeError(f"target {preset.name}: {nvcc_unfit}: {NVRTC_EXTRA}, or put {toolkit} toolkit first "
                              "on PATH")
     nvrtc_unfit = _unfit(nvrtc.version, nvrtc.archs, preset)
     if nvrtc_unfit is not None:
