@@ -662,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
             print("mixer-edge: error: " + safe_text(" ".join(str(exc).split()), 2000), file=sys.stderr)
             return 2
         except KeyboardInterrupt:
+            # an object the signal left half-built (TVM's TempDirectory) would print its finalizer's error at exit
+            sys.unraisablehook = lambda _: None
             print("mixer-edge: interrupted", file=sys.stderr)
             return 130
         except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do

@@ -89,6 +89,28 @@ def test_ctrl_c_during_an_artifact_write_keeps_the_old_artifact_and_leaves_nothi
     runtime.load(out)
 
 
+def test_an_interrupt_ends_on_its_one_line(tmp_path):
+    """A library object the signal left half-built (TVM's TempDirectory, interrupted in its constructor) fails in
+    its finalizer when Python exits; nothing is printed after "interrupted"."""
+    script = """if True:
+        import sys
+        from mixer_edge import cli
+
+        class HalfBuilt:
+            def __del__(self):
+                raise AttributeError("'TempDirectory' object has no attribute 'temp_dir'")
+
+        def interrupted(args):
+            cli.left = HalfBuilt()  # collected at exit
+            raise KeyboardInterrupt
+
+        cli.cmd_targets = interrupted
+        sys.exit(cli.main(["targets"]))
+    """
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130 and done.stderr.splitlines() == ["mixer-edge: interrupted"], done.stderr
+
+
 def test_stages_of_dead_writers_are_swept_and_live_ones_kept(tmp_path):
     dead = tmp_path / f".art.{DEAD_PID}-x1.tmp"
     alive = tmp_path / f".art.{os.getppid()}-x2.tmp"  # pytest's parent: alive, maybe another writer
