@@ -69,9 +69,8 @@ class Lowering(relax.PyExprMutator):
 
     def _weight(self, expr):
         """W [N, K] if `expr` is a 2-D parameter used as the right operand of X.W ([K, N]) or its transpose."""
-        value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
-        if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.permute_dims" and \
-                [int(a) for a in value.attrs.axes] == [1, 0] and self._parameter(value.args[0]):
+        value = self._bound(expr)
+        if _is_permute(value, [1, 0]) and self._parameter(value.args[0]):
             return value.args[0]
         if self._parameter(expr):
             return self.builder_.emit(relax.op.permute_dims(expr, [1, 0]))
@@ -83,18 +82,15 @@ class Lowering(relax.PyExprMutator):
     def _matmul(self, call):
         a, b = call.args
         if a.ty.ndim == 2 and self._parameter(a) and b.ty.ndim >= 2:  # W.X: rows of W mix x's next-to-last axis
-            swap = [*range(b.ty.ndim - 2), b.ty.ndim - 1, b.ty.ndim - 2]
-            return self._dense(b, TRANSPOSED, a, swap)
+            return self._dense(b, TRANSPOSED, a, _last_two_swapped(b.ty.ndim))
         weight = self._weight(b) if b.ty.ndim == 2 and a.ty.ndim >= 2 else None
         return None if weight is None else self._dense(*self._untransposed(a), weight, None)
 
     def _untransposed(self, x):
         """(y, TRANSPOSED) where `x` is y with its last two axes swapped (a token MLP's input, y^T.W): the kernel
         reads y as it is, and no transpose kernel runs before it; else (x, ROWS)."""
-        value = self.lookup_binding(x) if isinstance(x, relax.Var) else None
-        rank = x.ty.ndim
-        if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.permute_dims" and \
-                [int(a) for a in value.attrs.axes] == [*range(rank - 2), rank - 1, rank - 2]:
+        value = self._bound(x)
+        if _is_permute(value, _last_two_swapped(x.ty.ndim)):
             return value.args[0], TRANSPOSED
         return x, ROWS
 
@@ -139,8 +135,8 @@ class Lowering(relax.PyExprMutator):
         """A dense kernel's output, plus a bias per channel or not, with its last two axes swapped (the token MLP's
         fc2 back to [tokens, channels]) as one kernel that writes them swapped: no transpose kernel, and the
         residual add after it fuses into the dense kernel."""
-        rank = call.args[0].ty.ndim
-        if [int(a) for a in call.attrs.axes] != [*range(rank - 2), rank - 1, rank - 2]:
+        swap = _last_two_swapped(call.args[0].ty.ndim)
+        if not _is_permute(call, swap):
             return None
         value, bias = self._bound(call.args[0]), None
         if _is_op(value, "relax.add") and self._parameter_1d(value.args[1]):
@@ -149,7 +145,7 @@ class Lowering(relax.PyExprMutator):
         dense = kernels.get(value.args[0]) if _is_op(value, "relax.call_tir") else None
         if dense is None or dense.perm or (bias is not None and static_shape(bias) != [dense.n]):
             return None
-        swapped = Dense(dense.x_shape, dense.n, tuple(range(rank - 2)) + (rank - 1, rank - 2), dense.layout)
+        swapped = Dense(dense.x_shape, dense.n, tuple(swap), dense.layout)
         out = self._kernel_call(swapped, *value.args[1].fields)
         if bias is None:
             return out
@@ -177,6 +173,19 @@ class Dense:
 
 def _is_op(expr, name: str) -> bool:
     return isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == name
+
+
+def _is_permute(expr, axes: list[int]) -> bool:
+    """Whether `expr` is a permute_dims by `axes` (one without axes reverses them all)."""
+    if not _is_op(expr, "relax.permute_dims"):
+        return False
+    given = expr.attrs.axes
+    return [int(a) for a in (range(expr.args[0].ty.ndim)[::-1] if given is None else given)] == axes
+
+
+def _last_two_swapped(rank: int) -> list[int]:
+    """The axes of a transpose of the last two dimensions of a rank-`rank` tensor."""
+    return [*range(rank - 2), rank - 1, rank - 2]
 
 
 @dataclass(frozen=True)
