@@ -72,19 +72,23 @@ def test_cpu_int8_kernels_use_the_dot_product_instruction(quantized, target, dot
 
 
 def test_register_tiles_fill_the_accumulators_and_divide_the_kernel():
-    from mixer_edge.compiler.int8 import DOT_PRODUCTS, MAX_ROWS, register_tile
+    from mixer_edge.compiler.dense import FLOAT_TILES
+    from mixer_edge.compiler.int8 import DOT_PRODUCTS
 
-    vnni, sdot = DOT_PRODUCTS["vnni"], DOT_PRODUCTS["sdot"]
+    vnni, sdot = DOT_PRODUCTS["vnni"].tiles, DOT_PRODUCTS["sdot"].tiles
     # S/16 on VNNI: channel MLP and stem (196 rows), token fc1 (512 x 256 channels), token fc2 (196 -> 13 vectors)
-    assert register_tile(196, 128, vnni) == (7, 4) and register_tile(196, 32, vnni) == (7, 4)
-    assert register_tile(512, 16, vnni) == (4, 4) and register_tile(512, 13, vnni) == (8, 1)
-    assert register_tile(196, 128, sdot) == (4, 2) == register_tile(512, 16, sdot)  # NEON: 8 x 4 registers
-    for dot in (vnni, sdot, DOT_PRODUCTS["plain"]):
+    assert vnni.fit(196, 128) == (7, 4) and vnni.fit(196, 32) == (7, 4)
+    assert vnni.fit(512, 16) == (4, 4) and vnni.fit(512, 13) == (8, 1)
+    assert sdot.fit(196, 128) == (4, 2) == sdot.fit(512, 16)  # NEON: 8 x 4 registers
+    # float32 on AVX-512: 7 x 4 on the channel MLP; 14 rows where only 2 vectors divide (token fc2, 196 -> 224)
+    assert FLOAT_TILES.fit(196, 128) == (7, 4) and FLOAT_TILES.fit(196, 14) == (14, 2)
+    assert FLOAT_TILES.fit(512, 16) == (4, 4) and FLOAT_TILES.fit(512, 14) == (8, 2)
+    for tiles in (vnni, sdot, DOT_PRODUCTS["plain"].tiles, FLOAT_TILES):
         for m in (1, 3, 7, 16, 49, 196, 197, 512):
             for vectors in (1, 2, 7, 13, 63, 128):
-                rows, vecs = register_tile(m, vectors, dot)
-                assert m % rows == 0 and vectors % vecs == 0 and rows <= MAX_ROWS and vecs <= dot.vectors
-                assert rows * vecs <= dot.accumulators
+                rows, vecs = tiles.fit(m, vectors)
+                assert m % rows == 0 and vectors % vecs == 0 and rows <= tiles.rows and vecs <= tiles.vectors
+                assert rows * vecs <= tiles.accumulators
 
 
 VNNI = pytest.mark.skipif("avx512_vnni" not in machine_cpu_features(), reason="needs a CPU with AVX-512 VNNI")

@@ -45,7 +45,7 @@ from .cpu_schedules import divisor
 from .targets import TargetPreset
 
 LANES, STEP = 16, 4  # output channels and reduction steps per packed weight tile
-MAX_ROWS = 8  # rows of a CPU kernel's register tile (register_tile)
+MAX_ROWS = 8  # rows of a CPU kernel's register tile (DotProduct.tiles)
 LAYOUT_CHANGES = ("relax.permute_dims", "relax.reshape")  # moves elements, computes nothing
 
 
@@ -55,8 +55,14 @@ class DotProduct:
 
     name: str  # vnni, sdot, dp4a, or plain (no dot-product instruction: LLVM's vectorizer)
     activation: str  # uint8 or int8
-    accumulators: int = 8  # CPU register tiles (`register_tile`): at most this many int32 accumulators of 16
+    accumulators: int = 8  # CPU register tiles: at most this many int32 accumulators of 16
     vectors: int = 2  # channels, in at most this many vectors of 16 channels (the weights loaded per step)
+
+    @property
+    def tiles(self) -> dense.RegisterTiles:
+        """The CPU register tiles of its kernels. On VNNI 7 x 4 runs S/16's channel MLP 1.25x as fast as 4 x 2;
+        16 rows ran at half the speed of 8."""
+        return dense.RegisterTiles(MAX_ROWS, self.vectors, self.accumulators)
 
     @property
     def offset(self) -> int:
@@ -429,21 +435,6 @@ def _schedule_dense(sch, dot: DotProduct, block, epilogue) -> None:
         SCHEDULES[dot.name](sch, dot, block=block, epilogue=epilogue)
 
 
-def register_tile(m: int, vectors: int, dot: DotProduct) -> tuple[int, int]:
-    """(rows, 16-channel vectors) of a register tile over m rows and `vectors` vectors of channels: dividing
-    both, at most MAX_ROWS rows, `dot.vectors` vectors and `dot.accumulators` accumulators; of those, the most
-    accumulated per load of a reduction step (a broadcast per row, a load per vector), then the squarest.
-    Measured on S/16's fused VNNI kernels, side by side: 7 x 4 runs the channel MLP 1.25x as fast as 4 x 2;
-    16 rows ran at half the speed of 8."""
-    def merit(tile):
-        rows, vecs = tile
-        return rows * vecs / (rows + vecs), -abs(rows - vecs), rows
-
-    return max(((r, v) for r in range(1, min(m, MAX_ROWS) + 1) if m % r == 0
-                for v in range(1, min(vectors, dot.vectors, dot.accumulators // r) + 1) if vectors % v == 0),
-               key=merit)
-
-
 def schedule(func, dot: DotProduct):
     """`func` (dense_func) scheduled for `dot`'s instruction; marked scheduled."""
     sch = s_tir.Schedule(func)
@@ -452,7 +443,7 @@ def schedule(func, dot: DotProduct):
 
 
 def _schedule_cpu(sch, dot: DotProduct, block=None, epilogue=None) -> None:
-    """Register tiles (`register_tile`: rows x 16-channel vectors) in parallel, each accumulated over K in
+    """Register tiles (`DotProduct.tiles`: rows x 16-channel vectors) in parallel, each accumulated over K in
     reduction steps of 4, its epilogue computed on it.
 
     VNNI does 16 channels per instruction, sdot 4 (so 16 = 4 x sdot); without a dot product the
@@ -461,7 +452,7 @@ def _schedule_cpu(sch, dot: DotProduct, block=None, epilogue=None) -> None:
     block = block or sch.get_sblock("dense")
     i, j, r = sch.get_loops(block)
     m, n = (int(sch.get(loop).extent) for loop in (i, j))
-    rows, vectors = register_tile(m, n // LANES, dot)
+    rows, vectors = dot.tiles.fit(m, n // LANES)
     io, ii = sch.split(i, [None, rows])
     jo, jm, ji = sch.split(j, [None, vectors, LANES])
     ro, ri = sch.split(r, [None, STEP])
