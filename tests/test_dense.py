@@ -77,3 +77,24 @@ def test_float_kernels_compute_what_the_onnx_says(model, request):
     ours = vm["main"](tvm.runtime.tensor(x), *map(tvm.runtime.tensor, built.params.values())).numpy()
     want = run_onnxruntime(proto, x)
     np.testing.assert_allclose(ours, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@AVX512
+@pytest.mark.parametrize("k, depth", [(196, 49), (197, 197), (40, 40)])  # a prime K: one block
+def test_transposed_input_reduces_in_blocks_of_k_whose_weights_fit_in_l1(k, depth):
+    from tvm import s_tir
+
+    m, n = 512, 48  # rows (channels) read transposed, N padded to 64: tiles of 4 rows x 4 vectors
+    func = dense.fusable_dense_func([1, k, m], n, None, dense.TRANSPOSED).with_attr("global_symbol", "main")
+    sch = s_tir.Schedule(func)
+    dense.schedule(sch, sch.get_sblock("dense"), sch.get_sblock("store"))
+    extents = [int(sch.get(loop).extent) for loop in sch.get_loops(sch.get_sblock("dense_update"))]
+    # tasks (strips x blocks of 128 rows), K blocks, tiles per task, steps per K block, rows, vectors, lanes
+    assert extents == [4, k // depth, 32, depth, 4, 4, 16]
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((1, k, m)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    packed = np.pad(w, [(0, 16), (0, 0)]).reshape(4, 16, k).transpose(0, 2, 1).copy()  # [N/16, K, 16]
+    out = tvm.runtime.tensor(np.zeros((1, m, n), np.float32))
+    tvm.compile(sch.mod, resolve_target("x86-avx512").tvm_target())["main"](
+        tvm.runtime.tensor(x), tvm.runtime.tensor(packed), out)
+    np.testing.assert_allclose(out.numpy()[0], x[0].T @ w.T, rtol=1e-5, atol=1e-4)
