@@ -17,6 +17,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pydantic_core import PydanticCustomError
 
+from .atomic import atomic_file
 from .errors import MixerEdgeError
 
 S = TypeVar("S", bound="Schema")
@@ -269,8 +270,9 @@ def main(argv: list[str]) -> None:
     with open(path, encoding="utf-8") as f:
         text = f.read()
     start, end = text.index(BEGIN), text.index(END) + len(END)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text[:start] + readme_section() + text[end:])
+    rewritten = text[:start] + readme_section() + text[end:]  # all of it before a byte is written
+    with atomic_file(path) as staged:
+        staged.write_text(rewritten, encoding="utf-8")
 
 
 if __name__ == "__main__":

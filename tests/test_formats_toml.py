@@ -389,3 +389,23 @@ def test_the_readme_format_reference_is_generated_from_the_schemas():
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     start, end = readme.index(formats.BEGIN), readme.index(formats.END) + len(formats.END)
     assert readme[start:end] == formats.readme_section(), "run: python -m mixer_edge.formats README.md"
+
+
+def test_regenerating_the_reference_leaves_the_readme_whole_when_it_fails(tmp_path, monkeypatch):
+    from mixer_edge import formats
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{formats.BEGIN}\nold\n{formats.END}\nrest\n", encoding="utf-8")
+    before = readme.read_text(encoding="utf-8")
+
+    def broken():
+        raise ImportError("No module named 'torch'")  # as under a Python without the project's dependencies
+
+    monkeypatch.setattr(formats, "readme_section", broken)
+    with pytest.raises(ImportError):
+        formats.main([str(readme)])
+    assert readme.read_text(encoding="utf-8") == before
+    monkeypatch.undo()
+    formats.main([str(readme)])
+    text = readme.read_text(encoding="utf-8")
+    assert text.startswith("intro\n") and text.endswith("\nrest\n") and formats.readme_section() in text
