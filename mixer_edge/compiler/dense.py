@@ -27,7 +27,7 @@ from .targets import TargetPreset
 LANES, COLUMNS = 16, 32  # float32 lanes of a 512-bit vector (a packed weight row); N padded to COLUMNS
 ROW_RUN = "mixer_edge.row_run"  # the dense block's annotation: how many rows stay contiguous in the output
 K_BLOCKED = "mixer_edge.k_blocked"  # the dense block's annotation: reduce in blocks of K (`schedule`)
-L1_WEIGHTS, ROW_BLOCK = 24 << 10, 128  # a K block's weights fit in half of a 48 KB L1d; rows per parallel task
+L1_WEIGHTS, ROW_BLOCK = 16 << 10, 128  # a K block's weights: half of a 32 KB L1d (a third of 48); rows per task
 
 
 def applies(preset: TargetPreset) -> bool:
