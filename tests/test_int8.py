@@ -80,7 +80,8 @@ def test_register_tiles_fill_the_accumulators_and_divide_the_kernel():
     assert vnni.fit(196, 128) == (7, 4) and vnni.fit(196, 32) == (7, 4)
     assert vnni.fit(512, 16) == (4, 4) and vnni.fit(512, 13) == (8, 1)
     assert sdot.fit(196, 128) == (4, 2) == sdot.fit(512, 16)  # NEON: 8 x 4 registers
-    # float32 on AVX-512: 7 x 4 on the channel MLP; 14 rows where only 2 vectors divide (token fc2, 196 -> 224)
+    # float32 on AVX-512: 7 x 4 on the channel MLP; 14 rows where only 2 vectors divide (N = 196 padded to 224);
+    # token fc1 (512 channel rows, 256) and fc2 (512 channel rows, 196 -> 224)
     assert FLOAT_TILES.fit(196, 128) == (7, 4) and FLOAT_TILES.fit(196, 14) == (14, 2)
     assert FLOAT_TILES.fit(512, 16) == (4, 4) and FLOAT_TILES.fit(512, 14) == (8, 2)
     for tiles in (vnni, sdot, DOT_PRODUCTS["plain"].tiles, FLOAT_TILES):
