@@ -22,6 +22,7 @@ import tvm
 from tvm import relax
 from tvm.target import codegen
 
+from .cpu_schedules import divisor
 from .targets import TargetPreset
 
 LANES, COLUMNS = 16, 32  # float32 lanes of a 512-bit vector (a packed weight row); N padded to COLUMNS
@@ -360,10 +361,10 @@ def schedule(sch, block, epilogue) -> None:
     jo, jm, ji = sch.split(j, [None, vectors, LANES])
     if annotations.get(K_BLOCKED):
         k, fits = int(sch.get(r).extent), L1_WEIGHTS // (vectors * LANES * 4)
-        depth = largest_divisor(k, fits)
+        depth = divisor(k, range(fits, 0, -1))  # the largest that fits
         depth = depth if 2 * depth >= min(k, fits) else k  # no divisor near it (a prime K): one block
         ro, ri = sch.split(r, [None, depth])
-        task, ti = sch.split(io, [None, largest_divisor(run // rows, ROW_BLOCK // rows)])
+        task, ti = sch.split(io, [None, divisor(run // rows, range(ROW_BLOCK // rows, 0, -1))])
         sch.reorder(jo, task, ro, ti, ri, ii, jm, ji)
         reduce = ro
     else:
@@ -380,11 +381,6 @@ def schedule(sch, block, epilogue) -> None:
     sch.unroll(jm)
     sch.vectorize(sch.get_loops(init)[-1])
     vectorize_innermost(sch, epilogue)
-
-
-def largest_divisor(extent: int, bound: int) -> int:
-    """The largest divisor of `extent` that is at most `bound` (1 at least)."""
-    return max(d for d in range(1, max(1, min(extent, bound)) + 1) if extent % d == 0)
 
 
 def vectorize_innermost(sch, epilogue) -> None:
